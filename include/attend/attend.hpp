@@ -1,0 +1,16 @@
+// SPDX-License-Identifier: MIT
+/// \file attend.hpp
+/// \brief Umbrella header: every public part of attend.
+#pragma once
+
+#include "version.hpp"
+#include "config.hpp"
+#include "types.hpp"
+#include "options.hpp"
+#include "softmax.hpp"
+#include "online_softmax.hpp"
+#include "masks.hpp"
+#include "scores.hpp"
+#include "attention/materialized.hpp"
+#include "attention/blocked.hpp"
+#include "attention/scaled_dot_product.hpp"

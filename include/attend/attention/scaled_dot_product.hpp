@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/scaled_dot_product.hpp
+/// \brief Scaled dot-product attention: out = softmax(scale * Q K^T + mask) V, for one head.
+///
+/// Shapes: Q (Lq, Dk), K (Lk, Dk), V (Lk, Dv), out (Lq, Dv); one token per row. The mask is
+/// any policy of masks.hpp (NoMask, Causal, Window, KeyPadding, BooleanMask, AdditiveMask, or
+/// `a & b`). Defined results: Lq = 0 gives an empty output; Lk = 0 or a query that sees no key
+/// gives a zero row with log-sum-exp -inf; NaN and Inf in the data propagate to their rows.
+#pragma once
+
+#include "../detail/checks.hpp"
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../scores.hpp"
+#include "../types.hpp"
+#include "blocked.hpp"
+#include "materialized.hpp"
+
+namespace attend {
+namespace detail {
+
+/// Auto picks the blocked path once the score matrix would exceed this many elements.
+inline constexpr Index kAutoBlockedMinScores = Index(256) * 256;
+
+inline bool use_blocked(const AttentionOptions& options, Index num_queries, Index num_keys) {
+  switch (options.algorithm) {
+    case Algorithm::Materialized: return false;
+    case Algorithm::Blocked: return true;
+    case Algorithm::Auto: break;
+  }
+  return num_queries * num_keys > kAutoBlockedMinScores;
+}
+
+/// The shared core: checks shapes, binds the mask, and runs the chosen path.
+template <class T, class Score, class Mask>
+void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                    const Score& score, const Mask& mask, const AttentionOptions& options, MatrixRef<T> out,
+                    VectorRef<T> lse) {
+  check_shape(out, q.rows(), v.cols(), "output");
+  ATTEND_CHECK(lse.size() == 0 || lse.size() == q.rows(),
+               "log-sum-exp of size " + std::to_string(lse.size()) + " must have Lq = " + std::to_string(q.rows()) +
+                   " entries");
+  const TileShape tiles = resolve_tiles(options);
+  const auto bound = mask.derived().bind(q.rows(), k.rows());
+  if (use_blocked(options, q.rows(), k.rows())) {
+    blocked_attention<T>(q, k, v, score, bound, tiles, out, lse);
+  } else {
+    Matrix<T> weights(q.rows(), k.rows());
+    materialized_attention<T>(q, k, v, score, bound, out, lse, weights);
+  }
+}
+
+}  // namespace detail
+
+/// Writes softmax(scale * Q K^T + mask) V into `out` (Lq, Dv), and each row's log-sum-exp into
+/// `lse` when it is non-empty. `out` may be a block of a larger row-major matrix.
+///
+/// \param q    (Lq, Dk) queries, any Eigen expression
+/// \param k    (Lk, Dk) keys
+/// \param v    (Lk, Dv) values
+/// \param out  (Lq, Dv) output
+/// \param mask mask policy (default: none)
+/// \param options scale (default 1/sqrt(Dk)), algorithm, tile sizes
+/// \param lse  (Lq) or empty
+/// \throws attend::invalid_argument on mismatched shapes, a mask of the wrong shape, a bad window
+///         or a bad tile size.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void scaled_dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                       const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
+                                       const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+                                       VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  using T = typename DQ::Scalar;
+  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
+  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
+                "attend: q, k and v must have the same scalar type");
+  detail::check_qkv(q, k, v);
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  detail::attention_into<T>(q_ref, k_ref, v_ref, detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())},
+                            mask, options, out, lse);
+}
+
+/// Returns softmax(scale * Q K^T + mask) V, shape (Lq, Dv). See scaled_dot_product_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q,
+                                                         const Eigen::MatrixBase<DK>& k,
+                                                         const Eigen::MatrixBase<DV>& v,
+                                                         const MaskBase<Mask>& mask = NoMask{},
+                                                         const AttentionOptions& options = {}) {
+  detail::check_qkv(q, k, v);
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  scaled_dot_product_attention_into(q, k, v, out, mask, options);
+  return out;
+}
+
+/// Returns the output with each row's log-sum-exp, through the path `options` selects.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_lse(const Eigen::MatrixBase<DQ>& q,
+                                                                           const Eigen::MatrixBase<DK>& k,
+                                                                           const Eigen::MatrixBase<DV>& v,
+                                                                           const MaskBase<Mask>& mask = NoMask{},
+                                                                           const AttentionOptions& options = {}) {
+  detail::check_qkv(q, k, v);
+  AttentionResult<typename DQ::Scalar> result{Matrix<typename DQ::Scalar>(q.rows(), v.cols()),
+                                              Vector<typename DQ::Scalar>(q.rows()), {}};
+  scaled_dot_product_attention_into(q, k, v, result.output, mask, options, result.lse);
+  return result;
+}
+
+/// Returns the output, the (Lq, Lk) weights and the log-sum-exp, through the materialized path
+/// (the weights are the score matrix it forms anyway).
+template <class DQ, class DK, class DV, class Mask = NoMask>
+AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_weights(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  using T = typename DQ::Scalar;
+  detail::check_qkv(q, k, v);
+  AttentionResult<T> result{Matrix<T>(q.rows(), v.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  const auto bound = mask.derived().bind(q.rows(), k.rows());
+  detail::materialized_attention<T>(q_ref, k_ref, v_ref,
+                                    detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())}, bound,
+                                    result.output, result.lse, result.weights);
+  return result;
+}
+
+}  // namespace attend

@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: MIT
+/// \file masks.hpp
+/// \brief Mask policies: which keys each query may attend to.
+///
+/// A mask is a small value that describes visibility. Kernels call `mask.bind(Lq, Lk)`, which
+/// validates it against the problem and returns a *bound policy* with three operations over a
+/// tile of query rows [q0, q1) and key columns [k0, k1):
+///  - `classify(q0, q1, k0, k1)`: `TileKind::Empty` (skip the tile), `Full` (no per-element
+///    work) or `Partial` (call `apply`);
+///  - `keys(q0, q1)`: a `KeyRange` holding every key that any of the rows may see, so kernels
+///    never visit the rest (a window costs O(L w), not O(L^2));
+///  - `apply(scores, q0, k0)`: per element, sets invisible scores to -inf or adds a bias.
+///
+/// Masks compose: `a & b` sees a key only when both do. Conventions: boolean masks use
+/// true = may attend (PyTorch SDPA); windows use -1 for unbounded; a query that sees no key
+/// gets a zero output row and log-sum-exp -inf.
+#pragma once
+
+#include "options.hpp"
+#include "types.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+namespace attend {
+
+/// What a mask policy says of one tile of scores.
+enum class TileKind { Empty, Full, Partial };
+
+/// Half-open range [begin, end) of key indices.
+struct KeyRange {
+  Index begin = 0;
+  Index end = 0;
+};
+
+/// CRTP base that marks a type as a mask, so that `a & b` composes masks and nothing else.
+template <class Derived>
+struct MaskBase {
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
+};
+
+namespace detail {
+
+/// Every key is visible.
+struct AllVisible {
+  Index num_keys;
+  TileKind classify(Index, Index, Index, Index) const { return TileKind::Full; }
+  KeyRange keys(Index, Index) const { return {0, num_keys}; }
+  template <class Scores>
+  void apply(Scores&&, Index, Index) const {}
+};
+
+/// Key j is visible to query i iff lo(i) <= j < hi(i), where both bounds move one key per
+/// query row (a band around the aligned diagonal i + offset):
+///   lo(i) = i + offset - left        (0 when left  = -1, unbounded)
+///   hi(i) = i + offset + right + 1   (key_end when right = -1, unbounded)
+/// clamped to [0, key_end]. Causal masks, windows and key padding are all bands.
+struct Band {
+  Index key_end;  // keys at or past this index are never visible
+  Index offset;   // aligned key of query 0
+  Index left;     // keys visible before the aligned key, -1 = unbounded
+  Index right;    // keys visible after the aligned key, -1 = unbounded
+
+  Index lo(Index i) const { return left < 0 ? 0 : std::clamp(i + offset - left, Index(0), key_end); }
+  Index hi(Index i) const { return right < 0 ? key_end : std::clamp(i + offset + right + 1, Index(0), key_end); }
+
+  // lo and hi are non-decreasing in i and consecutive rows' ranges touch, so the union over a
+  // row range is [lo(first), hi(last)).
+  KeyRange keys(Index q0, Index q1) const {
+    if (q0 >= q1) return {0, 0};
+    const Index begin = lo(q0), end = hi(q1 - 1);
+    return begin < end ? KeyRange{begin, end} : KeyRange{0, 0};
+  }
+
+  TileKind classify(Index q0, Index q1, Index k0, Index k1) const {
+    const KeyRange r = keys(q0, q1);
+    if (r.end <= k0 || r.begin >= k1) return TileKind::Empty;
+    if (lo(q1 - 1) <= k0 && hi(q0) >= k1) return TileKind::Full;
+    return TileKind::Partial;
+  }
+
+  template <class Scores>
+  void apply(Scores&& s, Index q0, Index k0) const {
+    using T = typename std::decay_t<Scores>::Scalar;
+    const Index cols = s.cols();
+    for (Index r = 0; r < s.rows(); ++r) {
+      const Index begin = std::clamp(lo(q0 + r) - k0, Index(0), cols);
+      const Index end = std::clamp(hi(q0 + r) - k0, begin, cols);
+      s.row(r).head(begin).setConstant(-std::numeric_limits<T>::infinity());
+      s.row(r).tail(cols - end).setConstant(-std::numeric_limits<T>::infinity());
+    }
+  }
+};
+
+/// Aligned key of query 0 for an alignment.
+inline Index diagonal_offset(Alignment alignment, Index num_queries, Index num_keys) {
+  return alignment == Alignment::TopLeft ? 0 : num_keys - num_queries;
+}
+
+/// A strided read-only view of an (rows x cols) matrix of any storage order.
+template <class T>
+struct StridedView {
+  const T* data;
+  Index rows, cols, row_stride, col_stride;
+  const T& operator()(Index i, Index j) const { return data[i * row_stride + j * col_stride]; }
+};
+
+template <class D>
+StridedView<typename D::Scalar> strided_view(const Eigen::DenseBase<D>& m) {
+  static_assert(bool(D::Flags & Eigen::DirectAccessBit),
+                "attend: a dense mask needs direct access to its storage; evaluate the expression into "
+                "a matrix (attend::BoolMatrix or attend::Matrix<T>) first");
+  const D& d = m.derived();
+  return {d.data(), d.rows(), d.cols(), d.rowStride(), d.colStride()};
+}
+
+template <class T>
+void check_mask_shape(const StridedView<T>& m, const char* what, Index num_queries, Index num_keys) {
+  ATTEND_CHECK(m.rows == num_queries && m.cols == num_keys,
+               std::string(what) + " of shape (" + std::to_string(m.rows) + " x " + std::to_string(m.cols) +
+                   ") does not match the scores (Lq x Lk) = (" + std::to_string(num_queries) + " x " +
+                   std::to_string(num_keys) + ")");
+}
+
+/// Dense boolean visibility (true = may attend).
+struct DenseBoolean {
+  StridedView<bool> visible;
+  TileKind classify(Index, Index, Index, Index) const { return TileKind::Partial; }
+  KeyRange keys(Index, Index) const { return {0, visible.cols}; }
+  template <class Scores>
+  void apply(Scores&& s, Index q0, Index k0) const {
+    using T = typename std::decay_t<Scores>::Scalar;
+    for (Index r = 0; r < s.rows(); ++r)
+      for (Index c = 0; c < s.cols(); ++c)
+        if (!visible(q0 + r, k0 + c)) s(r, c) = -std::numeric_limits<T>::infinity();
+  }
+};
+
+/// Dense additive bias: s_ij += bias_ij; -inf hides a key.
+template <class T>
+struct DenseBias {
+  StridedView<T> bias;
+  TileKind classify(Index, Index, Index, Index) const { return TileKind::Partial; }
+  KeyRange keys(Index, Index) const { return {0, bias.cols}; }
+  template <class Scores>
+  void apply(Scores&& s, Index q0, Index k0) const {
+    static_assert(std::is_same_v<typename std::decay_t<Scores>::Scalar, T>,
+                  "attend: the additive mask must have the scalar type of the scores");
+    for (Index r = 0; r < s.rows(); ++r)
+      for (Index c = 0; c < s.cols(); ++c) s(r, c) += bias(q0 + r, k0 + c);
+  }
+};
+
+/// Visible where both policies say so.
+template <class A, class B>
+struct BothVisible {
+  A first;
+  B second;
+
+  TileKind classify(Index q0, Index q1, Index k0, Index k1) const {
+    const TileKind a = first.classify(q0, q1, k0, k1), b = second.classify(q0, q1, k0, k1);
+    if (a == TileKind::Empty || b == TileKind::Empty) return TileKind::Empty;
+    return a == TileKind::Full && b == TileKind::Full ? TileKind::Full : TileKind::Partial;
+  }
+  KeyRange keys(Index q0, Index q1) const {
+    const KeyRange a = first.keys(q0, q1), b = second.keys(q0, q1);
+    const Index begin = std::max(a.begin, b.begin), end = std::min(a.end, b.end);
+    return begin < end ? KeyRange{begin, end} : KeyRange{0, 0};
+  }
+  template <class Scores>
+  void apply(Scores&& s, Index q0, Index k0) const {
+    const Index q1 = q0 + s.rows(), k1 = k0 + s.cols();
+    if (first.classify(q0, q1, k0, k1) != TileKind::Full) first.apply(s, q0, k0);
+    if (second.classify(q0, q1, k0, k1) != TileKind::Full) second.apply(s, q0, k0);
+  }
+};
+
+}  // namespace detail
+
+/// Every query sees every key.
+struct NoMask : MaskBase<NoMask> {
+  detail::AllVisible bind(Index /*num_queries*/, Index num_keys) const { return {num_keys}; }
+};
+
+/// Query i sees keys up to its aligned key: j <= i (top-left) or j <= i + Lk - Lq (bottom-right).
+struct Causal : MaskBase<Causal> {
+  Alignment alignment = Alignment::TopLeft;
+
+  Causal() = default;
+  explicit Causal(Alignment a) : alignment(a) {}
+
+  detail::Band bind(Index num_queries, Index num_keys) const {
+    return {num_keys, detail::diagonal_offset(alignment, num_queries, num_keys), -1, 0};
+  }
+};
+
+/// Query i sees keys in [a - left, a + right] around its aligned key a (a = i top-left,
+/// a = i + Lk - Lq bottom-right); -1 leaves a side unbounded. `Window(w, 0)` is a causal
+/// sliding window of w + 1 keys; `Window(0, 0)` sees only the aligned key.
+struct Window : MaskBase<Window> {
+  Index left = -1;
+  Index right = -1;
+  Alignment alignment = Alignment::TopLeft;
+
+  Window() = default;
+  Window(Index left_, Index right_, Alignment alignment_ = Alignment::TopLeft)
+      : left(left_), right(right_), alignment(alignment_) {}
+
+  detail::Band bind(Index num_queries, Index num_keys) const {
+    ATTEND_CHECK(left >= -1 && right >= -1, "window (left=" + std::to_string(left) + ", right=" +
+                                                std::to_string(right) + ") must have sides >= 0 or -1 (unbounded)");
+    return {num_keys, detail::diagonal_offset(alignment, num_queries, num_keys), left, right};
+  }
+};
+
+/// Only the first `valid_length` keys are visible (padding after them is never read).
+struct KeyPadding : MaskBase<KeyPadding> {
+  Index valid_length = 0;
+
+  explicit KeyPadding(Index valid) : valid_length(valid) {}
+
+  detail::Band bind(Index /*num_queries*/, Index num_keys) const {
+    ATTEND_CHECK(valid_length >= 0 && valid_length <= num_keys,
+                 "key padding valid length " + std::to_string(valid_length) + " is outside [0, Lk=" +
+                     std::to_string(num_keys) + "]");
+    return {valid_length, 0, -1, -1};
+  }
+};
+
+/// Dense boolean mask of shape (Lq, Lk), true = may attend. A view: the matrix must outlive
+/// the call. Any storage order or stride with direct access is accepted.
+class BooleanMask : public MaskBase<BooleanMask> {
+ public:
+  template <class D>
+  explicit BooleanMask(const Eigen::DenseBase<D>& visible) : visible_(detail::strided_view(visible)) {
+    static_assert(std::is_same_v<typename D::Scalar, bool>, "attend: BooleanMask takes a matrix of bool");
+  }
+
+  detail::DenseBoolean bind(Index num_queries, Index num_keys) const {
+    detail::check_mask_shape(visible_, "boolean mask", num_queries, num_keys);
+    return {visible_};
+  }
+
+ private:
+  detail::StridedView<bool> visible_;
+};
+
+/// Dense additive mask of shape (Lq, Lk) added to the scaled scores; -inf hides a key and a
+/// row of `lowest()` stays finite (a uniform average). A view: the matrix must outlive the call.
+template <class T>
+class AdditiveMask : public MaskBase<AdditiveMask<T>> {
+ public:
+  template <class D>
+  explicit AdditiveMask(const Eigen::DenseBase<D>& bias) : bias_(detail::strided_view(bias)) {}
+
+  detail::DenseBias<T> bind(Index num_queries, Index num_keys) const {
+    detail::check_mask_shape(bias_, "additive mask", num_queries, num_keys);
+    return {bias_};
+  }
+
+ private:
+  detail::StridedView<T> bias_;
+};
+
+template <class D>
+AdditiveMask(const Eigen::DenseBase<D>&) -> AdditiveMask<typename D::Scalar>;
+
+/// The intersection of two masks; build it with `a & b`.
+template <class A, class B>
+struct Intersection : MaskBase<Intersection<A, B>> {
+  A first;
+  B second;
+
+  Intersection(const A& a, const B& b) : first(a), second(b) {}
+
+  auto bind(Index num_queries, Index num_keys) const {
+    using Bound = detail::BothVisible<decltype(first.bind(0, 0)), decltype(second.bind(0, 0))>;
+    return Bound{first.bind(num_queries, num_keys), second.bind(num_queries, num_keys)};
+  }
+};
+
+/// A key is visible when both masks let it through.
+template <class A, class B>
+Intersection<A, B> operator&(const MaskBase<A>& a, const MaskBase<B>& b) {
+  return {a.derived(), b.derived()};
+}
+
+}  // namespace attend

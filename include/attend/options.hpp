@@ -1,0 +1,55 @@
+// SPDX-License-Identifier: MIT
+/// \file options.hpp
+/// \brief Scalars and flags of an attention call, and the result struct.
+#pragma once
+
+#include "types.hpp"
+
+#include <cmath>
+#include <optional>
+
+namespace attend {
+
+/// How a causal mask or window lines up queries with keys when Lq != Lk.
+enum class Alignment {
+  TopLeft,     ///< query i is aligned with key i (PyTorch `is_causal`).
+  BottomRight  ///< query i is aligned with key i + Lk - Lq (FlashAttention, KV caches).
+};
+
+/// Which execution path computes the attention.
+enum class Algorithm {
+  Auto,          ///< Blocked when the score matrix would be large, otherwise materialized.
+  Materialized,  ///< Form S = scores(Q, K) whole, softmax, then P V. Returns weights.
+  Blocked        ///< Tiles of Q against tiles of K/V with an online softmax; O(tile) memory.
+};
+
+/// Scalars and flags; tensors (masks, lengths, positions) are explicit arguments.
+struct AttentionOptions {
+  /// Multiplies the scores; unset means 1 / sqrt(d_k).
+  std::optional<double> scale;
+  /// Execution path.
+  Algorithm algorithm = Algorithm::Auto;
+  /// Query rows per tile of the blocked path; 0 picks the default.
+  Index block_q = 0;
+  /// Key rows per tile of the blocked path; 0 picks the default.
+  Index block_k = 0;
+};
+
+/// Output of an attention call with its statistics.
+template <class T>
+struct AttentionResult {
+  Matrix<T> output;   ///< (Lq, Dv)
+  Vector<T> lse;      ///< (Lq) log-sum-exp of each row's masked scores; -inf for a fully masked row
+  Matrix<T> weights;  ///< (Lq, Lk) softmax weights when requested, else empty
+};
+
+namespace detail {
+
+/// The scale of the options, defaulting to 1 / sqrt(d_k).
+template <class T>
+T resolve_scale(const AttentionOptions& options, Index head_dim) {
+  return options.scale ? static_cast<T>(*options.scale) : T(1) / std::sqrt(static_cast<T>(head_dim));
+}
+
+}  // namespace detail
+}  // namespace attend

@@ -1,0 +1,48 @@
+// SPDX-License-Identifier: MIT
+/// \file softmax.hpp
+/// \brief Numerically stable row-wise softmax with the library's masked-row convention.
+#pragma once
+
+#include "types.hpp"
+
+#include <cmath>
+#include <limits>
+
+namespace attend {
+
+/// In place, for each row i of `scores`:
+///   m_i = max_j s_ij,  s_ij <- exp(s_ij - m_i) / sum_j exp(s_ij - m_i),
+/// and, when `lse` is non-empty, lse_i = m_i + log sum_j exp(s_ij - m_i).
+/// A row whose scores are all -inf (fully masked) becomes zeros with lse_i = -inf.
+/// A NaN score makes its whole row NaN.
+///
+/// \param scores (L, N) scores, overwritten with the weights.
+/// \param lse    (L) log-sum-exp per row, or an empty vector to skip it.
+template <class T>
+void softmax_rows_inplace(MatrixRef<T> scores, VectorRef<T> lse) {
+  ATTEND_CHECK(lse.size() == 0 || lse.size() == scores.rows(),
+               "log-sum-exp of size " + std::to_string(lse.size()) + " does not match " +
+                   detail::shape_of(scores) + " scores");
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (Index i = 0; i < scores.rows(); ++i) {
+    auto row = scores.row(i);
+    const T row_max = row.size() == 0 ? kNegInf : row.template maxCoeff<Eigen::PropagateNaN>();
+    if (row_max == kNegInf) {  // fully masked (or no keys): zeros, lse -inf
+      row.setZero();
+      if (lse.size() != 0) lse(i) = kNegInf;
+      continue;
+    }
+    row = (row.array() - row_max).exp();
+    const T sum = row.sum();
+    row /= sum;
+    if (lse.size() != 0) lse(i) = row_max + std::log(sum);
+  }
+}
+
+/// In-place row softmax without the log-sum-exp.
+template <class T>
+void softmax_rows_inplace(MatrixRef<T> scores) {
+  softmax_rows_inplace<T>(scores, detail::no_vector<T>());
+}
+
+}  // namespace attend

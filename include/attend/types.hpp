@@ -1,0 +1,53 @@
+// SPDX-License-Identifier: MIT
+/// \file types.hpp
+/// \brief Matrix and view types: one token per row, row-major.
+#pragma once
+
+#include "config.hpp"
+
+#include <optional>
+#include <string>
+
+namespace attend {
+
+/// Dense row-major matrix, one token per row. A head of an (L, H*d) matrix `x` is the zero-copy
+/// view `x.middleCols(h * d, d)`.
+template <class T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// Column vector (one value per query row, e.g. the log-sum-exp).
+template <class T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+/// Boolean mask matrix, true = may attend (PyTorch SDPA convention).
+using BoolMatrix = Matrix<bool>;
+
+/// Read-only view of a row-major matrix with any outer stride. Binding a column-major argument
+/// evaluates it into a temporary owned by the view.
+template <class T>
+using ConstMatrixRef = Eigen::Ref<const Matrix<T>>;
+
+/// Writable view of a row-major matrix with any outer stride (a block of a larger matrix works).
+template <class T>
+using MatrixRef = Eigen::Ref<Matrix<T>>;
+
+/// Writable view of a vector with unit stride.
+template <class T>
+using VectorRef = Eigen::Ref<Vector<T>>;
+
+namespace detail {
+
+/// An empty vector view: "this optional output is not wanted".
+template <class T>
+VectorRef<T> no_vector() {
+  return VectorRef<T>(Eigen::Map<Vector<T>>(nullptr, 0));
+}
+
+/// "(rows x cols)", for error messages.
+template <class D>
+std::string shape_of(const Eigen::EigenBase<D>& m) {
+  return "(" + std::to_string(m.rows()) + " x " + std::to_string(m.cols()) + ")";
+}
+
+}  // namespace detail
+}  // namespace attend
