@@ -39,7 +39,7 @@ struct BlockedScratch {
       : scores(tiles.queries, tiles.keys), acc(tiles.queries, value_dim), softmax(tiles.queries) {}
 
   /// Bytes held, for benchmarks' memory reports.
-  static Index bytes(TileShape tiles, Index value_dim) {
+  static Index bytes(TileShape tiles, Index /*key_dim*/, Index value_dim) {
     return Index(sizeof(T)) * (tiles.queries * tiles.keys + tiles.queries * value_dim + 2 * tiles.queries);
   }
 

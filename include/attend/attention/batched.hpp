@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/batched.hpp
+/// \brief Scaled dot-product attention over a batch of sequences with several heads each.
+///
+/// Layout (the memory of a PyTorch (B, L, H*d) tensor, read as a row-major matrix):
+///  - sequences are stacked along rows: rows [b*L, (b+1)*L) of every matrix are sequence b, so
+///    Q is (B*Lq, H*Dk), K is (B*Lk, H*Dk), V is (B*Lk, H*Dv) and the output is (B*Lq, H*Dv);
+///  - heads sit side by side along columns: columns [h*d, (h+1)*d) are head h, read in place
+///    as the zero-copy view `x.middleCols(h * d, d)`.
+/// Head h of sequence b is exactly `scaled_dot_product_attention` on those blocks, with one
+/// mask policy and one options struct for every (sequence, head). Work is spread over
+/// (sequence, head, query tile) in one OpenMP loop; results do not depend on the thread count.
+#pragma once
+
+#include "../detail/checks.hpp"
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../scores.hpp"
+#include "../types.hpp"
+#include "../detail/parallel.hpp"
+#include "blocked.hpp"
+#include "materialized.hpp"
+#include "scaled_dot_product.hpp"
+
+#include <string>
+
+namespace attend {
+
+/// How a batched call splits its matrices (see the file comment): `num_heads` heads along the
+/// columns, `batch_size` sequences along the rows.
+struct BatchLayout {
+  Index num_heads = 1;   ///< H; the column counts of Q, K and V are multiples of it
+  Index batch_size = 1;  ///< B; the row counts of Q, K and V are multiples of it
+};
+
+namespace detail {
+
+/// Sizes of one (sequence, head) problem of a batched call.
+struct HeadProblem {
+  Index queries, keys, key_dim, value_dim;  // Lq, Lk, Dk, Dv
+};
+
+template <class Q, class K, class V>
+HeadProblem check_batched(const Q& q, const K& k, const V& v, const BatchLayout& layout) {
+  check_qkv(q, k, v);
+  const Index heads = layout.num_heads, batch = layout.batch_size;
+  ATTEND_CHECK(heads >= 1 && batch >= 1, "num_heads (" + std::to_string(heads) + ") and batch_size (" +
+                                             std::to_string(batch) + ") must be at least 1");
+  ATTEND_CHECK(q.cols() % heads == 0 && v.cols() % heads == 0,
+               "q " + shape_of(q) + " and v " + shape_of(v) + " must have a column count divisible by num_heads = " +
+                   std::to_string(heads));
+  ATTEND_CHECK(q.rows() % batch == 0 && k.rows() % batch == 0,
+               "q " + shape_of(q) + " and k " + shape_of(k) + " must have a row count divisible by batch_size = " +
+                   std::to_string(batch));
+  return {q.rows() / batch, k.rows() / batch, q.cols() / heads, v.cols() / heads};
+}
+
+/// The batched core: out = attention of every (sequence, head) block, through the path that
+/// `options` selects for one head's shape. Scratch is allocated once per thread.
+template <class T, class Mask>
+void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                            const Mask& mask, const AttentionOptions& options, const BatchLayout& layout,
+                            MatrixRef<T> out) {
+  const HeadProblem p = check_batched(q, k, v, layout);
+  check_shape(out, q.rows(), v.cols(), "output");
+  const TileShape tiles = resolve_tiles(options);
+  const auto bound = mask.derived().bind(p.queries, p.keys);
+  const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};
+  const Index num_heads = layout.batch_size * layout.num_heads;
+  if (num_heads == 0 || p.queries == 0) return;
+
+  // Head n is sequence b = n / H, head h = n % H; its blocks are zero-copy views.
+  const auto q_of = [&](Index n) { return q.block(n / layout.num_heads * p.queries, n % layout.num_heads * p.key_dim, p.queries, p.key_dim); };
+  const auto k_of = [&](Index n) { return k.block(n / layout.num_heads * p.keys, n % layout.num_heads * p.key_dim, p.keys, p.key_dim); };
+  const auto v_of = [&](Index n) { return v.block(n / layout.num_heads * p.keys, n % layout.num_heads * p.value_dim, p.keys, p.value_dim); };
+  const auto out_of = [&](Index n) { return out.block(n / layout.num_heads * p.queries, n % layout.num_heads * p.value_dim, p.queries, p.value_dim); };
+
+  if (use_blocked(options, p.queries, p.keys)) {
+    const Index tiles_per_head = (p.queries + tiles.queries - 1) / tiles.queries;
+    parallel_for_with_scratch(
+        num_heads * tiles_per_head, [&] { return BlockedScratch<T>(tiles, p.value_dim); },
+        [&](Index task, BlockedScratch<T>& scratch) {
+          const Index n = task / tiles_per_head, q0 = task % tiles_per_head * tiles.queries;
+          blocked_query_tile<T>(q_of(n), k_of(n), v_of(n), score, bound, tiles, q0,
+                                std::min(tiles.queries, p.queries - q0), out_of(n), no_vector<T>(), scratch);
+        });
+  } else {
+    parallel_for_with_scratch(
+        num_heads, [&] { return Matrix<T>(p.queries, p.keys); },  // (Lq, Lk) scores of one head
+        [&](Index n, Matrix<T>& weights) {
+          materialized_attention<T>(q_of(n), k_of(n), v_of(n), score, bound, out_of(n), no_vector<T>(), weights);
+        });
+  }
+}
+
+}  // namespace detail
+
+/// Writes the attention of every (sequence, head) into `out` (B*Lq, H*Dv); see the file
+/// comment for the layout. The mask (shaped (Lq, Lk) of one head) and the options apply to
+/// every head; the default scale is 1/sqrt(Dk) with Dk = q.cols() / H.
+///
+/// \param q      (B*Lq, H*Dk) queries, any Eigen expression
+/// \param k      (B*Lk, H*Dk) keys
+/// \param v      (B*Lk, H*Dv) values
+/// \param out    (B*Lq, H*Dv) output; may be a block of a larger row-major matrix
+/// \param layout number of heads H and of sequences B
+/// \param mask   mask policy for each head (default: none)
+/// \param options scale, algorithm (chosen by one head's Lq x Lk), tile sizes
+/// \throws attend::invalid_argument when a dimension is not divisible by H or B, shapes
+///         mismatch, or the mask, window or tile sizes are invalid.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void batched_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                            const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
+                            const BatchLayout& layout, const MaskBase<Mask>& mask = NoMask{},
+                            const AttentionOptions& options = {}) {
+  using T = typename DQ::Scalar;
+  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
+  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
+                "attend: q, k and v must have the same scalar type");
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  detail::batched_attention_into<T>(q_ref, k_ref, v_ref, mask, options, layout, out);
+}
+
+/// Returns the attention of every (sequence, head), shape (B*Lq, H*Dv). See
+/// batched_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+Matrix<typename DQ::Scalar> batched_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                              const Eigen::MatrixBase<DV>& v, const BatchLayout& layout,
+                                              const MaskBase<Mask>& mask = NoMask{},
+                                              const AttentionOptions& options = {}) {
+  detail::check_qkv(q, k, v);
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  batched_attention_into(q, k, v, out, layout, mask, options);
+  return out;
+}
+
+}  // namespace attend
