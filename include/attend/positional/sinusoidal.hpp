@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: MIT
+/// \file positional/sinusoidal.hpp
+/// \brief Sinusoidal position encoding (Vaswani et al., 2017), as a table or added in place.
+///
+/// For position p and column j of a width-d encoding, with i = floor(j / 2):
+///
+///     PE(p, 2i)     = sin(p / base^(2i / d)),
+///     PE(p, 2i + 1) = cos(p / base^(2i / d)),      base = 10000 by default.
+///
+/// An odd width is defined: its last column, j = d - 1, is a sine. Row r of an (L, d) matrix
+/// holds position `position_offset + r`, so an offset equals dropping the first rows of a longer
+/// table (decoding step by step, or chunks of a long sequence).
+///
+/// The angle p / base^(2i/d) and its sine and cosine are computed in double even for float
+/// output: at p ~ 1e5 a float angle is off by up to ~4e-3 rad, a double one by ~1e-11 rad, so
+/// float entries stay within a rounding of the exact value at any practical position.
+#pragma once
+
+#include "../detail/parallel.hpp"
+#include "../types.hpp"
+
+#include <cmath>
+#include <string>
+
+namespace attend {
+
+namespace detail {
+
+/// The denominators base^(2i/d) of the sinusoidal encoding, one per column pair i in [0, ceil(d/2)).
+inline Vector<double> sinusoidal_denominators(Index width, double base) {
+  Vector<double> denominators((width + 1) / 2);
+  for (Index i = 0; i < denominators.size(); ++i)
+    denominators(i) = std::pow(base, static_cast<double>(2 * i) / static_cast<double>(width));
+  return denominators;
+}
+
+inline void check_sinusoidal_base(double base) {
+  ATTEND_CHECK(std::isfinite(base) && base > 0,
+               "sinusoidal encoding base must be finite and positive, got " + std::to_string(base));
+}
+
+}  // namespace detail
+
+/// Adds the sinusoidal encoding to `x` in place: x(r, j) += PE(position_offset + r, j).
+/// Rows are independent, so the result does not depend on the thread count.
+///
+/// \param x               (L, d) matrix, one token per row; any block of a larger row-major
+///                        matrix works. d may be odd (the last column gets a sine).
+/// \param position_offset position of row 0 (any integer).
+/// \param base            frequency base, 10000 in the original Transformer.
+template <class T>
+void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double base = 10000.0) {
+  detail::check_sinusoidal_base(base);
+  const Index width = x.cols();
+  const Vector<double> denominators = detail::sinusoidal_denominators(width, base);  // (ceil(d/2))
+  detail::parallel_for_with_scratch(
+      x.rows(), [] { return 0; },
+      [&](Index r, int&) {
+        const double position = static_cast<double>(position_offset + r);
+        for (Index i = 0; i < denominators.size(); ++i) {
+          const double angle = position / denominators(i);
+          x(r, 2 * i) += static_cast<T>(std::sin(angle));
+          if (2 * i + 1 < width) x(r, 2 * i + 1) += static_cast<T>(std::cos(angle));
+        }
+      });
+}
+
+/// The (length, width) table PE(position_offset + r, j) of the sinusoidal encoding.
+///
+/// \param length          number of rows (positions), >= 0.
+/// \param width           number of columns (model width d), >= 0; may be odd.
+/// \param position_offset position of row 0 (any integer).
+/// \param base            frequency base, 10000 in the original Transformer.
+template <class T>
+Matrix<T> sinusoidal_encoding(Index length, Index width, Index position_offset = 0, double base = 10000.0) {
+  ATTEND_CHECK(length >= 0 && width >= 0, "sinusoidal encoding of negative shape (" + std::to_string(length) +
+                                               " x " + std::to_string(width) + ")");
+  Matrix<T> table = Matrix<T>::Zero(length, width);  // (L, d)
+  add_sinusoidal_encoding<T>(table, position_offset, base);
+  return table;
+}
+
+}  // namespace attend
