@@ -6,6 +6,7 @@
 
 #include "reference.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -14,8 +15,9 @@ namespace attend::test {
 
 template <class T>
 struct Baseline {
-  Matrix<T> output;
-  Vector<T> lse;
+  Matrix<T> output;   // (Lq, Dv)
+  Vector<T> lse;      // (Lq)
+  Matrix<T> weights;  // (Lq, Lk)
 };
 
 template <class T, class Q, class K, class V>
@@ -27,7 +29,7 @@ Baseline<T> baseline_attention(const Q& q, const K& k, const V& v, T scale, cons
   for (Index i = 0; i < s.rows(); ++i) {
     T m = -std::numeric_limits<T>::infinity();
     for (Index j = 0; j < s.cols(); ++j)
-      if (visible(i, j)) m = std::isnan(s(i, j)) ? s(i, j) : std::max(m, s(i, j));
+      if (visible(i, j)) m = std::isnan(s(i, j)) || std::isnan(m) ? std::numeric_limits<T>::quiet_NaN() : std::max(m, s(i, j));
     T sum = 0;
     for (Index j = 0; j < s.cols(); ++j) {
       s(i, j) = (visible(i, j) && m != -std::numeric_limits<T>::infinity()) ? std::exp(s(i, j) - m) : T(0);
@@ -36,7 +38,8 @@ Baseline<T> baseline_attention(const Q& q, const K& k, const V& v, T scale, cons
     if (sum > 0) s.row(i) /= sum;
     lse(i) = sum > 0 ? m + std::log(sum) : -std::numeric_limits<T>::infinity();
   }
-  return {s * v, lse};
+  Matrix<T> out = s * v;
+  return {out, lse, s};
 }
 
 }  // namespace attend::test

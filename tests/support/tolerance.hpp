@@ -6,6 +6,7 @@
 // Non-finite values must sit at the same positions with the same value class first.
 #pragma once
 
+#include "baseline.hpp"
 #include "reference.hpp"
 
 #include <gtest/gtest.h>
@@ -53,7 +54,7 @@ template <class T, class A, class B, class C>
   for (Index i = 0; i < actual.rows(); ++i)
     for (Index j = 0; j < actual.cols(); ++j) {
       const Real x = Real(actual(i, j)), y = Real(expected(i, j));
-      if (std::isnan(x) != std::isnan(y) || (std::isinf(x) || std::isinf(y)) && x != y)
+      if (std::isnan(x) != std::isnan(y) || ((std::isinf(x) || std::isinf(y)) && x != y))
         return ::testing::AssertionFailure() << "non-finite mismatch at (" << i << ", " << j << "): " << x
                                              << " vs expected " << y;
     }
@@ -71,6 +72,29 @@ template <class T, class A, class B, class C>
   return ::testing::AssertionFailure() << "max error " << err << " at (" << wi << ", " << wj << ") = "
                                        << Real(actual(wi, wj)) << " vs " << Real(expected(wi, wj))
                                        << " exceeds bound " << bound << " (baseline error " << err_base << ")";
+}
+
+/// Checks an attention output (Lq, Dv) and its log-sum-exp (Lq, or empty to skip) against the
+/// reference: rows that see no key must be exactly zero with lse exactly -inf, then the tolerance
+/// rule applies to the output and to the lse.
+template <class T, class Out, class Lse>
+void expect_matches_reference(const Out& out, const Lse& lse, const Reference& ref, const Baseline<T>& base,
+                              bool unit_scale = true) {
+  ASSERT_EQ(out.rows(), ref.output.rows());
+  ASSERT_EQ(out.cols(), ref.output.cols());
+  for (Index i = 0; i < ref.lse.size(); ++i) {
+    if (ref.lse(i) != -std::numeric_limits<Real>::infinity()) continue;
+    for (Index j = 0; j < out.cols(); ++j)
+      ASSERT_EQ(out(i, j), T(0)) << "row " << i << " sees no key, so its output must be exactly 0";
+    if (lse.size() != 0) {
+      ASSERT_EQ(lse(i), -std::numeric_limits<T>::infinity()) << "lse of empty row " << i;
+    }
+  }
+  EXPECT_TRUE(within_tolerance<T>(out, ref.output, base.output, unit_scale)) << "output";
+  if (lse.size() != 0) {
+    ASSERT_EQ(lse.size(), ref.lse.size());
+    EXPECT_TRUE(within_tolerance<T>(lse, ref.lse, base.lse, unit_scale)) << "log-sum-exp";
+  }
 }
 
 }  // namespace attend::test
