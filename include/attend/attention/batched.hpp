@@ -78,7 +78,7 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   if (use_blocked(options, p.queries, p.keys)) {
     const Index tiles_per_head = (p.queries + tiles.queries - 1) / tiles.queries;
     parallel_for_with_scratch(
-        num_heads * tiles_per_head, [&] { return BlockedScratch<T>(tiles, p.value_dim); },
+        num_heads * tiles_per_head, [&] { return BlockedScratch<T>(tiles, p.key_dim, p.value_dim); },
         [&](Index task, BlockedScratch<T>& scratch) {
           const Index n = task / tiles_per_head, q0 = task % tiles_per_head * tiles.queries;
           blocked_query_tile<T>(q_of(n), k_of(n), v_of(n), score, bound, tiles, q0,

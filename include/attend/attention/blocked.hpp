@@ -1,16 +1,27 @@
 // SPDX-License-Identifier: MIT
 /// \file attention/blocked.hpp
 /// \brief The blocked execution path: tiles of Q against tiles of K/V with an online softmax.
+///
+/// For each tile of Bq query rows, the key tiles the mask can see are visited in order; each
+/// (Bq, Bk) tile of scores is masked if partial, folded into a running max m, sum l and
+/// unnormalized output acc (rescaled by exp(m_old - m_new) when m grows), and the output is
+/// normalized once at the end: out = acc / l, lse = m + log l (Milakov & Gimelshein 2018;
+/// Dao et al., FlashAttention). The arithmetic lives in detail/tile_kernels.hpp.
 #pragma once
 
 #include "../masks.hpp"
-#include "../online_softmax.hpp"
 #include "../options.hpp"
+#include "../scores.hpp"
 #include "../types.hpp"
+#include "../detail/packet.hpp"
+#include "../detail/packing.hpp"
 #include "../detail/parallel.hpp"
+#include "../detail/tile_kernels.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <string>
+#include <type_traits>
 
 namespace attend::detail {
 
@@ -31,21 +42,43 @@ inline TileShape resolve_tiles(const AttentionOptions& options) {
           options.block_k > 0 ? options.block_k : kDefaultTiles.keys};
 }
 
-/// Per-thread scratch of the blocked path, allocated once and reused for every tile:
-/// scores (Bq, Bk) | accumulator (Bq, Dv) | softmax state (Bq).
+/// Score policies with s_ij = scale <q_i, k_j> take the fast path: `scale` is folded into the
+/// packed query tile and the register-blocked kernels form the scores. Any other policy is
+/// called as score(q_rows, k_rows, S) on the tile. Dot-family policies specialize this.
+template <class Score>
+struct is_dot_product_score : std::false_type {};
+
+template <class T>
+struct is_dot_product_score<ScaledDot<T>> : std::true_type {};
+
+/// Per-thread scratch of the blocked path, allocated once and reused for every tile. With
+/// lanes = Bq rounded up to whole packets:
+///   qt     (Dk, lanes)  scaled queries of the tile, transposed (fast path only)
+///   scores (Bk, lanes)  S^T of one tile, then P^T
+///   acc    (Bq, Dv)     unnormalized output
+///   state  (3, lanes)   running max m, running sum l, rescale factor alpha
 template <class T>
 struct BlockedScratch {
-  BlockedScratch(TileShape tiles, Index value_dim)
-      : scores(tiles.queries, tiles.keys), acc(tiles.queries, value_dim), softmax(tiles.queries) {}
+  BlockedScratch(TileShape tiles, Index key_dim, Index value_dim)
+      : qt(key_dim, round_up_to_lanes<T>(tiles.queries)),
+        scores(Matrix<T>::Zero(tiles.keys, round_up_to_lanes<T>(tiles.queries))),
+        acc(tiles.queries, value_dim),
+        state(3, round_up_to_lanes<T>(tiles.queries)) {}
 
   /// Bytes held, for benchmarks' memory reports.
-  static Index bytes(TileShape tiles, Index /*key_dim*/, Index value_dim) {
-    return Index(sizeof(T)) * (tiles.queries * tiles.keys + tiles.queries * value_dim + 2 * tiles.queries);
+  static Index bytes(TileShape tiles, Index key_dim, Index value_dim) {
+    const Index lanes = round_up_to_lanes<T>(tiles.queries);
+    return Index(sizeof(T)) * ((key_dim + tiles.keys + 3) * lanes + tiles.queries * value_dim);
   }
 
+  T* max() { return state.row(0).data(); }
+  T* sum() { return state.row(1).data(); }
+  T* alpha() { return state.row(2).data(); }
+
+  Matrix<T> qt;
   Matrix<T> scores;
   Matrix<T> acc;
-  OnlineSoftmax<T> softmax;
+  Matrix<T> state;
 };
 
 /// One tile of query rows [q0, q0 + rows): visits only the key tiles the mask can see, skips
@@ -54,23 +87,30 @@ template <class T, class Score, class BoundMask>
 void blocked_query_tile(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                         const Score& score, const BoundMask& mask, TileShape tiles, Index q0, Index rows,
                         MatrixRef<T> out, VectorRef<T> lse, BlockedScratch<T>& scratch) {
-  const Index q1 = q0 + rows;
+  const Index q1 = q0 + rows, lanes = round_up_to_lanes<T>(rows), stride = scratch.scores.outerStride();
   auto acc = scratch.acc.topRows(rows);  // (rows, Dv)
   acc.setZero();
-  scratch.softmax.reset(rows);
+  scratch.state.row(0).setConstant(-std::numeric_limits<T>::infinity());
+  scratch.state.row(1).setZero();
+  if constexpr (is_dot_product_score<Score>::value)
+    pack_scaled_queries<T>(q.middleRows(q0, rows), score.scale, scratch.qt);
+
   const KeyRange visible = mask.keys(q0, q1);
   for (Index k0 = visible.begin; k0 < visible.end; k0 += tiles.keys) {
     const Index cols = std::min(tiles.keys, visible.end - k0), k1 = k0 + cols;
     const TileKind kind = mask.classify(q0, q1, k0, k1);
     if (kind == TileKind::Empty) continue;
-    auto s = scratch.scores.topLeftCorner(rows, cols);  // (rows, cols)
-    score(q.middleRows(q0, rows), k.middleRows(k0, cols), s);
-    if (kind == TileKind::Partial) mask.apply(s, q0, k0);
-    scratch.softmax.update(s, acc);
-    acc.noalias() += s * v.middleRows(k0, cols);
+    auto st = scratch.scores.topLeftCorner(cols, rows);  // (cols, rows) = S^T
+    if constexpr (is_dot_product_score<Score>::value)
+      score_tile<T>(k.middleRows(k0, cols), scratch.qt.data(), scratch.qt.outerStride(), lanes, st.data(), stride);
+    else
+      score(q.middleRows(q0, rows), k.middleRows(k0, cols), st.transpose());
+    if (kind == TileKind::Partial) mask.apply(st.transpose(), q0, k0);
+    online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha());
+    value_tile<T>(st.data(), stride, v.middleRows(k0, cols), scratch.alpha(), acc);
   }
   VectorRef<T> tile_lse = lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse;
-  scratch.softmax.finalize(acc, out.middleRows(q0, rows), tile_lse);
+  finalize_rows<T>(acc, scratch.max(), scratch.sum(), out.middleRows(q0, rows), tile_lse);
 }
 
 /// out = softmax(score(Q, K) masked) V without forming more than one (Bq, Bk) tile of S per
@@ -88,7 +128,7 @@ void blocked_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, c
                        VectorRef<T> lse) {
   const Index num_tiles = (q.rows() + tiles.queries - 1) / tiles.queries;
   parallel_for_with_scratch(
-      num_tiles, [&] { return BlockedScratch<T>(tiles, v.cols()); },
+      num_tiles, [&] { return BlockedScratch<T>(tiles, q.cols(), v.cols()); },
       [&](Index tile, BlockedScratch<T>& scratch) {
         const Index q0 = tile * tiles.queries;
         blocked_query_tile<T>(q, k, v, score, mask, tiles, q0, std::min(tiles.queries, q.rows() - q0), out, lse,

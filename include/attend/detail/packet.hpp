@@ -1,0 +1,65 @@
+// SPDX-License-Identifier: MIT
+/// \file detail/packet.hpp
+/// \brief The SIMD vocabulary of the tile kernels: Eigen's packet of the widest native width
+/// (16 floats with AVX-512, 8 with AVX2, ...; a plain scalar without vectorization) and a
+/// guarded exponential.
+#pragma once
+
+#include "../types.hpp"
+
+#include <limits>
+#include <type_traits>
+
+// A packet type (__m512, ...) as a template argument makes GCC warn that its alignment
+// attribute is ignored; Eigen silences the same warning in its own headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#define ATTEND_PACKET_WARNINGS_PUSH \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wignored-attributes\"")
+#define ATTEND_PACKET_WARNINGS_POP _Pragma("GCC diagnostic pop")
+#else
+#define ATTEND_PACKET_WARNINGS_PUSH
+#define ATTEND_PACKET_WARNINGS_POP
+#endif
+
+ATTEND_PACKET_WARNINGS_PUSH
+
+namespace attend::detail {
+
+/// Eigen's native packet of T and its number of lanes.
+template <class T>
+using Packet = typename Eigen::internal::packet_traits<T>::type;
+
+template <class T>
+inline constexpr Index kLanes = Eigen::internal::unpacket_traits<Packet<T>>::size;
+
+/// The smallest multiple of the packet width that holds n lanes.
+template <class T>
+constexpr Index round_up_to_lanes(Index n) {
+  return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
+/// exp(x) per lane, exactly 0 where x = -inf (Eigen's double pexp returns a denormal there, and
+/// a masked key must weigh exactly nothing). NaN stays NaN.
+template <class P>
+P exp_or_zero(const P& x) {
+  namespace simd = Eigen::internal;
+  using T = typename simd::unpacket_traits<P>::type;
+  const P masked = simd::pcmp_eq(x, simd::pset1<P>(-std::numeric_limits<T>::infinity()));
+  return simd::pandnot(simd::pexp(x), masked);
+}
+
+/// Calls f(std::integral_constant<int, n>) for a runtime n in [1, Max]: the kernels' remainder
+/// blocks get compile-time sizes too.
+template <int Max, class F>
+void with_static_size(Index n, F&& f) {
+  static_assert(Max >= 1);
+  if (n == Max) {
+    f(std::integral_constant<int, Max>{});
+  } else if constexpr (Max > 1) {
+    with_static_size<Max - 1>(n, f);
+  }
+}
+
+}  // namespace attend::detail
+
+ATTEND_PACKET_WARNINGS_POP

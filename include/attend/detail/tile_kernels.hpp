@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: MIT
+/// \file detail/tile_kernels.hpp
+/// \brief Register-blocked micro-kernels of the blocked path, written once over Eigen packets
+/// (so for float and double, AVX-512, AVX2, SSE, NEON, or plain scalars).
+///
+/// One step of the blocked path for a query tile (rows i, padded to `lanes`) and a key tile
+/// (rows j) holds the scores *transposed*, st(j, i), one query per SIMD lane:
+///  1. score_tile:          st = K_tile Qt          (Qt: scaled, packed queries; see packing.hpp)
+///  2. the mask policy sets invisible entries of st to -inf (partial tiles only);
+///  3. online_softmax_step: per query, running max m and sum l; st becomes P^T; alpha rescales;
+///  4. value_tile:          acc = diag(alpha) acc + P V_tile;
+/// and after the last key tile, finalize_rows writes out = acc / l and lse = m + log l.
+/// With queries along lanes the softmax reductions over keys are plain vertical max/add, and
+/// K and V are read in place (any row stride): nothing is packed per head.
+#pragma once
+
+#include "../types.hpp"
+#include "packet.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+ATTEND_PACKET_WARNINGS_PUSH
+
+namespace attend::detail {
+
+/// Register block of the score kernel: kScoreRows keys x kScorePackets packets of queries.
+inline constexpr int kScoreRows = 6;
+inline constexpr int kScorePackets = 4;
+/// Register block of the value kernel: kValueRows queries x kValuePackets packets of features.
+inline constexpr int kValueRows = 6;
+inline constexpr int kValuePackets = 4;
+
+/// st(j, i) = <k_j, qt(:, i)> for MR keys j and NV packets of query lanes i:
+/// MR x NV accumulators, one broadcast of k(j, c) and NV loads of qt(c, :) per feature c.
+template <class T, int MR, int NV>
+void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index depth, T* st, Index st_stride) {
+  namespace simd = Eigen::internal;
+  using P = Packet<T>;
+  constexpr Index W = kLanes<T>;
+  P acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = simd::pset1<P>(T(0));
+  for (Index c = 0; c < depth; ++c) {
+    P q[NV];
+    for (int v = 0; v < NV; ++v) q[v] = simd::pload<P>(qt + c * qt_stride + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const P kc = simd::pset1<P>(k[r * k_stride + c]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = simd::pmadd(kc, q[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) simd::pstore(st + r * st_stride + v * W, acc[r][v]);
+}
+
+/// Score tile st (keys, lanes) = K_tile (keys, Dk) Qt (Dk, lanes); lanes a multiple of kLanes.
+/// qt and st rows must be aligned to the packet size.
+template <class T>
+void score_tile(const ConstMatrixRef<T>& k, const T* qt, Index qt_stride, Index lanes, T* st, Index st_stride) {
+  const Index keys = k.rows(), depth = k.cols(), packets = lanes / kLanes<T>;
+  for (Index p0 = 0; p0 < packets; p0 += kScorePackets) {
+    const Index np = std::min<Index>(kScorePackets, packets - p0), lane0 = p0 * kLanes<T>;
+    with_static_size<kScorePackets>(np, [&](auto nv) {
+      for (Index j0 = 0; j0 < keys; j0 += kScoreRows)
+        with_static_size<kScoreRows>(std::min<Index>(kScoreRows, keys - j0), [&](auto mr) {
+          score_block<T, decltype(mr)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(), qt + lane0, qt_stride, depth,
+                                 st + j0 * st_stride + lane0, st_stride);
+        });
+    });
+  }
+}
+
+/// One online-softmax step over a score tile held as st (keys, lanes), for every lane i:
+///   m'_i = max(m_i, max_j st_ji)            (running max)
+///   u_i  = m'_i, or 0 while m'_i = -inf     (so that -inf - -inf is never formed)
+///   alpha_i = exp(m_i - u_i)                (rescales what was accumulated so far)
+///   st_ji  <- p_ji = exp(st_ji - u_i)
+///   l'_i = alpha_i l_i + sum_j p_ji          (running sum)
+/// max, sum and alpha hold `lanes` entries, aligned to the packet size.
+template <class T>
+void online_softmax_step(T* st, Index st_stride, Index keys, Index lanes, T* max, T* sum, T* alpha) {
+  namespace simd = Eigen::internal;
+  using P = Packet<T>;
+  const P neg_inf = simd::pset1<P>(-std::numeric_limits<T>::infinity());
+  for (Index i = 0; i < lanes; i += kLanes<T>) {
+    const P m_old = simd::pload<P>(max + i);
+    P m = m_old;
+    for (Index j = 0; j < keys; ++j) m = simd::pmax(m, simd::pload<P>(st + j * st_stride + i));
+    const P u = simd::pandnot(m, simd::pcmp_eq(m, neg_inf));
+    const P a = exp_or_zero(simd::psub(m_old, u));
+    P l = simd::pset1<P>(T(0));
+    for (Index j = 0; j < keys; ++j) {
+      T* s = st + j * st_stride + i;
+      const P p = exp_or_zero(simd::psub(simd::pload<P>(s), u));
+      simd::pstore(s, p);
+      l = simd::padd(l, p);
+    }
+    simd::pstore(max + i, m);
+    simd::pstore(sum + i, simd::pmadd(a, simd::pload<P>(sum + i), l));
+    simd::pstore(alpha + i, a);
+  }
+}
+
+/// acc(i, :) = alpha_i acc(i, :) + sum_j pt(j, i) v(j, :) for MR query rows i and NV packets of
+/// `Vec` (a packet, or T itself for the feature columns past the last whole packet).
+template <class T, class Vec, int MR, int NV>
+void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_stride, const T* alpha, T* acc,
+                 Index acc_stride) {
+  namespace simd = Eigen::internal;
+  constexpr Index W = simd::unpacket_traits<Vec>::size;
+  Vec o[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    const Vec a = simd::pset1<Vec>(alpha[r]);
+    for (int c = 0; c < NV; ++c) o[r][c] = simd::pmul(a, simd::ploadu<Vec>(acc + r * acc_stride + c * W));
+  }
+  for (Index j = 0; j < keys; ++j) {
+    Vec x[NV];
+    for (int c = 0; c < NV; ++c) x[c] = simd::ploadu<Vec>(v + j * v_stride + c * W);
+    for (int r = 0; r < MR; ++r) {
+      const Vec p = simd::pset1<Vec>(pt[j * pt_stride + r]);
+      for (int c = 0; c < NV; ++c) o[r][c] = simd::pmadd(p, x[c], o[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c) simd::pstoreu(acc + r * acc_stride + c * W, o[r][c]);
+}
+
+/// acc (rows, Dv) = diag(alpha) acc + P V_tile with P held transposed as pt (keys, >= rows).
+template <class T>
+void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const T* alpha, MatrixRef<T> acc) {
+  const Index rows = acc.rows(), keys = v.rows(), dim = v.cols();
+  const Index packed_dim = dim / kLanes<T> * kLanes<T>;
+  for (Index c0 = 0; c0 < dim;) {
+    // Whole packets first, then one column at a time for the tail (dim not a multiple of it).
+    const bool tail = c0 >= packed_dim;
+    const Index width = tail ? 1 : kLanes<T> * std::min<Index>(kValuePackets, (packed_dim - c0) / kLanes<T>);
+    for (Index i0 = 0; i0 < rows; i0 += kValueRows) {
+      const Index mr = std::min<Index>(kValueRows, rows - i0);
+      T* acc_block = acc.data() + i0 * acc.outerStride() + c0;
+      const T* v_block = v.data() + c0;
+      with_static_size<kValueRows>(mr, [&](auto m) {
+        if (tail) {
+          value_block<T, T, decltype(m)::value, 1>(pt + i0, pt_stride, keys, v_block, v.outerStride(), alpha + i0, acc_block,
+                                  acc.outerStride());
+        } else {
+          with_static_size<kValuePackets>(width / kLanes<T>, [&](auto nv) {
+            value_block<T, Packet<T>, decltype(m)::value, decltype(nv)::value>(pt + i0, pt_stride, keys, v_block, v.outerStride(), alpha + i0,
+                                             acc_block, acc.outerStride());
+          });
+        }
+      });
+    }
+    c0 += width;
+  }
+}
+
+/// out_i = acc_i / l_i and, when lse is non-empty, lse_i = m_i + log l_i; a row with l_i = 0
+/// (it saw no key) gets zeros and lse -inf. NaN in l_i propagates.
+template <class T>
+void finalize_rows(const ConstMatrixRef<T>& acc, const T* max, const T* sum, MatrixRef<T> out, VectorRef<T> lse) {
+  for (Index i = 0; i < acc.rows(); ++i) {
+    const bool empty = sum[i] == T(0);
+    if (empty)
+      out.row(i).setZero();
+    else
+      out.row(i) = acc.row(i) / sum[i];
+    if (lse.size() != 0) lse(i) = empty ? -std::numeric_limits<T>::infinity() : max[i] + std::log(sum[i]);
+  }
+}
+
+}  // namespace attend::detail
+
+ATTEND_PACKET_WARNINGS_POP
