@@ -1,0 +1,128 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/additive.hpp
+/// \brief Additive (Bahdanau) attention: score(q, k) = v^T tanh(W_q q + W_k k + b).
+#pragma once
+
+#include "../detail/checks.hpp"
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../scores/additive.hpp"
+#include "../types.hpp"
+#include "materialized.hpp"
+#include "scaled_dot_product.hpp"
+
+#include <string>
+#include <utility>
+
+namespace attend {
+
+/// Additive attention (Bahdanau, Cho & Bengio 2015) with its parameters:
+///   s_ij = v^T tanh(W_q q_i + W_k k_j + b),   out_i = sum_j softmax_j(s_ij + mask) values_j.
+/// Weights follow PyTorch's nn.Linear layout: W_q (h, d_q), W_k (h, d_k), b (h) optional,
+/// v (h); d_q and d_k may differ. A forward pass projects Q and K once, (Lq, h) and (Lk, h),
+/// then computes scores tile by tile without forming the (Lq, Lk, h) tensor: the blocked path
+/// holds one (Bq, Bk) tile of scores beyond the projections. Any mask policy applies, and
+/// `options` selects the path and tiles; additive scores have no scale, so `options.scale` must
+/// stay unset.
+template <class T>
+class AdditiveAttention {
+ public:
+  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
+
+  /// \param w_query (h, d_q)
+  /// \param w_key   (h, d_k)
+  /// \param v       (h)
+  /// \param bias    (h), or empty for none
+  AdditiveAttention(Matrix<T> w_query, Matrix<T> w_key, Vector<T> v, Vector<T> bias = Vector<T>())
+      : w_query_(std::move(w_query)), w_key_(std::move(w_key)), v_(std::move(v)), bias_(std::move(bias)) {
+    const std::string shapes = "W_q " + detail::shape_of(w_query_) + ", W_k " + detail::shape_of(w_key_) +
+                               ", v (" + std::to_string(v_.size()) + "), b (" + std::to_string(bias_.size()) + ")";
+    ATTEND_CHECK(w_query_.rows() >= 1 && w_query_.cols() >= 1 && w_key_.cols() >= 1,
+                 "additive attention needs non-empty weights, got " + shapes);
+    ATTEND_CHECK(w_key_.rows() == hidden_dim() && v_.size() == hidden_dim() &&
+                     (bias_.size() == 0 || bias_.size() == hidden_dim()),
+                 "additive attention weights must share the hidden size h = W_q's rows: W_k (h x d_k), v (h), "
+                 "b (h) or empty; got " + shapes);
+  }
+
+  Index hidden_dim() const { return w_query_.rows(); }
+  Index query_dim() const { return w_query_.cols(); }
+  Index key_dim() const { return w_key_.cols(); }
+
+  /// Writes the attention of queries `q` (Lq, d_q) over keys `k` (Lk, d_k) and `values`
+  /// (Lk, Dv) into `out` (Lq, Dv), and each row's log-sum-exp into `lse` when non-empty.
+  template <class DQ, class DK, class DV, class Mask = NoMask>
+  void forward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                    const Eigen::MatrixBase<DV>& values, MatrixRef<T> out, const MaskBase<Mask>& mask = NoMask{},
+                    const AttentionOptions& options = {}, VectorRef<T> lse = detail::no_vector<T>()) const {
+    check_inputs(q, k, values, options);
+    const Matrix<T> q_proj = project_queries(q), k_proj = project_keys(k);  // (Lq, h), (Lk, h)
+    const ConstMatrixRef<T> values_ref(values);
+    detail::attention_into<T>(q_proj, k_proj, values_ref, score(), mask, options, out, lse);
+  }
+
+  /// Returns the attention output (Lq, Dv). See forward_into.
+  template <class DQ, class DK, class DV, class Mask = NoMask>
+  Matrix<T> forward(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& values,
+                    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) const {
+    check_inputs(q, k, values, options);
+    Matrix<T> out(q.rows(), values.cols());
+    forward_into(q, k, values, out, mask, options);
+    return out;
+  }
+
+  /// Returns the output, the (Lq, Lk) weights and the log-sum-exp through the materialized path.
+  template <class DQ, class DK, class DV, class Mask = NoMask>
+  AttentionResult<T> forward_with_weights(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                          const Eigen::MatrixBase<DV>& values,
+                                          const MaskBase<Mask>& mask = NoMask{}) const {
+    check_inputs(q, k, values, AttentionOptions{});
+    AttentionResult<T> result{Matrix<T>(q.rows(), values.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};
+    const Matrix<T> q_proj = project_queries(q), k_proj = project_keys(k);
+    const ConstMatrixRef<T> values_ref(values);
+    detail::materialized_attention<T>(q_proj, k_proj, values_ref, score(), mask.derived().bind(q.rows(), k.rows()),
+                                      result.output, result.lse, result.weights);
+    return result;
+  }
+
+ private:
+  detail::AdditiveScore<T> score() const { return {{v_.data(), v_.size()}}; }
+
+  /// W_q q_i + b for every row: (Lq, h).
+  template <class DQ>
+  Matrix<T> project_queries(const Eigen::MatrixBase<DQ>& q) const {
+    Matrix<T> q_proj = q * w_query_.transpose();
+    if (bias_.size() != 0) q_proj.rowwise() += bias_.transpose();
+    return q_proj;
+  }
+
+  /// W_k k_j for every row: (Lk, h).
+  template <class DK>
+  Matrix<T> project_keys(const Eigen::MatrixBase<DK>& k) const {
+    return k * w_key_.transpose();
+  }
+
+  template <class DQ, class DK, class DV>
+  void check_inputs(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& values,
+                    const AttentionOptions& options) const {
+    static_assert(std::is_same_v<T, typename DQ::Scalar> && std::is_same_v<T, typename DK::Scalar> &&
+                      std::is_same_v<T, typename DV::Scalar>,
+                  "attend: q, k and values must have the scalar type of the attention weights");
+    ATTEND_CHECK(q.cols() == query_dim(), "q " + detail::shape_of(q) + " must have d_q = " +
+                                              std::to_string(query_dim()) + " columns to match W_q " +
+                                              detail::shape_of(w_query_));
+    ATTEND_CHECK(k.cols() == key_dim(), "k " + detail::shape_of(k) + " must have d_k = " + std::to_string(key_dim()) +
+                                            " columns to match W_k " + detail::shape_of(w_key_));
+    ATTEND_CHECK(k.rows() == values.rows(), "k " + detail::shape_of(k) + " and values " + detail::shape_of(values) +
+                                                " must have the same number of rows (keys)");
+    ATTEND_CHECK(!options.scale, "additive attention has no scale; leave options.scale unset (got " +
+                                     std::to_string(options.scale.value_or(0)) + ")");
+  }
+
+  Matrix<T> w_query_;  // (h, d_q)
+  Matrix<T> w_key_;    // (h, d_k)
+  Vector<T> v_;        // (h)
+  Vector<T> bias_;     // (h) or empty
+};
+
+}  // namespace attend

@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/dot_family.hpp
+/// \brief The dot-product family folded into the scaled-dot engine: plain dot, general /
+/// bilinear (Luong), cosine with a temperature, and logit soft-capping.
+///
+/// Each score of the family is a dot product after transforming Q or K once, so each call is
+/// scaled dot-product attention on the transformed inputs with a chosen scale, and runs the
+/// engine's GEMM path:
+///   dot       s_ij = <q_i, k_j>                         scale 1
+///   bilinear  s_ij = q_i^T W k_j = <q_i W, k_j>         Q <- Q W, scale 1
+///   cosine    s_ij = cos(q_i, k_j) / temperature        rows of Q and K normalized, scale 1 / temperature
+/// Soft-capping wraps the scaled dot score: s_ij = cap tanh(scale <q_i, k_j> / cap).
+/// Every function takes any mask policy and `options` (path, tiles) and writes each row's
+/// log-sum-exp into `lse` when it is non-empty.
+#pragma once
+
+#include "../detail/checks.hpp"
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../scores.hpp"
+#include "../scores/soft_cap.hpp"
+#include "../types.hpp"
+#include "scaled_dot_product.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+namespace attend {
+namespace detail {
+
+/// `options` with its scale defaulted to `scale` when unset.
+inline AttentionOptions with_default_scale(AttentionOptions options, double scale) {
+  if (!options.scale) options.scale = scale;
+  return options;
+}
+
+/// Each row divided by its Euclidean norm, floored at 1e-8 as torch.nn.functional.normalize
+/// does, so a zero row stays zero (its cosine with anything is 0).
+template <class D>
+Matrix<typename D::Scalar> unit_rows(const Eigen::MatrixBase<D>& x) {
+  using T = typename D::Scalar;
+  Matrix<T> out = x;
+  for (Index i = 0; i < out.rows(); ++i) out.row(i) /= std::max(out.row(i).norm(), T(1e-8));
+  return out;
+}
+
+}  // namespace detail
+
+/// Plain dot-product attention, softmax(Q K^T + mask) V: the scale defaults to 1 (an explicit
+/// `options.scale` still applies). Shapes as scaled_dot_product_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
+                                const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+                                VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  scaled_dot_product_attention_into(q, k, v, out, mask, detail::with_default_scale(options, 1.0), lse);
+}
+
+/// Returns softmax(Q K^T + mask) V, (Lq, Dv). See dot_product_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+Matrix<typename DQ::Scalar> dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                                  const Eigen::MatrixBase<DV>& v, const MaskBase<Mask>& mask = NoMask{},
+                                                  const AttentionOptions& options = {}) {
+  return scaled_dot_product_attention(q, k, v, mask, detail::with_default_scale(options, 1.0));
+}
+
+/// Luong's "general" (bilinear) attention, s_ij = q_i^T W k_j, computed as dot-product
+/// attention of Q W against K. W (d_q, d_k) is nn.Linear(d_k, d_q).weight, so d_q may differ
+/// from d_k. The scale defaults to 1.
+///
+/// \param q (Lq, d_q)  \param k (Lk, d_k)  \param v (Lk, Dv)  \param w (d_q, d_k)
+template <class DQ, class DK, class DV, class DW, class Mask = NoMask>
+void bilinear_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                             const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& w,
+                             MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{},
+                             const AttentionOptions& options = {},
+                             VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  using T = typename DQ::Scalar;
+  static_assert(std::is_same_v<T, typename DW::Scalar>, "attend: w must have the scalar type of q");
+  ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(),
+               "bilinear weight W " + detail::shape_of(w) + " must be (d_q x d_k) for q " + detail::shape_of(q) +
+                   " and k " + detail::shape_of(k));
+  const Matrix<T> q_w = q * w;  // (Lq, d_k)
+  scaled_dot_product_attention_into(q_w, k, v, out, mask, detail::with_default_scale(options, 1.0), lse);
+}
+
+/// Returns bilinear attention, (Lq, Dv). See bilinear_attention_into.
+template <class DQ, class DK, class DV, class DW, class Mask = NoMask>
+Matrix<typename DQ::Scalar> bilinear_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                               const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& w,
+                                               const MaskBase<Mask>& mask = NoMask{},
+                                               const AttentionOptions& options = {}) {
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  bilinear_attention_into(q, k, v, w, out, mask, options);
+  return out;
+}
+
+/// Cosine attention, s_ij = cos(q_i, k_j) / temperature: dot-product attention of the
+/// normalized rows with scale 1 / temperature (a zero row has cosine 0 with every key).
+/// The temperature is the scale, so `options.scale` must stay unset.
+/// \throws attend::invalid_argument unless temperature > 0 and finite.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void cosine_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                           const Eigen::MatrixBase<DV>& v, double temperature, MatrixRef<typename DQ::Scalar> out,
+                           const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  ATTEND_CHECK(temperature > 0 && std::isfinite(temperature),
+               "cosine attention temperature " + std::to_string(temperature) + " must be a positive finite number");
+  ATTEND_CHECK(!options.scale, "cosine attention takes its scale as 1 / temperature; leave options.scale unset (got " +
+                                   std::to_string(options.scale.value_or(0)) + ")");
+  detail::check_qkv(q, k, v);
+  scaled_dot_product_attention_into(detail::unit_rows(q), detail::unit_rows(k), v, out, mask,
+                                    detail::with_default_scale(options, 1.0 / temperature), lse);
+}
+
+/// Returns cosine attention, (Lq, Dv). See cosine_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+Matrix<typename DQ::Scalar> cosine_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                             const Eigen::MatrixBase<DV>& v, double temperature,
+                                             const MaskBase<Mask>& mask = NoMask{},
+                                             const AttentionOptions& options = {}) {
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  cosine_attention_into(q, k, v, temperature, out, mask, options);
+  return out;
+}
+
+/// Scaled dot-product attention with logit soft-capping (Gemma 2, Grok):
+///   s_ij = cap tanh(scale <q_i, k_j> / cap),  then the mask,  softmax, and V.
+/// The cap acts before the mask, so masked keys stay masked. The scale defaults to 1/sqrt(d_k).
+/// \throws attend::invalid_argument unless cap > 0 and finite.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void soft_capped_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                const Eigen::MatrixBase<DV>& v, double cap, MatrixRef<typename DQ::Scalar> out,
+                                const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+                                VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  using T = typename DQ::Scalar;
+  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
+  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
+                "attend: q, k and v must have the same scalar type");
+  detail::check_soft_cap(cap);
+  detail::check_qkv(q, k, v);
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  const detail::SoftCapped<detail::ScaledDot<T>, T> score{{detail::resolve_scale<T>(options, q.cols())}, T(cap)};
+  detail::attention_into<T>(q_ref, k_ref, v_ref, score, mask, options, out, lse);
+}
+
+/// Returns soft-capped attention, (Lq, Dv). See soft_capped_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+Matrix<typename DQ::Scalar> soft_capped_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                                  const Eigen::MatrixBase<DV>& v, double cap,
+                                                  const MaskBase<Mask>& mask = NoMask{},
+                                                  const AttentionOptions& options = {}) {
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  soft_capped_attention_into(q, k, v, cap, out, mask, options);
+  return out;
+}
+
+}  // namespace attend

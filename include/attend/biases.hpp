@@ -1,0 +1,175 @@
+// SPDX-License-Identifier: MIT
+/// \file biases.hpp
+/// \brief Position-dependent score biases: ALiBi and T5 relative position buckets.
+///
+/// Both are mask policies (masks.hpp) that hide no key and add b(j - a_i) to score s_ij, where
+/// a_i is the key aligned with query i (a_i = i top-left, a_i = i + Lk - Lq bottom-right). They
+/// compose with masks and with each other through `&`, and work with every score policy:
+///   scaled_dot_product_attention(q, k, v, Causal() & Alibi(slopes[h]));
+/// Like every mask they act on one head; a multi-head caller passes each head its slope or
+/// its column of the bucket table.
+#pragma once
+
+#include "masks.hpp"
+#include "options.hpp"
+#include "types.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace attend {
+namespace detail {
+
+/// Adds bias.at<T>(j - a_i) to s_ij, with a_i = i + offset; hides no key.
+template <class Bias>
+struct PositionBias {
+  Index num_keys;
+  Index offset;
+  Bias bias;
+
+  TileKind classify(Index, Index, Index, Index) const { return TileKind::Partial; }
+  KeyRange keys(Index, Index) const { return {0, num_keys}; }
+
+  template <class Scores>
+  void apply(Scores&& s, Index q0, Index k0) const {
+    using T = typename std::decay_t<Scores>::Scalar;
+    for (Index r = 0; r < s.rows(); ++r) {
+      const Index d0 = k0 - (q0 + r + offset);  // relative position of the tile's first key
+      for (Index c = 0; c < s.cols(); ++c) s(r, c) += bias.template at<T>(d0 + c);
+    }
+  }
+};
+
+/// ALiBi line: b(d) = -slope * |d|.
+struct AlibiLine {
+  double slope;
+  template <class T>
+  T at(Index d) const {
+    return -static_cast<T>(slope) * static_cast<T>(std::abs(d));
+  }
+};
+
+/// Bucketed bias looked up from b(d) = values[d - d_min], precomputed for every d of a problem.
+template <class T>
+struct BucketBias {
+  std::vector<T> values;
+  Index d_min;
+  template <class S>
+  S at(Index d) const {
+    static_assert(std::is_same_v<S, T>, "attend: the relative position table must have the scalar type of the scores");
+    return values[static_cast<std::size_t>(d - d_min)];
+  }
+};
+
+}  // namespace detail
+
+/// The ALiBi slopes of `num_heads` heads (Press et al. 2022; as in the authors' code and
+/// Hugging Face BLOOM): with n = 2^floor(log2 num_heads), head h < n gets 2^(-8 (h + 1) / n);
+/// when num_heads is not a power of two, the remaining heads take the odd-numbered slopes
+/// 2^(-4 (2 m + 1) / n), m = 0, 1, ..., of the 2n-head sequence.
+inline std::vector<double> alibi_slopes(Index num_heads) {
+  ATTEND_CHECK(num_heads >= 1, "ALiBi needs at least one head, got num_heads=" + std::to_string(num_heads));
+  Index n = 1;
+  while (2 * n <= num_heads) n *= 2;
+  std::vector<double> slopes;
+  slopes.reserve(static_cast<std::size_t>(num_heads));
+  for (Index h = 0; h < n; ++h) slopes.push_back(std::exp2(-8.0 * double(h + 1) / double(n)));
+  for (Index m = 0; n + m < num_heads; ++m) slopes.push_back(std::exp2(-4.0 * double(2 * m + 1) / double(n)));
+  return slopes;
+}
+
+/// ALiBi bias of one head: s_ij += -slope * |j - a_i|, a_i the key aligned with query i. With a
+/// causal mask this is the paper's -slope (i - j); without one it is the symmetric form.
+struct Alibi : MaskBase<Alibi> {
+  double slope = 0;
+  Alignment alignment = Alignment::TopLeft;
+
+  explicit Alibi(double slope_, Alignment alignment_ = Alignment::TopLeft) : slope(slope_), alignment(alignment_) {}
+
+  detail::PositionBias<detail::AlibiLine> bind(Index num_queries, Index num_keys) const {
+    ATTEND_CHECK(std::isfinite(slope), "ALiBi slope " + std::to_string(slope) + " must be finite");
+    return {num_keys, detail::diagonal_offset(alignment, num_queries, num_keys), {slope}};
+  }
+};
+
+/// T5's bucket of a relative position d = j - a_i (key minus query position), exactly as
+/// Hugging Face `T5Attention._relative_position_bucket` computes it, float32 logarithm included:
+/// bidirectional splits the buckets in halves for d <= 0 and d > 0; otherwise d > 0 all fall in
+/// bucket 0. In each half of n buckets, |d| < n/2 has its own bucket and larger |d| fall into
+/// logarithmic bins up to max_distance, beyond which they share the last bucket.
+inline Index relative_position_bucket(Index relative_position, bool bidirectional = true, Index num_buckets = 32,
+                                      Index max_distance = 128) {
+  Index bucket = 0, n = num_buckets, distance = relative_position;
+  if (bidirectional) {
+    n /= 2;
+    if (distance > 0) bucket += n;
+    distance = std::abs(distance);
+  } else {
+    distance = distance < 0 ? -distance : 0;
+  }
+  const Index max_exact = n / 2;
+  ATTEND_CHECK(max_exact >= 1 && max_distance > max_exact,
+               "relative position buckets need num_buckets >= " + std::string(bidirectional ? "4" : "2") +
+                   " and max_distance > the exact range, got num_buckets=" + std::to_string(num_buckets) +
+                   ", max_distance=" + std::to_string(max_distance));
+  if (distance < max_exact) return bucket + distance;
+  // float32 throughout, as torch computes log(d.float() / max_exact) / math.log(...) * (n - max_exact).
+  const float log_ratio = std::log(static_cast<float>(distance) / static_cast<float>(max_exact));
+  const float log_range = static_cast<float>(std::log(double(max_distance) / double(max_exact)));
+  const Index large = max_exact + static_cast<Index>(log_ratio / log_range * static_cast<float>(n - max_exact));
+  return bucket + std::min(large, n - 1);
+}
+
+/// T5 relative position bias of one head: s_ij += table[bucket(j - a_i)], with `table` the
+/// head's column of the learned (num_buckets, num_heads) embedding (PyTorch's
+/// `relative_attention_bias.weight.col(h)`). A view: the table must outlive the call.
+template <class T>
+class RelativePositionBias : public MaskBase<RelativePositionBias<T>> {
+ public:
+  /// \param table (num_buckets) vector, any orientation and stride
+  template <class D>
+  RelativePositionBias(const Eigen::DenseBase<D>& table, bool bidirectional = true, Index max_distance = 128,
+                       Alignment alignment = Alignment::TopLeft)
+      : table_(detail::strided_view(table)),
+        bidirectional_(bidirectional),
+        max_distance_(max_distance),
+        alignment_(alignment) {
+    ATTEND_CHECK(table_.rows == 1 || table_.cols == 1,
+                 "relative position bias table " + detail::shape_of(table) + " must be a vector (one head)");
+  }
+
+  Index num_buckets() const { return table_.rows * table_.cols; }
+
+  /// Looks the bias up once for every relative position of an (Lq, Lk) problem: O(Lq + Lk).
+  detail::PositionBias<detail::BucketBias<T>> bind(Index num_queries, Index num_keys) const {
+    const Index offset = detail::diagonal_offset(alignment_, num_queries, num_keys);
+    const Index d_min = -(num_queries - 1 + offset), d_max = num_keys - 1 - offset;
+    detail::BucketBias<T> bias{{}, d_min};
+    relative_position_bucket(0, bidirectional_, num_buckets(), max_distance_);  // validates the configuration
+    if (num_queries > 0 && num_keys > 0) {
+      bias.values.reserve(static_cast<std::size_t>(d_max - d_min + 1));
+      for (Index d = d_min; d <= d_max; ++d) {
+        const Index b = relative_position_bucket(d, bidirectional_, num_buckets(), max_distance_);
+        bias.values.push_back(table_.rows == 1 ? table_(0, b) : table_(b, 0));
+      }
+    }
+    return {num_keys, offset, std::move(bias)};
+  }
+
+ private:
+  detail::StridedView<T> table_;
+  bool bidirectional_;
+  Index max_distance_;
+  Alignment alignment_;
+};
+
+template <class D>
+RelativePositionBias(const Eigen::DenseBase<D>&, bool = true, Index = 128, Alignment = Alignment::TopLeft)
+    -> RelativePositionBias<typename D::Scalar>;
+
+}  // namespace attend
