@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# Checks that the tools and libraries attend's tests, benchmarks and examples need are present,
+# and installs what is missing with apt-get (Debian, Ubuntu):
+#   as root                 apt-get update && apt-get install -y <missing>
+#   with password-less sudo  the same through `sudo -n`
+#   otherwise               stops and prints the exact command to run.
+# The library itself only needs Eigen; OpenMP (libgomp, shipped with g++) is optional.
+set -euo pipefail
+
+readonly min_cmake=3.21
+missing=()
+
+have_command() { command -v "$1" >/dev/null 2>&1; }
+
+# A package counts as present when dpkg says it is installed.
+have_package() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+version_at_least() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+
+if have_command cmake; then
+  cmake_version=$(cmake --version | sed -n 's/^cmake version \([0-9.]*\).*/\1/p')
+  if ! version_at_least "$cmake_version" "$min_cmake"; then
+    echo "attend: CMake $cmake_version is too old; $min_cmake or newer is needed (https://cmake.org/download/)." >&2
+    exit 1
+  fi
+else
+  missing+=(cmake)
+fi
+if [ -n "${CXX:-}" ]; then
+  have_command "$CXX" || { echo "attend: the compiler CXX=$CXX is not installed." >&2; exit 1; }
+else
+  have_command g++ || missing+=(g++)
+fi
+have_command make || missing+=(make)
+
+if have_command dpkg-query; then
+  for package in libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev; do
+    have_package "$package" || missing+=("$package")
+  done
+else
+  echo "attend: not a Debian-based system; CMake will report any missing library" \
+    "(Eigen 3.4, GoogleTest, Google Benchmark)." >&2
+fi
+
+# OpenMP is optional: without it the kernels run on one thread.
+check_openmp() {
+  local cxx=${CXX:-g++}
+  have_command "$cxx" || return 0
+  printf '#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n' |
+    "$cxx" -fopenmp -x c++ - -o /dev/null 2>/dev/null ||
+    echo "attend: note: $cxx has no OpenMP (libgomp); the kernels will run on one thread." >&2
+}
+
+if [ ${#missing[@]} -eq 0 ]; then
+  check_openmp
+  exit 0
+fi
+
+echo "attend: installing ${missing[*]}" >&2
+if ! have_command apt-get; then
+  echo "attend: please install with your package manager: ${missing[*]}" >&2
+  exit 1
+fi
+if [ "$(id -u)" -eq 0 ]; then
+  as_root=()
+elif have_command sudo && sudo -n true 2>/dev/null; then
+  as_root=(sudo -n)
+else
+  echo "attend: missing ${missing[*]}. Please run:" >&2
+  echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update
+"${as_root[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+check_openmp
