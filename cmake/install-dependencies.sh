@@ -57,9 +57,8 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 
-echo "attend: installing ${missing[*]}" >&2
 if ! have_command apt-get; then
-  echo "attend: please install with your package manager: ${missing[*]}" >&2
+  echo "attend: missing ${missing[*]}; please install them with your package manager." >&2
   exit 1
 fi
 if [ "$(id -u)" -eq 0 ]; then
@@ -71,6 +70,7 @@ else
   echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
   exit 1
 fi
+echo "attend: installing ${missing[*]} with apt-get" >&2
 export DEBIAN_FRONTEND=noninteractive
 "${as_root[@]}" apt-get update
 "${as_root[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
