@@ -1,0 +1,387 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/multi_head.hpp
+/// \brief Multi-head self and cross attention with PyTorch-layout projections, grouped-query
+/// (GQA) and multi-query (MQA) heads, and a batch API over sequences of different lengths.
+///
+/// Heads are zero-copy column views: head h of a projected (L, H*d) matrix is
+/// `x.middleCols(h * d, d)`. Query head h reads key/value head h / (H / H_kv), so H_kv = H is
+/// ordinary multi-head attention, 1 < H_kv < H grouped-query and H_kv = 1 multi-query.
+///
+/// ### Correspondence with `torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)`
+/// One sequence is one (L, E) matrix; a batch is a `std::vector` of them (lengths may differ).
+/// | PyTorch                                   | attend                                                        |
+/// |-------------------------------------------|---------------------------------------------------------------|
+/// | `in_proj_weight` (3E, E) = [W_q; W_k; W_v] | `MultiHeadAttention::from_packed(H, in_proj_weight, ...)`, or rows [0,E), [E,2E), [2E,3E) as `q/k/v_proj_weight` |
+/// | `q/k/v_proj_weight` (kdim, vdim != E)      | `MultiHeadWeights::q/k/v_proj_weight`, shapes (H d, E_q), (H_kv d, E_k), (H_kv d_v, E_v) |
+/// | `in_proj_bias` (3E)                        | `q/k/v_proj_bias` = its three thirds (empty = no bias)        |
+/// | `out_proj.weight`, `out_proj.bias`         | `out_proj_weight` (E_out, H d_v), `out_proj_bias` (E_out)      |
+/// | `forward(query, key, value)`               | `forward(query, key, value)`; `forward(x)` = self, `forward(x, memory)` = cross |
+/// | `key_padding_mask` (N, S), True = *ignore* | `KeyPadding(valid_length)` (trailing padding), per sequence in `forward_batch`; or `BooleanMask` with true = *attend* (the negation) |
+/// | `attn_mask` bool, True = *not allowed*     | `BooleanMask(!attn_mask)`: attend's booleans mean "may attend" |
+/// | `attn_mask` float (added)                  | `AdditiveMask(attn_mask)`                                     |
+/// | `is_causal=True`                           | `Causal()` (top-left)                                         |
+/// | `need_weights=True, average_attn_weights=True`  | `options.need_weights = NeedWeights::Averaged`: one (Lq, Lk) |
+/// | `need_weights=True, average_attn_weights=False` | `NeedWeights::PerHead`: H matrices (Lq, Lk)              |
+/// | (default `need_weights=True`)              | default `NeedWeights::None` (the fast path returns no weights) |
+/// | scale 1/sqrt(E/H)                           | the same default; `options.scale` overrides                   |
+/// Not supported: `add_bias_kv`, `add_zero_attn`, dropout (inference only). PyTorch's module has
+/// no GQA; with H_kv = H the results match it. A query that sees no key gives a zero row here
+/// (PyTorch's module gives NaN there).
+#pragma once
+
+#include "../detail/checks.hpp"
+#include "../detail/parallel.hpp"
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../scores.hpp"
+#include "../types.hpp"
+#include "materialized.hpp"
+#include "scaled_dot_product.hpp"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace attend {
+
+/// Which attention weights a multi-head call returns.
+enum class NeedWeights {
+  None,      ///< no weights (blocked path allowed)
+  PerHead,   ///< H matrices (Lq, Lk), PyTorch `average_attn_weights=False`
+  Averaged   ///< one (Lq, Lk), the mean over heads, PyTorch `average_attn_weights=True`
+};
+
+/// Options of a multi-head call: those of one head plus the weights wanted.
+struct MultiHeadOptions : AttentionOptions {
+  NeedWeights need_weights = NeedWeights::None;
+};
+
+/// Output of a multi-head call.
+template <class T>
+struct MultiHeadResult {
+  Matrix<T> output;                ///< (Lq, E_out)
+  std::vector<Matrix<T>> weights;  ///< empty, H per-head (Lq, Lk), or one head-averaged (Lq, Lk)
+};
+
+namespace detail {
+
+/// Head counts and per-head widths of a multi-head problem.
+struct HeadLayout {
+  Index heads;      // H query heads
+  Index kv_heads;   // H_kv key/value heads, H % H_kv == 0
+  Index key_dim;    // d, per-head width of Q and K
+  Index value_dim;  // d_v, per-head width of V and of the output
+
+  /// Key/value head read by query head h.
+  Index kv_head_of(Index h) const { return h / (heads / kv_heads); }
+};
+
+inline void check_head_counts(Index heads, Index kv_heads) {
+  ATTEND_CHECK(heads >= 1 && kv_heads >= 1, "num_heads=" + std::to_string(heads) + " and num_kv_heads=" +
+                                                std::to_string(kv_heads) + " must be at least 1");
+  ATTEND_CHECK(heads % kv_heads == 0, "num_heads=" + std::to_string(heads) + " is not divisible by num_kv_heads=" +
+                                          std::to_string(kv_heads));
+}
+
+/// The layout of q (Lq, H d), k (Lk, H_kv d), v (Lk, H_kv d_v): d from the query width and H,
+/// H_kv from the key width. Throws naming the widths when they do not fit.
+inline HeadLayout infer_head_layout(Index q_cols, Index k_cols, Index v_cols, Index heads) {
+  ATTEND_CHECK(heads >= 1, "num_heads=" + std::to_string(heads) + " must be at least 1");
+  ATTEND_CHECK(q_cols % heads == 0 && q_cols > 0, "query width " + std::to_string(q_cols) +
+                                                      " is not a positive multiple of num_heads=" +
+                                                      std::to_string(heads));
+  const Index d = q_cols / heads;
+  ATTEND_CHECK(k_cols % d == 0 && k_cols > 0, "key width " + std::to_string(k_cols) +
+                                                  " is not a positive multiple of the head dimension " +
+                                                  std::to_string(d) + " (query width " + std::to_string(q_cols) +
+                                                  " / num_heads=" + std::to_string(heads) + ")");
+  const Index kv_heads = k_cols / d;
+  check_head_counts(heads, kv_heads);
+  ATTEND_CHECK(v_cols % kv_heads == 0, "value width " + std::to_string(v_cols) +
+                                           " is not divisible by num_kv_heads=" + std::to_string(kv_heads));
+  return {heads, kv_heads, d, v_cols / kv_heads};
+}
+
+/// One sequence of a multi-head call: views of its projected inputs and its output.
+template <class T>
+struct SequenceViews {
+  ConstMatrixRef<T> q;                      // (Lq, H d)
+  ConstMatrixRef<T> k;                      // (Lk, H_kv d)
+  ConstMatrixRef<T> v;                      // (Lk, H_kv d_v)
+  MatrixRef<T> out;                         // (Lq, H d_v), head h in columns [h d_v, (h+1) d_v)
+  std::vector<Matrix<T>>* weights = nullptr;  // when set: H per-head (Lq, Lk) weights
+};
+
+/// Attention of every (sequence, head) pair; mask_of(s) is the mask policy of sequence s.
+/// Everything that can throw is checked before the parallel loop. The loop runs over
+/// (sequence, head); each head runs the single-head engine, whose own query-tile loop is then a
+/// nested OpenMP region and runs serially in its thread (OpenMP's default). A lone head keeps
+/// that inner parallelism. Each head is computed the same way on any thread, so results do not
+/// depend on the thread count.
+template <class T, class MaskOf>
+void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, const HeadLayout& layout,
+                                const MaskOf& mask_of, const AttentionOptions& options) {
+  const T scale = resolve_scale<T>(options, layout.key_dim);
+  resolve_tiles(options);
+  for (std::size_t s = 0; s < sequences.size(); ++s) {
+    const SequenceViews<T>& seq = sequences[s];
+    check_shape(seq.q, seq.q.rows(), layout.heads * layout.key_dim, "query");
+    check_shape(seq.k, seq.k.rows(), layout.kv_heads * layout.key_dim, "key");
+    check_shape(seq.v, seq.k.rows(), layout.kv_heads * layout.value_dim, "value");
+    check_shape(seq.out, seq.q.rows(), layout.heads * layout.value_dim, "output");
+    mask_of(Index(s)).derived().bind(seq.q.rows(), seq.k.rows());
+    if (seq.weights) seq.weights->assign(std::size_t(layout.heads), Matrix<T>(seq.q.rows(), seq.k.rows()));
+  }
+  const auto head = [&](Index item) {
+    const SequenceViews<T>& seq = sequences[std::size_t(item / layout.heads)];
+    const Index h = item % layout.heads, g = layout.kv_head_of(h);
+    const ConstMatrixRef<T> q = seq.q.middleCols(h * layout.key_dim, layout.key_dim);    // (Lq, d)
+    const ConstMatrixRef<T> k = seq.k.middleCols(g * layout.key_dim, layout.key_dim);    // (Lk, d)
+    const ConstMatrixRef<T> v = seq.v.middleCols(g * layout.value_dim, layout.value_dim);  // (Lk, d_v)
+    MatrixRef<T> all_out = seq.out;                                                         // a writable copy of the view
+    MatrixRef<T> out = all_out.middleCols(h * layout.value_dim, layout.value_dim);         // (Lq, d_v)
+    const auto& mask = mask_of(item / layout.heads);
+    if (seq.weights) {
+      materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, mask.derived().bind(q.rows(), k.rows()), out,
+                                no_vector<T>(), (*seq.weights)[std::size_t(h)]);
+    } else {
+      attention_into<T>(q, k, v, ScaledDot<T>{scale}, mask, options, out, no_vector<T>());
+    }
+  };
+  const Index items = Index(sequences.size()) * layout.heads;
+  if (items == 1) {
+    head(0);
+  } else {
+    parallel_for_with_scratch(
+        items, [] { return 0; }, [&](Index item, int&) { head(item); });
+  }
+}
+
+/// y = x W^T + b, the nn.Linear convention (W is (out_features, in_features); b may be empty).
+template <class T, class D>
+Matrix<T> linear(const Eigen::MatrixBase<D>& x, const Matrix<T>& weight, const Vector<T>& bias, const char* what) {
+  ATTEND_CHECK(x.cols() == weight.cols(), std::string(what) + " input " + shape_of(x) + " does not match " + what +
+                                              "_weight " + shape_of(weight) + " (input width = weight columns)");
+  Matrix<T> y(x.rows(), weight.rows());
+  y.noalias() = x * weight.transpose();
+  if (bias.size() != 0) y.rowwise() += bias.transpose();
+  return y;
+}
+
+}  // namespace detail
+
+/// Writes multi-head attention of already projected inputs into `out` (no projections):
+///   out[:, h d_v : (h+1) d_v] = attention(q_h, k_g, v_g), g = h / (H / H_kv),
+/// with q_h = q[:, h d : (h+1) d]. d = q.cols() / H and H_kv = k.cols() / d.
+///
+/// \param q   (Lq, H d)
+/// \param k   (Lk, H_kv d)
+/// \param v   (Lk, H_kv d_v)
+/// \param num_heads H
+/// \param out (Lq, H d_v)
+/// \param mask the same mask policy for every head
+/// \throws attend::invalid_argument when the widths do not split into heads (naming them).
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                               const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                               const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  using T = typename DQ::Scalar;
+  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
+                "attend: q, k and v must have the same scalar type");
+  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
+                                         " must have the same number of rows (keys)");
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  const std::vector<detail::SequenceViews<T>> sequences{{q_ref, k_ref, v_ref, out}};
+  detail::multi_head_attention_batch<T>(
+      sequences, layout, [&](Index) -> const Mask& { return mask.derived(); }, options);
+}
+
+/// Returns multi-head attention of projected inputs, shape (Lq, H d_v). See multi_head_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+Matrix<typename DQ::Scalar> multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                                 const Eigen::MatrixBase<DV>& v, Index num_heads,
+                                                 const MaskBase<Mask>& mask = NoMask{},
+                                                 const AttentionOptions& options = {}) {
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  Matrix<typename DQ::Scalar> out(q.rows(), layout.heads * layout.value_dim);
+  multi_head_attention_into(q, k, v, num_heads, out, mask, options);
+  return out;
+}
+
+/// Projection weights in PyTorch's nn.Linear layout (out_features, in_features). An empty bias
+/// vector means no bias.
+template <class T>
+struct MultiHeadWeights {
+  Matrix<T> q_proj_weight;    ///< (H d, E_q)
+  Matrix<T> k_proj_weight;    ///< (H_kv d, E_k)   PyTorch kdim = E_k
+  Matrix<T> v_proj_weight;    ///< (H_kv d_v, E_v) PyTorch vdim = E_v
+  Matrix<T> out_proj_weight;  ///< (E_out, H d_v)
+  Vector<T> q_proj_bias;      ///< (H d) or empty
+  Vector<T> k_proj_bias;      ///< (H_kv d) or empty
+  Vector<T> v_proj_bias;      ///< (H_kv d_v) or empty
+  Vector<T> out_proj_bias;    ///< (E_out) or empty
+};
+
+/// Multi-head attention with input and output projections:
+///   Q = query W_q^T + b_q,  K = key W_k^T + b_k,  V = value W_v^T + b_v,
+///   O_h = softmax(scale Q_h K_g^T + mask) V_g  (g = h / (H / H_kv)),
+///   out = [O_0 ... O_{H-1}] W_o^T + b_o.
+/// See the file comment for the correspondence with torch.nn.MultiheadAttention.
+template <class T>
+class MultiHeadAttention {
+ public:
+  /// \param num_heads    H
+  /// \param weights      projections; their shapes fix d, d_v, E_q, E_k, E_v and E_out
+  /// \param num_kv_heads H_kv (0 = H); W_k and W_v then have H_kv d and H_kv d_v rows
+  /// \throws attend::invalid_argument naming the shapes when they do not fit together.
+  MultiHeadAttention(Index num_heads, MultiHeadWeights<T> weights, Index num_kv_heads = 0)
+      : w_(std::move(weights)) {
+    const Index kv_heads = num_kv_heads == 0 ? num_heads : num_kv_heads;
+    detail::check_head_counts(num_heads, kv_heads);
+    const Index q_rows = w_.q_proj_weight.rows();
+    ATTEND_CHECK(q_rows % num_heads == 0 && q_rows > 0,
+                 "q_proj_weight " + detail::shape_of(w_.q_proj_weight) + ": its " + std::to_string(q_rows) +
+                     " rows (the projected width) are not a positive multiple of num_heads=" +
+                     std::to_string(num_heads));
+    const Index d = q_rows / num_heads;
+    ATTEND_CHECK(w_.k_proj_weight.rows() == kv_heads * d,
+                 "k_proj_weight " + detail::shape_of(w_.k_proj_weight) + " must have num_kv_heads * head_dim = " +
+                     std::to_string(kv_heads) + " * " + std::to_string(d) + " rows");
+    const Index v_rows = w_.v_proj_weight.rows();
+    ATTEND_CHECK(v_rows % kv_heads == 0 && v_rows > 0,
+                 "v_proj_weight " + detail::shape_of(w_.v_proj_weight) +
+                     " rows are not a positive multiple of num_kv_heads=" + std::to_string(kv_heads));
+    layout_ = {num_heads, kv_heads, d, v_rows / kv_heads};
+    ATTEND_CHECK(w_.out_proj_weight.cols() == num_heads * layout_.value_dim,
+                 "out_proj_weight " + detail::shape_of(w_.out_proj_weight) + " must have num_heads * value_head_dim = " +
+                     std::to_string(num_heads) + " * " + std::to_string(layout_.value_dim) + " columns");
+    check_bias(w_.q_proj_bias, q_rows, "q_proj_bias");
+    check_bias(w_.k_proj_bias, w_.k_proj_weight.rows(), "k_proj_bias");
+    check_bias(w_.v_proj_bias, v_rows, "v_proj_bias");
+    check_bias(w_.out_proj_bias, w_.out_proj_weight.rows(), "out_proj_bias");
+  }
+
+  /// From PyTorch's packed parameters (embed_dim E = kdim = vdim): in_proj_weight (3E, E) =
+  /// [W_q; W_k; W_v], in_proj_bias (3E) or empty, out_proj.weight (E, E), out_proj.bias (E) or empty.
+  static MultiHeadAttention from_packed(Index num_heads, const Matrix<T>& in_proj_weight,
+                                        const Vector<T>& in_proj_bias, const Matrix<T>& out_proj_weight,
+                                        const Vector<T>& out_proj_bias) {
+    const Index e = in_proj_weight.cols();
+    ATTEND_CHECK(in_proj_weight.rows() == 3 * e, "in_proj_weight " + detail::shape_of(in_proj_weight) +
+                                                     " must be (3 E x E) = [W_q; W_k; W_v]");
+    ATTEND_CHECK(in_proj_bias.size() == 0 || in_proj_bias.size() == 3 * e,
+                 "in_proj_bias of size " + std::to_string(in_proj_bias.size()) + " must be empty or 3 E = " +
+                     std::to_string(3 * e));
+    const auto third = [&](Index i) {
+      return in_proj_bias.size() == 0 ? Vector<T>() : Vector<T>(in_proj_bias.segment(i * e, e));
+    };
+    return MultiHeadAttention(num_heads,
+                              {in_proj_weight.topRows(e), in_proj_weight.middleRows(e, e),
+                               in_proj_weight.bottomRows(e), out_proj_weight, third(0), third(1), third(2),
+                               out_proj_bias});
+  }
+
+  Index num_heads() const { return layout_.heads; }
+  Index num_kv_heads() const { return layout_.kv_heads; }
+  Index head_dim() const { return layout_.key_dim; }
+  Index value_head_dim() const { return layout_.value_dim; }
+  Index query_width() const { return w_.q_proj_weight.cols(); }  ///< E_q (PyTorch embed_dim)
+  Index key_width() const { return w_.k_proj_weight.cols(); }    ///< E_k (PyTorch kdim)
+  Index value_width() const { return w_.v_proj_weight.cols(); }  ///< E_v (PyTorch vdim)
+  Index output_width() const { return w_.out_proj_weight.rows(); }
+  const MultiHeadWeights<T>& weights() const { return w_; }
+
+  /// Attention of `query` (Lq, E_q) over `key` (Lk, E_k) and `value` (Lk, E_v); output (Lq, E_out).
+  template <class DQ, class DK, class DV, class Mask = NoMask>
+  MultiHeadResult<T> forward(const Eigen::MatrixBase<DQ>& query, const Eigen::MatrixBase<DK>& key,
+                             const Eigen::MatrixBase<DV>& value, const MaskBase<Mask>& mask = NoMask{},
+                             const MultiHeadOptions& options = {}) const {
+    ATTEND_CHECK(key.rows() == value.rows(), "key " + detail::shape_of(key) + " and value " +
+                                                 detail::shape_of(value) + " must have the same number of rows");
+    const Matrix<T> q = detail::linear<T>(query, w_.q_proj_weight, w_.q_proj_bias, "q_proj");
+    const Matrix<T> k = detail::linear<T>(key, w_.k_proj_weight, w_.k_proj_bias, "k_proj");
+    const Matrix<T> v = detail::linear<T>(value, w_.v_proj_weight, w_.v_proj_bias, "v_proj");
+    Matrix<T> heads(query.rows(), layout_.heads * layout_.value_dim);  // (Lq, H d_v), the concatenation
+    MultiHeadResult<T> result;
+    std::vector<Matrix<T>> per_head;
+    const bool want = options.need_weights != NeedWeights::None;
+    const std::vector<detail::SequenceViews<T>> sequences{{q, k, v, heads, want ? &per_head : nullptr}};
+    detail::multi_head_attention_batch<T>(
+        sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options);
+    result.output = detail::linear<T>(heads, w_.out_proj_weight, w_.out_proj_bias, "out_proj");
+    if (options.need_weights == NeedWeights::PerHead) {
+      result.weights = std::move(per_head);
+    } else if (options.need_weights == NeedWeights::Averaged) {
+      Matrix<T> mean = per_head[0];
+      for (std::size_t h = 1; h < per_head.size(); ++h) mean += per_head[h];
+      result.weights.push_back(mean / T(layout_.heads));
+    }
+    return result;
+  }
+
+  /// Self attention: forward(x, x, x).
+  template <class DX, class Mask = NoMask>
+  MultiHeadResult<T> forward(const Eigen::MatrixBase<DX>& x, const MaskBase<Mask>& mask = NoMask{},
+                             const MultiHeadOptions& options = {}) const {
+    return forward(x, x, x, mask, options);
+  }
+
+  /// Cross attention of x (Lq, E_q) over memory (Lk, E_k = E_v): forward(x, memory, memory).
+  template <class DX, class DM, class Mask = NoMask>
+  MultiHeadResult<T> forward(const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DM>& memory,
+                             const MaskBase<Mask>& mask = NoMask{}, const MultiHeadOptions& options = {}) const {
+    return forward(x, memory, memory, mask, options);
+  }
+
+  /// A batch of sequences of different lengths, threaded over (sequence, head). Sequence s
+  /// attends from queries[s] (Lq_s, E_q) over memories[s] (Lk_s, E_k = E_v), or over itself when
+  /// `memories` is empty. `mask` applies to every sequence (bound to its own lengths: NoMask,
+  /// Causal, Window); `key_valid_lengths`, when given, adds KeyPadding(key_valid_lengths[s])
+  /// (PyTorch key_padding_mask with trailing True entries). Returns the (Lq_s, E_out) outputs.
+  template <class Mask = NoMask>
+  std::vector<Matrix<T>> forward_batch(const std::vector<Matrix<T>>& queries, const std::vector<Matrix<T>>& memories,
+                                       const MaskBase<Mask>& mask = NoMask{},
+                                       const std::vector<Index>& key_valid_lengths = {},
+                                       const AttentionOptions& options = {}) const {
+    const std::size_t n = queries.size();
+    ATTEND_CHECK(memories.empty() || memories.size() == n,
+                 std::to_string(memories.size()) + " memories for " + std::to_string(n) +
+                     " query sequences (give one per sequence, or none for self attention)");
+    ATTEND_CHECK(key_valid_lengths.empty() || key_valid_lengths.size() == n,
+                 std::to_string(key_valid_lengths.size()) + " key valid lengths for " + std::to_string(n) +
+                     " sequences");
+    std::vector<Matrix<T>> q(n), k(n), v(n), heads(n);
+    std::vector<detail::SequenceViews<T>> sequences;
+    sequences.reserve(n);
+    for (std::size_t s = 0; s < n; ++s) {
+      const Matrix<T>& memory = memories.empty() ? queries[s] : memories[s];
+      q[s] = detail::linear<T>(queries[s], w_.q_proj_weight, w_.q_proj_bias, "q_proj");
+      k[s] = detail::linear<T>(memory, w_.k_proj_weight, w_.k_proj_bias, "k_proj");
+      v[s] = detail::linear<T>(memory, w_.v_proj_weight, w_.v_proj_bias, "v_proj");
+      heads[s].resize(q[s].rows(), layout_.heads * layout_.value_dim);
+      sequences.push_back({q[s], k[s], v[s], heads[s]});
+    }
+    const auto mask_of = [&](Index s) {
+      const Index valid = key_valid_lengths.empty() ? k[std::size_t(s)].rows() : key_valid_lengths[std::size_t(s)];
+      return mask.derived() & KeyPadding(valid);
+    };
+    detail::multi_head_attention_batch<T>(sequences, layout_, mask_of, options);
+    std::vector<Matrix<T>> outputs(n);
+    for (std::size_t s = 0; s < n; ++s)
+      outputs[s] = detail::linear<T>(heads[s], w_.out_proj_weight, w_.out_proj_bias, "out_proj");
+    return outputs;
+  }
+
+ private:
+  static void check_bias(const Vector<T>& bias, Index rows, const char* what) {
+    ATTEND_CHECK(bias.size() == 0 || bias.size() == rows, std::string(what) + " of size " +
+                                                              std::to_string(bias.size()) + " must be empty or " +
+                                                              std::to_string(rows));
+  }
+
+  MultiHeadWeights<T> w_;
+  detail::HeadLayout layout_{};
+};
+
+}  // namespace attend

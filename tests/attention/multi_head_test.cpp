@@ -1,0 +1,385 @@
+// SPDX-License-Identifier: MIT
+// Multi-head self and cross attention with projections, GQA/MQA, need_weights and the batch API,
+// against a long-double reference written here from the definition (project, per-head reference
+// attention, concatenate, out-project), which is what torch.nn.MultiheadAttention computes.
+#include <attend/attention/multi_head.hpp>
+
+#include "support/baseline.hpp"
+#include "support/masks.hpp"
+#include "support/random.hpp"
+#include "support/reference.hpp"
+#include "support/tolerance.hpp"
+
+#include <gtest/gtest.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace attend::test {
+namespace {
+
+/// Shapes of one multi-head problem.
+struct Shape {
+  Index heads, kv_heads, d, dv;  // H, H_kv, per-head widths
+  Index eq, ek, ev, eout;        // input widths of query, key, value; output width
+  bool bias;
+};
+
+std::string describe(const Shape& s) {
+  return "H=" + std::to_string(s.heads) + " H_kv=" + std::to_string(s.kv_heads) + " d=" + std::to_string(s.d) +
+         " d_v=" + std::to_string(s.dv) + " E_q=" + std::to_string(s.eq) + " E_k=" + std::to_string(s.ek) +
+         " E_v=" + std::to_string(s.ev) + " E_out=" + std::to_string(s.eout) + (s.bias ? " bias" : "");
+}
+
+/// Weights N(0, 1/fan_in) so that projected values keep unit variance.
+template <class T>
+MultiHeadWeights<T> random_weights(const Shape& s, Rng& rng) {
+  const auto w = [&](Index rows, Index cols) { return rng.normal<T>(rows, cols, 1 / std::sqrt(double(cols))); };
+  const auto b = [&](Index n) { return s.bias ? Vector<T>(rng.normal<T>(n, 1, 0.5)) : Vector<T>(); };
+  return {w(s.heads * s.d, s.eq),   w(s.kv_heads * s.d, s.ek), w(s.kv_heads * s.dv, s.ev),
+          w(s.eout, s.heads * s.dv), b(s.heads * s.d),          b(s.kv_heads * s.d),
+          b(s.kv_heads * s.dv),      b(s.eout)};
+}
+
+/// x W^T + b in the scalar S.
+template <class S, class T, class X>
+Matrix<S> project(const X& x, const Matrix<T>& w, const Vector<T>& b) {
+  Matrix<S> y = x.template cast<S>() * w.template cast<S>().transpose();
+  if (b.size() != 0) y.rowwise() += b.template cast<S>().transpose();
+  return y;
+}
+
+/// The expected result in long double, and the same computation in T (the baseline of the
+/// tolerance rule): project, attend per head (query head h reads kv head h / (H / H_kv)),
+/// concatenate, out-project.
+template <class T>
+struct Expected {
+  RealMatrix output;
+  std::vector<RealMatrix> weights;
+  Matrix<T> base_output;
+  std::vector<Matrix<T>> base_weights;
+};
+
+template <class T>
+Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query, const Matrix<T>& key,
+                         const Matrix<T>& value, const BoolMatrix& visible) {
+  const RealMatrix q = project<Real>(query, w.q_proj_weight, w.q_proj_bias);
+  const RealMatrix k = project<Real>(key, w.k_proj_weight, w.k_proj_bias);
+  const RealMatrix v = project<Real>(value, w.v_proj_weight, w.v_proj_bias);
+  const Matrix<T> qt = project<T>(query, w.q_proj_weight, w.q_proj_bias);
+  const Matrix<T> kt = project<T>(key, w.k_proj_weight, w.k_proj_bias);
+  const Matrix<T> vt = project<T>(value, w.v_proj_weight, w.v_proj_bias);
+  RealMatrix heads(query.rows(), s.heads * s.dv);
+  Matrix<T> base_heads(query.rows(), s.heads * s.dv);
+  Expected<T> e;
+  for (Index h = 0; h < s.heads; ++h) {
+    const Index g = h / (s.heads / s.kv_heads);
+    const Reference ref = reference_attention(q.middleCols(h * s.d, s.d), k.middleCols(g * s.d, s.d),
+                                              v.middleCols(g * s.dv, s.dv), 1 / std::sqrt(Real(s.d)), visible);
+    const Baseline<T> base =
+        baseline_attention<T>(qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d),
+                              vt.middleCols(g * s.dv, s.dv), T(1) / std::sqrt(T(s.d)), visible);
+    heads.middleCols(h * s.dv, s.dv) = ref.output;
+    base_heads.middleCols(h * s.dv, s.dv) = base.output;
+    e.weights.push_back(ref.weights);
+    e.base_weights.push_back(base.weights);
+  }
+  e.output = project<Real>(heads, w.out_proj_weight, w.out_proj_bias);
+  e.base_output = project<T>(base_heads, w.out_proj_weight, w.out_proj_bias);
+  return e;
+}
+
+template <class T>
+MultiHeadOptions path(Algorithm algorithm, Index block_q = 0, Index block_k = 0) {
+  MultiHeadOptions o;
+  o.algorithm = algorithm;
+  o.block_q = block_q;
+  o.block_k = block_k;
+  return o;
+}
+
+template <class T>
+class MultiHeadTest : public ::testing::Test {};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(MultiHeadTest, Scalars);
+
+TYPED_TEST(MultiHeadTest, SelfAttentionMatchesReference) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 37;
+  for (const Index heads : {1, 2, 3, 8}) {
+    const Index d = heads == 8 ? 8 : 16, e = heads * d;
+    const Shape s{heads, heads, d, d, e, e, e, e, heads % 2 == 1};
+    SCOPED_TRACE(describe(s));
+    const MultiHeadAttention<T> mha(heads, random_weights<T>(s, rng));
+    const Matrix<T> x = rng.normal<T>(len, e);
+    for (const bool causal : {false, true}) {
+      SCOPED_TRACE(causal ? "causal" : "no mask");
+      const BoolMatrix visible =
+          causal ? causal_visibility(len, len, Alignment::TopLeft) : all_visible(len, len);
+      const Expected<T> ex = expected_mha<T>(s, mha.weights(), x, x, x, visible);
+      for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 16, 8)}) {
+        const Matrix<T> out = causal ? mha.forward(x, Causal(), o).output : mha.forward(x, NoMask{}, o).output;
+        EXPECT_TRUE(within_tolerance<T>(out, ex.output, ex.base_output));
+      }
+    }
+  }
+}
+
+TYPED_TEST(MultiHeadTest, CrossAttentionWithDifferentLengthsAndWidths) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{3, 3, 8, 5, 24, 20, 12, 17, true};
+  SCOPED_TRACE(describe(s));
+  const MultiHeadAttention<T> mha(3, random_weights<T>(s, rng));
+  EXPECT_EQ(mha.head_dim(), 8);
+  EXPECT_EQ(mha.value_head_dim(), 5);
+  EXPECT_EQ(mha.key_width(), 20);
+  EXPECT_EQ(mha.value_width(), 12);
+  const Index lq = 13, lk = 29, valid = 19;
+  const Matrix<T> query = rng.normal<T>(lq, s.eq), key = rng.normal<T>(lk, s.ek), value = rng.normal<T>(lk, s.ev);
+  const Expected<T> ex = expected_mha<T>(s, mha.weights(), query, key, value, padding_visibility(lq, lk, valid));
+  const MultiHeadResult<T> r = mha.forward(query, key, value, KeyPadding(valid));
+  EXPECT_EQ(r.output.rows(), lq);
+  EXPECT_EQ(r.output.cols(), s.eout);
+  EXPECT_TRUE(r.weights.empty());
+  EXPECT_TRUE(within_tolerance<T>(r.output, ex.output, ex.base_output));
+}
+
+TYPED_TEST(MultiHeadTest, CrossAttentionOverMemoryEqualsKeyEqualsValue) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 4, 6, 6, 24, 10, 10, 24, true};
+  const MultiHeadAttention<T> mha(4, random_weights<T>(s, rng));
+  const Matrix<T> x = rng.normal<T>(9, s.eq), memory = rng.normal<T>(21, s.ek);
+  const Matrix<T> cross = mha.forward(x, memory).output;
+  EXPECT_EQ(cross, mha.forward(x, memory, memory).output);
+  const Expected<T> ex = expected_mha<T>(s, mha.weights(), x, memory, memory, all_visible(9, 21));
+  EXPECT_TRUE(within_tolerance<T>(cross, ex.output, ex.base_output));
+}
+
+TYPED_TEST(MultiHeadTest, GroupedAndMultiQueryHeads) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 6, len = 31;
+  for (const Index kv_heads : {1, 2, 3, 6}) {
+    const Shape s{heads, kv_heads, 8, 4, 40, 40, 40, 40, true};
+    SCOPED_TRACE(describe(s));
+    const MultiHeadAttention<T> mha(heads, random_weights<T>(s, rng), kv_heads);
+    EXPECT_EQ(mha.num_kv_heads(), kv_heads);
+    const Matrix<T> x = rng.normal<T>(len, s.eq);
+    const Expected<T> ex =
+        expected_mha<T>(s, mha.weights(), x, x, x, window_visibility(len, len, 5, 0, Alignment::TopLeft));
+    for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 8, 4)}) {
+      const Matrix<T> out = mha.forward(x, Window(5, 0), o).output;
+      EXPECT_TRUE(within_tolerance<T>(out, ex.output, ex.base_output));
+    }
+  }
+}
+
+TYPED_TEST(MultiHeadTest, NeedWeightsPerHeadAndAveraged) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 2, 8, 8, 32, 32, 32, 32, false};
+  const MultiHeadAttention<T> mha(4, random_weights<T>(s, rng), 2);
+  const Index lq = 11, lk = 15;
+  const Matrix<T> x = rng.normal<T>(lq, s.eq), memory = rng.normal<T>(lk, s.ek);
+  BoolMatrix visible = rng.bernoulli(lq, lk, 0.7);
+  visible.row(3).setConstant(false);  // a query that sees no key: zero output row and weights
+  const Expected<T> ex = expected_mha<T>(s, mha.weights(), x, memory, memory, visible);
+
+  MultiHeadOptions per_head;
+  per_head.need_weights = NeedWeights::PerHead;
+  const MultiHeadResult<T> r = mha.forward(x, memory, BooleanMask(visible), per_head);
+  EXPECT_TRUE(within_tolerance<T>(r.output, ex.output, ex.base_output));
+  ASSERT_EQ(r.weights.size(), 4u);
+  for (std::size_t h = 0; h < 4; ++h) {
+    SCOPED_TRACE("head " + std::to_string(h));
+    EXPECT_TRUE(within_tolerance<T>(r.weights[h], ex.weights[h], ex.base_weights[h]));
+    EXPECT_TRUE(r.weights[h].row(3).isZero(0));
+  }
+
+  MultiHeadOptions averaged;
+  averaged.need_weights = NeedWeights::Averaged;
+  const MultiHeadResult<T> a = mha.forward(x, memory, BooleanMask(visible), averaged);
+  ASSERT_EQ(a.weights.size(), 1u);
+  RealMatrix mean = RealMatrix::Zero(lq, lk);
+  Matrix<T> base_mean = Matrix<T>::Zero(lq, lk);
+  for (std::size_t h = 0; h < 4; ++h) {
+    mean += ex.weights[h] / 4;
+    base_mean += ex.base_weights[h] / T(4);
+  }
+  EXPECT_TRUE(within_tolerance<T>(a.weights[0], mean, base_mean));
+  EXPECT_EQ(a.output, r.output);
+}
+
+TYPED_TEST(MultiHeadTest, PackedPyTorchParametersEqualSeparateWeights) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index e = 24, heads = 4;
+  const Matrix<T> in_proj_weight = rng.normal<T>(3 * e, e, 0.2), out_proj_weight = rng.normal<T>(e, e, 0.2);
+  const Vector<T> in_proj_bias = rng.normal<T>(3 * e, 1), out_proj_bias = rng.normal<T>(e, 1);
+  const MultiHeadAttention<T> packed =
+      MultiHeadAttention<T>::from_packed(heads, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias);
+  const MultiHeadWeights<T> separate{in_proj_weight.topRows(e),
+                                     in_proj_weight.middleRows(e, e),
+                                     in_proj_weight.bottomRows(e),
+                                     out_proj_weight,
+                                     in_proj_bias.head(e),
+                                     in_proj_bias.segment(e, e),
+                                     in_proj_bias.tail(e),
+                                     out_proj_bias};
+  const MultiHeadAttention<T> split(heads, separate);
+  const Matrix<T> x = rng.normal<T>(10, e);
+  EXPECT_EQ(packed.forward(x, Causal()).output, split.forward(x, Causal()).output);
+  const Shape s{heads, heads, e / heads, e / heads, e, e, e, e, true};
+  const Expected<T> ex = expected_mha<T>(s, separate, x, x, x, causal_visibility(10, 10, Alignment::TopLeft));
+  EXPECT_TRUE(within_tolerance<T>(packed.forward(x, Causal()).output, ex.output, ex.base_output));
+}
+
+TYPED_TEST(MultiHeadTest, BatchOfDifferentLengthsWithKeyPadding) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 2, 8, 8, 32, 20, 20, 32, true};
+  const MultiHeadAttention<T> mha(4, random_weights<T>(s, rng), 2);
+  const std::vector<Index> lq{5, 17, 70}, lk{9, 17, 40}, valid{9, 3, 33};
+  std::vector<Matrix<T>> queries, memories;
+  for (std::size_t i = 0; i < lq.size(); ++i) {
+    queries.push_back(rng.normal<T>(lq[i], s.eq));
+    memories.push_back(rng.normal<T>(lk[i], s.ek));
+  }
+  AttentionOptions blocked;
+  blocked.algorithm = Algorithm::Blocked;
+  blocked.block_q = 16;
+  blocked.block_k = 8;
+  const std::vector<Matrix<T>> outs = mha.forward_batch(queries, memories, Causal(Alignment::BottomRight), valid, blocked);
+  ASSERT_EQ(outs.size(), lq.size());
+  for (std::size_t i = 0; i < lq.size(); ++i) {
+    SCOPED_TRACE("sequence " + std::to_string(i));
+    BoolMatrix visible = causal_visibility(lq[i], lk[i], Alignment::BottomRight);
+    visible = visible.array() && padding_visibility(lq[i], lk[i], valid[i]).array();
+    const Expected<T> ex = expected_mha<T>(s, mha.weights(), queries[i], memories[i], memories[i], visible);
+    EXPECT_TRUE(within_tolerance<T>(outs[i], ex.output, ex.base_output));
+    MultiHeadOptions one;
+    static_cast<AttentionOptions&>(one) = blocked;
+    EXPECT_EQ(outs[i], mha.forward(queries[i], memories[i], Causal(Alignment::BottomRight) & KeyPadding(valid[i]), one)
+                           .output);
+  }
+}
+
+TYPED_TEST(MultiHeadTest, BatchSelfAttentionWithoutMemories) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{2, 2, 8, 8, 16, 16, 16, 16, false};
+  const MultiHeadAttention<T> mha(2, random_weights<T>(s, rng));
+  const std::vector<Matrix<T>> xs{rng.normal<T>(1, 16), rng.normal<T>(23, 16)};
+  const std::vector<Matrix<T>> outs = mha.forward_batch(xs, {}, Causal());
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const Index len = xs[i].rows();
+    const Expected<T> ex = expected_mha<T>(s, mha.weights(), xs[i], xs[i], xs[i],
+                                           causal_visibility(len, len, Alignment::TopLeft));
+    EXPECT_TRUE(within_tolerance<T>(outs[i], ex.output, ex.base_output));
+  }
+}
+
+TYPED_TEST(MultiHeadTest, ResultsDoNotDependOnTheThreadCount) {
+#ifndef _OPENMP
+  GTEST_SKIP() << "built without OpenMP";
+#else
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{8, 4, 8, 8, 64, 64, 64, 64, true};
+  const MultiHeadAttention<T> mha(8, random_weights<T>(s, rng), 4);
+  const std::vector<Matrix<T>> xs{rng.normal<T>(40, 64), rng.normal<T>(7, 64), rng.normal<T>(90, 64)};
+  const int saved = omp_get_max_threads();
+  std::vector<std::vector<Matrix<T>>> runs;
+  for (const int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    std::vector<Matrix<T>> run = mha.forward_batch(xs, {}, Causal());
+    run.push_back(mha.forward(xs[2], Window(9, 3)).output);
+    runs.push_back(run);
+  }
+  omp_set_num_threads(saved);
+  for (std::size_t r = 1; r < runs.size(); ++r)
+    for (std::size_t i = 0; i < runs[0].size(); ++i) EXPECT_EQ(runs[r][i], runs[0][i]) << "threads run " << r;
+#endif
+}
+
+TYPED_TEST(MultiHeadTest, HeadsAreViewsOfStridedInputs) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  // Projected q, k, v as blocks of one wider packed matrix (a fused QKV projection's output).
+  const Index len = 19, heads = 4, kv_heads = 2, d = 8;
+  const Matrix<T> qkv = rng.normal<T>(len, (heads + 2 * kv_heads) * d + 3);
+  const auto q = qkv.middleCols(0, heads * d);
+  const auto k = qkv.middleCols(heads * d, kv_heads * d);
+  const auto v = qkv.middleCols((heads + kv_heads) * d, kv_heads * d);
+  const Matrix<T> out = multi_head_attention(q, k, v, heads, Causal());
+  EXPECT_EQ(out, multi_head_attention(Matrix<T>(q), Matrix<T>(k), Matrix<T>(v), heads, Causal()));
+  Matrix<T> wide = Matrix<T>::Zero(len, heads * d + 5);
+  multi_head_attention_into(q, k, v, heads, wide.leftCols(heads * d), Causal());
+  EXPECT_EQ(Matrix<T>(wide.leftCols(heads * d)), out);
+  for (Index h = 0; h < heads; ++h) {
+    const Index g = h / 2;
+    const BoolMatrix visible = causal_visibility(len, len, Alignment::TopLeft);
+    const Reference ref = reference_attention(q.middleCols(h * d, d), k.middleCols(g * d, d), v.middleCols(g * d, d),
+                                              1 / std::sqrt(Real(d)), visible);
+    const Baseline<T> base = baseline_attention<T>(q.middleCols(h * d, d), k.middleCols(g * d, d),
+                                                   v.middleCols(g * d, d), T(1) / std::sqrt(T(d)), visible);
+    EXPECT_TRUE(within_tolerance<T>(out.middleCols(h * d, d), ref.output, base.output)) << "head " << h;
+  }
+}
+
+/// Runs f, which must throw attend::invalid_argument whose message contains every fragment.
+template <class F>
+void expect_invalid(F&& f, const std::vector<std::string>& fragments) {
+  try {
+    f();
+    ADD_FAILURE() << "no exception";
+  } catch (const invalid_argument& e) {
+    for (const std::string& s : fragments)
+      EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << "'" << s << "' not in: " << e.what();
+  }
+}
+
+TEST(MultiHeadErrors, ClearMessagesNamingTheValues) {
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 4, 8, 8, 32, 32, 32, 32, true};
+  const MultiHeadWeights<double> good = random_weights<double>(s, rng);
+  const Matrix<double> x = rng.normal<double>(5, 32);
+  // Input width not divisible by the heads (no projections).
+  const Matrix<double> q10 = rng.normal<double>(5, 10);
+  expect_invalid([&] { multi_head_attention(q10, q10, q10, 3); }, {"query width 10", "num_heads=3"});
+  // Heads not divisible by kv heads.
+  expect_invalid([&] { MultiHeadAttention<double>(4, good, 3); }, {"num_heads=4", "num_kv_heads=3"});
+  expect_invalid([&] { multi_head_attention(x, x.leftCols(24), x.leftCols(24), 4); },
+                 {"num_heads=4", "num_kv_heads=3"});
+  // Projected width not divisible by heads.
+  expect_invalid([&] { MultiHeadAttention<double>(5, good); }, {"q_proj_weight (32 x 32)", "num_heads=5"});
+  // Mismatched weight shapes.
+  MultiHeadWeights<double> bad_k = good;
+  bad_k.k_proj_weight = rng.normal<double>(24, 32);
+  expect_invalid([&] { MultiHeadAttention<double>(4, bad_k); }, {"k_proj_weight (24 x 32)", "4 * 8"});
+  MultiHeadWeights<double> bad_o = good;
+  bad_o.out_proj_weight = rng.normal<double>(32, 30);
+  expect_invalid([&] { MultiHeadAttention<double>(4, bad_o); }, {"out_proj_weight (32 x 30)", "4 * 8"});
+  MultiHeadWeights<double> bad_b = good;
+  bad_b.v_proj_bias = Vector<double>::Zero(7);
+  expect_invalid([&] { MultiHeadAttention<double>(4, bad_b); }, {"v_proj_bias of size 7", "32"});
+  // Input width mismatch with the weights.
+  const MultiHeadAttention<double> mha(4, good);
+  expect_invalid([&] { mha.forward(rng.normal<double>(5, 31)); }, {"q_proj input (5 x 31)", "(32 x 32)"});
+  expect_invalid([&] { mha.forward(x, rng.normal<double>(6, 32), rng.normal<double>(7, 32)); },
+                 {"key (6 x 32)", "value (7 x 32)"});
+  expect_invalid([&] { MultiHeadAttention<double>::from_packed(4, x, {}, x, {}); }, {"in_proj_weight (5 x 32)"});
+  expect_invalid([&] { mha.forward_batch({x, x}, {x}); }, {"1 memories for 2"});
+  expect_invalid([&] { mha.forward_batch({x}, {}, NoMask{}, {6}); }, {"valid length 6", "Lk=5"});
+}
+
+}  // namespace
+}  // namespace attend::test
