@@ -101,8 +101,8 @@ TYPED_TEST(ScaledDotProductTest, StridedViewsMatchContiguousCopies) {
       const AttentionResult<T> strided = scaled_dot_product_attention_with_lse(q, k, v, mask, options);
       const AttentionResult<T> contiguous =
           scaled_dot_product_attention_with_lse(q_copy, k_copy, v_copy, contiguous_mask, options);
-      EXPECT_EQ(strided.output, contiguous.output);
-      EXPECT_EQ(strided.lse, contiguous.lse);
+      EXPECT_TRUE(identical(strided.output, contiguous.output));
+      EXPECT_TRUE(identical(strided.lse, contiguous.lse));
     }
   };
   check(NoMask{}, NoMask{}, MaskCase{"NoMask", all_visible(lq, lk), std::nullopt, false});
@@ -235,8 +235,8 @@ TYPED_TEST(ScaledDotProductTest, WindowAtLeastLengthEqualsFullAttention) {
         const AttentionResult<T> full = scaled_dot_product_attention_with_lse(q, k, v, NoMask{}, options);
         for (const Window& w : {Window(length, length, a), Window(length + 5, -1, a), Window(-1, -1, a)}) {
           const AttentionResult<T> windowed = scaled_dot_product_attention_with_lse(q, k, v, w, options);
-          EXPECT_EQ(windowed.output, full.output) << "Window(" << w.left << ", " << w.right << ")";
-          EXPECT_EQ(windowed.lse, full.lse);
+          EXPECT_TRUE(identical(windowed.output, full.output)) << "Window(" << w.left << ", " << w.right << ")";
+          EXPECT_TRUE(identical(windowed.lse, full.lse));
         }
       }
   }
@@ -253,8 +253,8 @@ TYPED_TEST(ScaledDotProductTest, BottomRightCausalWithOneQueryEqualsFullAttentio
       const AttentionResult<T> full = scaled_dot_product_attention_with_lse(q, k, v, NoMask{}, options);
       const AttentionResult<T> causal =
           scaled_dot_product_attention_with_lse(q, k, v, Causal(Alignment::BottomRight), options);
-      EXPECT_EQ(causal.output, full.output);
-      EXPECT_EQ(causal.lse, full.lse);
+      EXPECT_TRUE(identical(causal.output, full.output));
+      EXPECT_TRUE(identical(causal.lse, full.lse));
       EXPECT_TRUE(full.output.allFinite());
     }
   }

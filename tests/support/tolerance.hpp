@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -72,6 +73,23 @@ template <class T, class A, class B, class C>
   return ::testing::AssertionFailure() << "max error " << err << " at (" << wi << ", " << wj << ") = "
                                        << Real(actual(wi, wj)) << " vs " << Real(expected(wi, wj))
                                        << " exceeds bound " << bound << " (baseline error " << err_base << ")";
+}
+
+/// Bitwise equality of two same-shaped matrices (NaN equals NaN of the same bits); reports the
+/// first differing element instead of printing both matrices.
+template <class A, class B>
+::testing::AssertionResult identical(const A& a, const B& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols())
+    return ::testing::AssertionFailure() << "shape (" << a.rows() << " x " << a.cols() << ") != (" << b.rows()
+                                         << " x " << b.cols() << ")";
+  for (Index i = 0; i < a.rows(); ++i)
+    for (Index j = 0; j < a.cols(); ++j) {
+      const auto x = a(i, j), y = b(i, j);
+      static_assert(sizeof(x) == sizeof(y), "identical() compares matrices of one scalar type");
+      if (std::memcmp(&x, &y, sizeof(x)) != 0)
+        return ::testing::AssertionFailure() << "differ at (" << i << ", " << j << "): " << x << " vs " << y;
+    }
+  return ::testing::AssertionSuccess();
 }
 
 /// Checks an attention output (Lq, Dv) and its log-sum-exp (Lq, or empty to skip) against the

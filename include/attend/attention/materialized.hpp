@@ -25,14 +25,21 @@ void materialized_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
                             const Score& score, const BoundMask& mask, MatrixRef<T> out, VectorRef<T> lse,
                             MatrixRef<T> weights) {
   const Index num_queries = q.rows(), num_keys = k.rows();
-  score(q, k, weights);
-  switch (mask.classify(0, num_queries, 0, num_keys)) {
-    case TileKind::Empty: weights.setConstant(-std::numeric_limits<T>::infinity()); break;
-    case TileKind::Partial: mask.apply(weights, 0, 0); break;
+  // Only the keys some query may see are read (key padding is never touched); the others get
+  // weight 0.
+  const KeyRange keys = mask.keys(0, num_queries);
+  const Index count = keys.end - keys.begin;
+  weights.leftCols(keys.begin).setZero();
+  weights.rightCols(num_keys - keys.end).setZero();
+  auto s = weights.middleCols(keys.begin, count);  // (Lq, count)
+  score(q, k.middleRows(keys.begin, count), s);
+  switch (mask.classify(0, num_queries, keys.begin, keys.end)) {
+    case TileKind::Empty: s.setConstant(-std::numeric_limits<T>::infinity()); break;
+    case TileKind::Partial: mask.apply(s, 0, keys.begin); break;
     case TileKind::Full: break;
   }
-  softmax_rows_inplace<T>(weights, lse);
-  out.noalias() = weights * v;
+  softmax_rows_inplace<T>(s, lse);
+  out.noalias() = s * v.middleRows(keys.begin, count);
 }
 
 }  // namespace attend::detail
