@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/kv_cache.hpp
+/// \brief A key/value cache for incremental decoding, with an optional sliding window, and the
+/// decode step over it.
+///
+/// One `KVCache` holds one attention layer: a K buffer (capacity, H_kv d) and a V buffer
+/// (capacity, H_kv d_v), one token per row. A model keeps one cache per layer. Decoding appends
+/// each new token's K/V rows and attends with bottom-right causal alignment, so decoding token
+/// by token gives the outputs of full causal attention over the whole sequence.
+///
+/// With a sliding window of w keys, the token at position t sees keys t - w + 1 .. t, i.e. full
+/// attention with `Window(w - 1, 0)`. The cache then keeps only what the next tokens can see:
+/// before an append of n rows it drops all but the last w - 1 rows, so after a one-token step
+/// it holds at most w rows. Rows are kept contiguous and in order; when the buffer's end is
+/// reached, the kept rows are moved to its front (O(w), once every capacity - w + 1 tokens, so
+/// a capacity of 2w costs O(1) per token).
+#pragma once
+
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../types.hpp"
+#include "multi_head.hpp"
+#include "split_kv.hpp"
+
+#include <algorithm>
+#include <string>
+
+namespace attend {
+
+/// Scalars of a cache.
+struct KVCacheOptions {
+  Index window = -1;          ///< w >= 1 keys seen by each query (itself included); -1 = unbounded
+  Index value_head_dim = 0;   ///< d_v; 0 = head_dim
+};
+
+/// The K/V rows of one layer (see the file comment).
+template <class T>
+class KVCache {
+ public:
+  /// \param capacity rows of the buffers; with a window, at least w
+  /// \param kv_heads H_kv
+  /// \param head_dim d
+  KVCache(Index capacity, Index kv_heads, Index head_dim, const KVCacheOptions& options = {})
+      : kv_heads_(kv_heads),
+        head_dim_(head_dim),
+        value_head_dim_(options.value_head_dim == 0 ? head_dim : options.value_head_dim),
+        window_(options.window) {
+    ATTEND_CHECK(capacity >= 1 && kv_heads >= 1 && head_dim >= 1 && value_head_dim_ >= 1,
+                 "KV cache capacity=" + std::to_string(capacity) + ", kv_heads=" + std::to_string(kv_heads) +
+                     ", head_dim=" + std::to_string(head_dim) + ", value_head_dim=" +
+                     std::to_string(value_head_dim_) + " must all be at least 1");
+    ATTEND_CHECK(window_ == -1 || (window_ >= 1 && window_ <= capacity),
+                 "KV cache window=" + std::to_string(window_) + " must be -1 (unbounded) or in [1, capacity=" +
+                     std::to_string(capacity) + "]");
+    keys_.resize(capacity, kv_heads * head_dim);
+    values_.resize(capacity, kv_heads * value_head_dim_);
+  }
+
+  Index capacity() const { return keys_.rows(); }
+  Index kv_heads() const { return kv_heads_; }
+  Index head_dim() const { return head_dim_; }
+  Index value_head_dim() const { return value_head_dim_; }
+  Index window() const { return window_; }
+  /// Rows held now (the valid part).
+  Index size() const { return size_; }
+  /// Tokens appended since construction or clear(): the position of the next token.
+  Index position() const { return position_; }
+
+  /// (size, H_kv d) the valid keys, oldest first: the last `size` tokens.
+  auto keys() const { return keys_.middleRows(begin_, size_); }
+  /// (size, H_kv d_v) the valid values.
+  auto values() const { return values_.middleRows(begin_, size_); }
+
+  /// Appends n tokens' keys (n, H_kv d) and values (n, H_kv d_v). With a window, first drops all
+  /// but the last w - 1 rows. On error the cache is unchanged.
+  /// \throws attend::invalid_argument on a width mismatch or when the rows do not fit.
+  template <class DK, class DV>
+  void append(const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
+    const Index n = k_rows.rows();
+    ATTEND_CHECK(k_rows.cols() == keys_.cols() && v_rows.cols() == values_.cols() && v_rows.rows() == n,
+                 "appended k " + detail::shape_of(k_rows) + " and v " + detail::shape_of(v_rows) +
+                     " must be (n x " + std::to_string(keys_.cols()) + ") and (n x " +
+                     std::to_string(values_.cols()) + ") (kv_heads * head_dim columns)");
+    const Index keep = window_ < 0 ? size_ : std::min(size_, window_ - 1);
+    ATTEND_CHECK(keep + n <= capacity(),
+                 "KV cache overflow: appending " + std::to_string(n) + " rows to " + std::to_string(keep) +
+                     " kept rows exceeds capacity=" + std::to_string(capacity()) +
+                     (window_ < 0 ? std::string() : " (window=" + std::to_string(window_) + ")"));
+    begin_ += size_ - keep;
+    size_ = keep;
+    if (begin_ + size_ + n > capacity()) {  // move the kept rows to the front
+      move_to_front(keys_);
+      move_to_front(values_);
+      begin_ = 0;
+    }
+    keys_.middleRows(begin_ + size_, n) = k_rows;
+    values_.middleRows(begin_ + size_, n) = v_rows;
+    size_ += n;
+    position_ += n;
+  }
+
+  /// Forgets every row; capacity and shapes stay.
+  void clear() { begin_ = size_ = position_ = 0; }
+
+ private:
+  void move_to_front(Matrix<T>& buffer) const {  // rows are contiguous: one overlapping move
+    const Index w = buffer.cols();
+    std::copy(buffer.data() + begin_ * w, buffer.data() + (begin_ + size_) * w, buffer.data());
+  }
+
+  Matrix<T> keys_;    // (capacity, H_kv d)
+  Matrix<T> values_;  // (capacity, H_kv d_v)
+  Index kv_heads_, head_dim_, value_head_dim_, window_;
+  Index begin_ = 0, size_ = 0, position_ = 0;
+};
+
+/// One decoding step: appends the new tokens' K/V rows to `cache`, then attends from their
+/// queries over the cache with bottom-right causal alignment (and the cache's window), so new
+/// token i sees every earlier token and the new tokens up to itself. One new token goes through
+/// the split-KV kernel (decode_attention_into); several (a prefill chunk) through the multi-head
+/// engine with the mask Window(w - 1, 0, BottomRight), -1 left side when unbounded.
+///
+/// \param q     (n, H d) queries of the new tokens
+/// \param k_new (n, H_kv d) their keys, v_new (n, H_kv d_v) their values
+/// \param out   (n, H d_v)
+/// \throws attend::invalid_argument on mismatched shapes, H not divisible by H_kv, or overflow
+///         (the cache is then unchanged).
+template <class T, class DQ, class DK, class DV>
+void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+                      const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                      const AttentionOptions& options = {}) {
+  static_assert(std::is_same_v<T, typename DQ::Scalar>, "attend: q must have the cache's scalar type");
+  detail::check_head_counts(num_heads, cache.kv_heads());
+  ATTEND_CHECK(options.block_q >= 0 && options.block_k >= 0,
+               "block sizes (block_q=" + std::to_string(options.block_q) + ", block_k=" +
+                   std::to_string(options.block_k) + ") must be positive, or 0 for the default");
+  ATTEND_CHECK(q.cols() == num_heads * cache.head_dim(),
+               "q " + detail::shape_of(q) + " must have num_heads * head_dim = " + std::to_string(num_heads) +
+                   " * " + std::to_string(cache.head_dim()) + " columns");
+  ATTEND_CHECK(k_new.rows() == q.rows(), "k_new " + detail::shape_of(k_new) + " must have a row per query of q " +
+                                             detail::shape_of(q));
+  detail::check_shape(out, q.rows(), num_heads * cache.value_head_dim(), "output");
+  cache.append(k_new, v_new);
+  if (q.rows() == 1) {  // after a one-row append, every kept key is visible
+    decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, options);
+  } else {
+    const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
+    multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out,
+                              Window(left, 0, Alignment::BottomRight), options);
+  }
+}
+
+/// Returns the outputs (n, H d_v) of a decoding step. See decode_step_into.
+template <class T, class DQ, class DK, class DV>
+Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+                      const Eigen::MatrixBase<DV>& v_new, Index num_heads, const AttentionOptions& options = {}) {
+  Matrix<T> out(q.rows(), num_heads * cache.value_head_dim());
+  decode_step_into(cache, q, k_new, v_new, num_heads, out, options);
+  return out;
+}
+
+}  // namespace attend

@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: MIT
+// KV cache and incremental decoding: decoding token by token (or in chunks) gives the outputs of
+// full causal (or sliding-window) multi-head attention over the whole sequence, checked against
+// the long-double reference.
+#include <attend/attention/kv_cache.hpp>
+
+#include "support/baseline.hpp"
+#include "support/masks.hpp"
+#include "support/random.hpp"
+#include "support/reference.hpp"
+#include "support/tolerance.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace attend::test {
+namespace {
+
+/// Runs f, which must throw attend::invalid_argument whose message contains every fragment.
+template <class F>
+void expect_invalid(F&& f, const std::vector<std::string>& fragments) {
+  try {
+    f();
+    ADD_FAILURE() << "no exception";
+  } catch (const invalid_argument& e) {
+    for (const std::string& s : fragments)
+      EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << "'" << s << "' not in: " << e.what();
+  }
+}
+
+TEST(KVCache, AppendKeepsRowsInOrderAndViewsTheValidPart) {
+  ATTEND_SEEDED_RNG(rng);
+  KVCache<double> cache(10, 2, 4, {-1, 3});
+  EXPECT_EQ(cache.capacity(), 10);
+  EXPECT_EQ(cache.size(), 0);
+  EXPECT_EQ(cache.keys().rows(), 0);
+  const Matrix<double> k = rng.normal<double>(10, 8), v = rng.normal<double>(10, 6);
+  cache.append(k.topRows(3), v.topRows(3));
+  cache.append(k.middleRows(3, 1), v.middleRows(3, 1));
+  cache.append(k.bottomRows(6), v.bottomRows(6));
+  EXPECT_EQ(cache.size(), 10);
+  EXPECT_EQ(cache.position(), 10);
+  EXPECT_EQ(Matrix<double>(cache.keys()), k);
+  EXPECT_EQ(Matrix<double>(cache.values()), v);
+  expect_invalid([&] { cache.append(k.topRows(1), v.topRows(1)); },
+                 {"overflow", "appending 1 rows", "capacity=10"});
+  EXPECT_EQ(cache.size(), 10) << "a failed append leaves the cache unchanged";
+  expect_invalid([&] { cache.append(k.leftCols(7), v); }, {"(10 x 7)", "(n x 8)", "(n x 6)"});
+  cache.clear();
+  EXPECT_EQ(cache.size(), 0);
+  EXPECT_EQ(cache.position(), 0);
+}
+
+TEST(KVCache, SlidingWindowKeepsTheLastKeysAcrossMovesToTheFront) {
+  ATTEND_SEEDED_RNG(rng);
+  const Index window = 4, total = 23;
+  KVCache<float> cache(window + 2, 1, 3, {window, 0});  // moves rows to the front every 3 tokens
+  const Matrix<float> k = rng.normal<float>(total, 3), v = rng.normal<float>(total, 3);
+  for (Index t = 0; t < total; ++t) {
+    cache.append(k.row(t), v.row(t));
+    const Index kept = std::min(t + 1, window);
+    ASSERT_EQ(cache.size(), kept);
+    EXPECT_EQ(Matrix<float>(cache.keys()), Matrix<float>(k.middleRows(t + 1 - kept, kept))) << "token " << t;
+    EXPECT_EQ(Matrix<float>(cache.values()), Matrix<float>(v.middleRows(t + 1 - kept, kept))) << "token " << t;
+  }
+  // A multi-row append keeps the w - 1 rows its first token still sees.
+  cache.append(k.topRows(3), v.topRows(3));
+  EXPECT_EQ(cache.size(), window - 1 + 3);
+  EXPECT_EQ(Matrix<float>(cache.keys().bottomRows(3)), Matrix<float>(k.topRows(3)));
+  expect_invalid([&] { cache.append(k.topRows(4), v.topRows(4)); }, {"overflow", "4 rows", "3 kept", "window=4"});
+  expect_invalid([&] { KVCache<float>(3, 1, 3, {4, 0}); }, {"window=4", "capacity=3"});
+  expect_invalid([&] { KVCache<float>(8, 0, 3); }, {"kv_heads=0"});
+}
+
+/// Problem of one decoding test: heads, widths and the window (-1 = unbounded).
+struct DecodeCase {
+  Index heads, kv_heads, d, dv, window;
+};
+
+/// The full-sequence reference: query t of head h sees keys j <= t (and j >= t - w + 1).
+template <class T>
+void expect_matches_full_attention(const DecodeCase& c, const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v,
+                                   const Matrix<T>& out) {
+  const Index len = q.rows();
+  const BoolMatrix visible =
+      window_visibility(len, len, c.window < 0 ? -1 : c.window - 1, 0, Alignment::TopLeft);
+  for (Index h = 0; h < c.heads; ++h) {
+    SCOPED_TRACE("head " + std::to_string(h));
+    const Index g = h / (c.heads / c.kv_heads);
+    const auto qh = q.middleCols(h * c.d, c.d);
+    const auto kg = k.middleCols(g * c.d, c.d);
+    const auto vg = v.middleCols(g * c.dv, c.dv);
+    const Reference ref = reference_attention(qh, kg, vg, 1 / std::sqrt(Real(c.d)), visible);
+    const Baseline<T> base = baseline_attention<T>(qh, kg, vg, T(1) / std::sqrt(T(c.d)), visible);
+    EXPECT_TRUE(within_tolerance<T>(out.middleCols(h * c.dv, c.dv), ref.output, base.output));
+  }
+}
+
+template <class T>
+class DecodeTest : public ::testing::Test {};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(DecodeTest, Scalars);
+
+/// Decodes the sequence in steps of the given sizes (cycled) and returns the stacked outputs.
+template <class T>
+Matrix<T> decode_in_steps(const DecodeCase& c, Index capacity, const std::vector<Index>& steps, const Matrix<T>& q,
+                          const Matrix<T>& k, const Matrix<T>& v, Index block_k) {
+  KVCache<T> cache(capacity, c.kv_heads, c.d, {c.window, c.dv});
+  AttentionOptions o;
+  o.block_k = block_k;
+  Matrix<T> out(q.rows(), c.heads * c.dv);
+  for (Index t = 0, s = 0; t < q.rows(); ++s) {
+    const Index n = std::min(steps[std::size_t(s) % steps.size()], q.rows() - t);
+    decode_step_into(cache, q.middleRows(t, n), k.middleRows(t, n), v.middleRows(t, n), c.heads,
+                     out.middleRows(t, n), o);
+    t += n;
+    EXPECT_EQ(cache.position(), t);
+  }
+  return out;
+}
+
+TYPED_TEST(DecodeTest, TokenByTokenEqualsFullCausalAttention) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 70;
+  for (const DecodeCase c : {DecodeCase{8, 2, 16, 16, -1}, DecodeCase{4, 4, 8, 12, -1}, DecodeCase{6, 1, 8, 8, -1}}) {
+    SCOPED_TRACE("H=" + std::to_string(c.heads) + " H_kv=" + std::to_string(c.kv_heads));
+    const Matrix<T> q = rng.normal<T>(len, c.heads * c.d), k = rng.normal<T>(len, c.kv_heads * c.d),
+                    v = rng.normal<T>(len, c.kv_heads * c.dv);
+    const Matrix<T> out = decode_in_steps<T>(c, len, {1}, q, k, v, 16);  // several splits per step
+    expect_matches_full_attention<T>(c, q, k, v, out);
+  }
+}
+
+TYPED_TEST(DecodeTest, SlidingWindowEqualsFullWindowedAttention) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 50;
+  for (const Index window : {1, 5, 16}) {
+    SCOPED_TRACE("window " + std::to_string(window));
+    const DecodeCase c{4, 2, 8, 8, window};
+    const Matrix<T> q = rng.normal<T>(len, c.heads * c.d), k = rng.normal<T>(len, c.kv_heads * c.d),
+                    v = rng.normal<T>(len, c.kv_heads * c.dv);
+    const Matrix<T> out = decode_in_steps<T>(c, window + 3, {1}, q, k, v, 4);
+    expect_matches_full_attention<T>(c, q, k, v, out);
+  }
+}
+
+TYPED_TEST(DecodeTest, ChunkedPrefillThenDecodeEqualsFullAttention) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 61;
+  for (const Index window : {-1, 6}) {
+    SCOPED_TRACE("window " + std::to_string(window));
+    const DecodeCase c{6, 3, 8, 4, window};
+    const Matrix<T> q = rng.normal<T>(len, c.heads * c.d), k = rng.normal<T>(len, c.kv_heads * c.d),
+                    v = rng.normal<T>(len, c.kv_heads * c.dv);
+    const Index capacity = window < 0 ? len : window - 1 + 9 + 4;
+    const Matrix<T> out = decode_in_steps<T>(c, capacity, {9, 1, 3, 1, 1, 5}, q, k, v, 0);
+    expect_matches_full_attention<T>(c, q, k, v, out);
+  }
+}
+
+TEST(DecodeErrors, ClearMessagesAndUnchangedCache) {
+  ATTEND_SEEDED_RNG(rng);
+  KVCache<double> cache(4, 2, 8);
+  const Matrix<double> q = rng.normal<double>(1, 48), k = rng.normal<double>(5, 16), v = rng.normal<double>(5, 16);
+  expect_invalid([&] { decode_step(cache, q, k.topRows(1), v.topRows(1), 4); }, {"q (1 x 48)", "4 * 8"});
+  expect_invalid([&] { decode_step(cache, q.leftCols(40), k.topRows(1), v.topRows(1), 5); },
+                 {"num_heads=5", "num_kv_heads=2"});
+  expect_invalid([&] { decode_step(cache, q.leftCols(32), k.topRows(2), v.topRows(2), 4); }, {"k_new (2 x 16)"});
+  expect_invalid([&] { decode_step(cache, q.leftCols(32), k.topRows(1), v.topRows(1).leftCols(12), 4); },
+                 {"(1 x 12)"});
+  EXPECT_EQ(cache.size(), 0);
+  cache.append(k.topRows(4), v.topRows(4));
+  expect_invalid([&] { decode_step(cache, q.leftCols(32), k.topRows(1), v.topRows(1), 4); },
+                 {"overflow", "capacity=4"});
+  EXPECT_EQ(cache.size(), 4);
+  EXPECT_EQ(cache.position(), 4);
+}
+
+}  // namespace
+}  // namespace attend::test
