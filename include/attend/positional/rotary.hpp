@@ -127,8 +127,6 @@ struct RotaryOptions {
 
 namespace detail {
 
-constexpr double kPi = 3.14159265358979323846;
-
 /// Feature offsets, within a head, of rotated pair i (of `pairs` = r/2) in each layout.
 struct HalfSplitPairs {
   static Index first(Index i, Index) { return i; }
@@ -177,9 +175,10 @@ inline void check_rotary_scaling(const RotaryScaling& s) {
 /// YaRN: theta_i' = (theta_i / s) ramp_i + theta_i (1 - ramp_i), see RotaryScaling::yarn.
 inline Vector<double> yarn_frequencies(const Vector<double>& theta, Index rotary_dim, double base,
                                        const RotaryScaling& s) {
+  constexpr double kTwoPi = 6.283185307179586476925;
   const double r = static_cast<double>(rotary_dim);
   const auto correction_dim = [&](double rotations) {
-    return r * std::log(static_cast<double>(s.original_max_position) / (rotations * 2 * kPi)) / (2 * std::log(base));
+    return r * std::log(static_cast<double>(s.original_max_position) / (rotations * kTwoPi)) / (2 * std::log(base));
   };
   const double lo = std::max(std::floor(correction_dim(s.beta_fast)), 0.0);
   double hi = std::min(std::ceil(correction_dim(s.beta_slow)), r - 1);
@@ -194,12 +193,13 @@ inline Vector<double> yarn_frequencies(const Vector<double>& theta, Index rotary
 
 /// Llama 3.1: by wavelength 2 pi / theta_i, keep, divide by s, or mix; see the file comment.
 inline Vector<double> llama3_frequencies(const Vector<double>& theta, const RotaryScaling& s) {
+  constexpr double kTwoPi = 6.283185307179586476925;
   const double context = static_cast<double>(s.original_max_position);
   const double low_freq_wavelength = context / s.low_freq_factor;
   const double high_freq_wavelength = context / s.high_freq_factor;
   Vector<double> scaled(theta.size());
   for (Index i = 0; i < theta.size(); ++i) {
-    const double wavelength = 2 * kPi / theta(i);
+    const double wavelength = kTwoPi / theta(i);
     if (wavelength < high_freq_wavelength) {
       scaled(i) = theta(i);
     } else if (wavelength > low_freq_wavelength) {
