@@ -9,8 +9,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <map>
-#include <utility>
 
 namespace attend::bench {
 
@@ -46,14 +44,13 @@ double fma_loop(long rounds) {
 #endif
 
 /// Peak FMA throughput in GFLOP/s of `threads` threads (OpenMP, or 1 without it), the best of
-/// a few short trials; measured once per (scalar, thread count) and cached.
+/// a few trials of about 0.1 s. Benchmarks measure it next to each timing, so that both see
+/// the same machine load.
 template <class T>
 double fma_peak_gflops(int threads) {
-  static std::map<int, double> cache;
-  if (auto it = cache.find(threads); it != cache.end()) return it->second;
   constexpr long kRounds = 20'000'000;
   double best = 0;
-  for (int trial = 0; trial < 5; ++trial) {
+  for (int trial = 0; trial < 3; ++trial) {
     double flops = 0;
     const auto start = std::chrono::steady_clock::now();
 #ifdef _OPENMP
@@ -63,7 +60,7 @@ double fma_peak_gflops(int threads) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     best = std::max(best, flops / seconds * 1e-9);
   }
-  return cache[threads] = best;
+  return best;
 }
 
 }  // namespace attend::bench
