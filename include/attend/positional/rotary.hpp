@@ -256,7 +256,14 @@ void rotate_head(T* x, const T* cos, const T* sin, Index pairs) {
 
 /// Rotary position embedding for one configuration, applied in place to (L, H * head_dim)
 /// matrices whose heads are column blocks (any number H of heads, so queries and GQA keys share
-/// one instance).
+/// one instance). Llama 3.1 8B, for example:
+///
+///     attend::RotaryOptions options;
+///     options.base = 500000;
+///     options.scaling = attend::RotaryScaling::llama3();  // factor 8, N = 8192, low 1, high 4
+///     const attend::RotaryEmbedding<float> rope(128, options);
+///     rope.apply(q, past_length);  // q (L, 32 * 128): rows at positions past_length, ...
+///     rope.apply(k, past_length);  // k (L, 8 * 128): GQA keys, same positions
 ///
 /// Thread safety: `apply` is const and reads only immutable state (the frequencies and the
 /// cos/sin cache), so concurrent calls are safe. `extend_cache` mutates the cache and must not
