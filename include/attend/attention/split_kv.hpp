@@ -19,13 +19,14 @@
 #include "../options.hpp"
 #include "../scores.hpp"
 #include "../types.hpp"
-#include "materialized.hpp"
+#include "../softmax.hpp"
 #include "multi_head.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace attend {
@@ -81,16 +82,117 @@ namespace detail {
 
 /// Key rows per split of a decode step. Fixed, so that the splits and the order of their merge,
 /// and hence the result's bits, never depend on the thread count.
-inline constexpr Index kDecodeSplitKeys = 512;
+inline constexpr Index kDecodeSplitKeys = 256;
+
+/// Lanes of one 64-byte vector register: the unit of the decode kernel's inner loops.
+template <class T>
+using Lanes = Eigen::Array<T, 64 / sizeof(T), 1>;
+
+/// For B query rows q_b = q + b * q_stride and J key rows key_i = key + i * key_stride:
+///   s[b * s_stride + i] = <q_b, key_i>.
+/// Each lane block of the keys and of the queries is loaded once for all B x J products.
+template <int B, int J, class T>
+void dot_block(const T* q, Index q_stride, const T* key, Index key_stride, Index d, T* s, Index s_stride) {
+  constexpr Index kWidth = Lanes<T>::SizeAtCompileTime;
+  using Load = Eigen::Map<const Lanes<T>>;
+  Lanes<T> acc[B][J];
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < J; ++i) acc[b][i].setZero();
+  Index c = 0;
+  for (; c + kWidth <= d; c += kWidth) {
+    Lanes<T> keys[J];
+    for (int i = 0; i < J; ++i) keys[i] = Load(key + i * key_stride + c);
+    for (int b = 0; b < B; ++b) {
+      const Lanes<T> query = Load(q + b * q_stride + c);
+      for (int i = 0; i < J; ++i) acc[b][i] += query * keys[i];
+    }
+  }
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < J; ++i) {
+      T sum = acc[b][i].sum();
+      for (Index t = c; t < d; ++t) sum += q[b * q_stride + t] * key[i * key_stride + t];
+      s[b * s_stride + i] = sum;
+    }
+}
+
+/// For B output rows out_b = out + b * out_stride and J value rows value_i = value + i * value_stride:
+///   out_b += sum_i p[b * p_stride + i] value_i.
+/// Each lane block of the values is loaded once, and each of the outputs read and written once.
+template <int B, int J, class T>
+void accumulate_block(const T* p, Index p_stride, const T* value, Index value_stride, Index dv, T* out,
+                      Index out_stride) {
+  constexpr Index kWidth = Lanes<T>::SizeAtCompileTime;
+  T w[B][J];
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < J; ++i) w[b][i] = p[b * p_stride + i];
+  Index c = 0;
+  for (; c + kWidth <= dv; c += kWidth) {
+    Lanes<T> values[J];
+    for (int i = 0; i < J; ++i) values[i] = Eigen::Map<const Lanes<T>>(value + i * value_stride + c);
+    for (int b = 0; b < B; ++b) {
+      Eigen::Map<Lanes<T>> acc(out + b * out_stride + c);
+      Lanes<T> sum = acc;
+      for (int i = 0; i < J; ++i) sum += w[b][i] * values[i];
+      acc = sum;
+    }
+  }
+  for (; c < dv; ++c)
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < J; ++i) out[b * out_stride + c] += w[b][i] * value[i * value_stride + c];
+}
+
+/// Calls f(std::integral_constant<int, N>, i) over [0, count) in blocks of N = 4, then N = 1.
+template <class F>
+void for_blocks_of_4(Index count, F&& f) {
+  Index i = 0;
+  for (; i + 4 <= count; i += 4) f(std::integral_constant<int, 4>{}, i);
+  for (; i < count; ++i) f(std::integral_constant<int, 1>{}, i);
+}
+
+/// The partial of one decode split, keys [k0, k0 + n), for all H heads at once. Each K and V row
+/// (all H_kv heads side by side, contiguous) is read from memory once; its segment of kv head g
+/// then serves the G query heads of group g from registers and cache:
+///   s_hj = <q_h, k_j^(g)> (q pre-scaled),  p_h = softmax(s_h) (lse_h),  out_h = sum_j p_hj v_j^(g).
+/// \param q       (H d) the query row, pre-scaled
+/// \param scores  (H, >= n) scratch
+/// \param out     (H, d_v) normalized partial output
+/// \param lse     (H) its log-sum-exp
+template <class T>
+void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const HeadLayout& layout,
+                  Index k0, Index n, MatrixRef<T> scores, MatrixRef<T> out, VectorRef<T> lse) {
+  const Index d = layout.key_dim, dv = layout.value_dim, group = layout.heads / layout.kv_heads;
+  const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
+  const Index k_stride = k.outerStride(), v_stride = v.outerStride();
+  for_blocks_of_4(n, [&](auto keys, Index j) {
+    const T* key = k.row(k0 + j).data();
+    for (Index g = 0; g < layout.kv_heads; ++g)
+      for_blocks_of_4(group, [&](auto heads, Index i) {
+        const Index h = g * group + i;
+        dot_block<decltype(heads)::value, decltype(keys)::value>(q + h * d, d, key + g * d, k_stride, d,
+                                                                 &scores(h, j), s_stride);
+      });
+  });
+  softmax_rows_inplace<T>(scores.leftCols(n), lse);
+  out.setZero();
+  for_blocks_of_4(n, [&](auto keys, Index j) {
+    const T* value = v.row(k0 + j).data();
+    for (Index g = 0; g < layout.kv_heads; ++g)
+      for_blocks_of_4(group, [&](auto heads, Index i) {
+        const Index h = g * group + i;
+        accumulate_block<decltype(heads)::value, decltype(keys)::value>(&scores(h, j), s_stride, value + g * dv,
+                                                                        v_stride, dv, &out(h, 0), out_stride);
+      });
+  });
+}
 
 }  // namespace detail
 
 /// One decode step: a single query token with H heads attends over all Lk keys of H_kv
 /// key/value heads (bottom-right causal with Lq = 1 sees every key; pass `k.bottomRows(w)` for a
-/// window of w keys). The work is split into (kv head, chunk of `block_k` keys) items run in
-/// parallel; each item computes the G = H / H_kv query heads that share the kv head together,
-/// so every K and V row is read from memory once. The partials of each head are then merged in
-/// chunk order, so results are bitwise identical for any thread count.
+/// window of w keys). The keys are cut into fixed splits of `block_k` rows run in parallel; each
+/// split reads its K and V rows once, the G = H / H_kv query heads sharing a kv head reuse its
+/// segment from cache (GQA-aware). The partials are then merged in split order, so results are
+/// bitwise identical for any thread count.
 ///
 /// \param q   (1, H d) the new token's queries, heads side by side
 /// \param k   (Lk, H_kv d) keys, e.g. `KVCache::keys()`
@@ -112,13 +214,13 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                                          " must have the same number of rows (keys)");
   ATTEND_CHECK(options.block_k >= 0, "block_k=" + std::to_string(options.block_k) + " must be positive, or 0");
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
-  const Index d = layout.key_dim, dv = layout.value_dim, group = layout.heads / layout.kv_heads;
-  detail::check_shape(out, 1, layout.heads * dv, "output");
-  ATTEND_CHECK(lse.size() == 0 || lse.size() == layout.heads,
-               "log-sum-exp of size " + std::to_string(lse.size()) + " must have num_heads = " +
-                   std::to_string(layout.heads) + " entries");
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  const T scale = detail::resolve_scale<T>(options, d);
+  const Index heads = layout.heads, dv = layout.value_dim;
+  detail::check_shape(out, 1, heads * dv, "output");
+  ATTEND_CHECK(lse.size() == 0 || lse.size() == heads, "log-sum-exp of size " + std::to_string(lse.size()) +
+                                                           " must have num_heads = " + std::to_string(heads) +
+                                                           " entries");
+  const ConstMatrixRef<T> k_ref(k), v_ref(v);
+  const Vector<T> q_scaled = detail::resolve_scale<T>(options, layout.key_dim) * q.row(0).transpose();  // (H d)
   const Index split = options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys;
   const Index splits = (k.rows() + split - 1) / split;
   if (splits == 0) {  // no keys: zero output, lse -inf
@@ -126,27 +228,21 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
     if (lse.size() != 0) lse.setConstant(-std::numeric_limits<T>::infinity());
     return;
   }
-  // Partial of (kv head g, chunk c) for the G heads of group g: rows [(g splits + c) G, +G).
-  Matrix<T> part_out(layout.kv_heads * splits * group, dv);
-  Vector<T> part_lse(part_out.rows());
+  // Partial of split c: rows [c H, (c + 1) H), one per head.
+  Matrix<T> part_out(splits * heads, dv);
+  Vector<T> part_lse(splits * heads);
   detail::parallel_for_with_scratch(
-      layout.kv_heads * splits, [&] { return Matrix<T>(group, split); },
-      [&](Index item, Matrix<T>& scores) {
-        const Index g = item / splits, k0 = (item % splits) * split, n = std::min(split, k.rows() - k0);
-        const Eigen::Map<const Matrix<T>> q_group(q_ref.data() + g * group * d, group, d);  // (G, d)
-        detail::materialized_attention<T>(q_group, k_ref.block(k0, g * d, n, d), v_ref.block(k0, g * dv, n, dv),
-                                          detail::ScaledDot<T>{scale}, detail::AllVisible{n},
-                                          part_out.middleRows(item * group, group),
-                                          part_lse.segment(item * group, group), scores.leftCols(n));
+      splits, [&] { return Matrix<T>(heads, split); },
+      [&](Index c, Matrix<T>& scores) {
+        detail::decode_split<T>(q_scaled.data(), k_ref, v_ref, layout, c * split,
+                                std::min(split, k.rows() - c * split), scores, part_out.middleRows(c * heads, heads),
+                                part_lse.segment(c * heads, heads));
       });
-  for (Index g = 0; g < layout.kv_heads; ++g) {
-    const Index first = g * splits * group;
-    for (Index c = 1; c < splits; ++c)
-      merge_partial_into<T>(part_out.middleRows(first, group), part_lse.segment(first, group),
-                            part_out.middleRows(first + c * group, group), part_lse.segment(first + c * group, group));
-    for (Index i = 0; i < group; ++i) out.row(0).segment((g * group + i) * dv, dv) = part_out.row(first + i);
-    if (lse.size() != 0) lse.segment(g * group, group) = part_lse.segment(first, group);
-  }
+  for (Index c = 1; c < splits; ++c)
+    merge_partial_into<T>(part_out.topRows(heads), part_lse.head(heads), part_out.middleRows(c * heads, heads),
+                          part_lse.segment(c * heads, heads));
+  for (Index h = 0; h < heads; ++h) out.row(0).segment(h * dv, dv) = part_out.row(h);
+  if (lse.size() != 0) lse = part_lse.head(heads);
 }
 
 }  // namespace attend
