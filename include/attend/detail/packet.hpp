@@ -21,6 +21,15 @@
 #define ATTEND_PACKET_WARNINGS_POP
 #endif
 
+// Fully unrolls a loop over a register block, so that its packets stay in registers.
+#if defined(__clang__)
+#define ATTEND_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ATTEND_UNROLL _Pragma("GCC unroll 32")
+#else
+#define ATTEND_UNROLL
+#endif
+
 ATTEND_PACKET_WARNINGS_PUSH
 
 namespace attend::detail {

@@ -40,17 +40,24 @@ void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index
   using P = Packet<T>;
   constexpr Index W = kLanes<T>;
   P acc[MR][NV];
+  ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTEND_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = simd::pset1<P>(T(0));
   for (Index c = 0; c < depth; ++c) {
     P q[NV];
+    ATTEND_UNROLL
     for (int v = 0; v < NV; ++v) q[v] = simd::pload<P>(qt + c * qt_stride + v * W);
+    ATTEND_UNROLL
     for (int r = 0; r < MR; ++r) {
       const P kc = simd::pset1<P>(k[r * k_stride + c]);
+      ATTEND_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = simd::pmadd(kc, q[v], acc[r][v]);
     }
   }
+  ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTEND_UNROLL
     for (int v = 0; v < NV; ++v) simd::pstore(st + r * st_stride + v * W, acc[r][v]);
 }
 
@@ -110,19 +117,26 @@ void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_s
   namespace simd = Eigen::internal;
   constexpr Index W = simd::unpacket_traits<Vec>::size;
   Vec o[MR][NV];
+  ATTEND_UNROLL
   for (int r = 0; r < MR; ++r) {
     const Vec a = simd::pset1<Vec>(alpha[r]);
+    ATTEND_UNROLL
     for (int c = 0; c < NV; ++c) o[r][c] = simd::pmul(a, simd::ploadu<Vec>(acc + r * acc_stride + c * W));
   }
   for (Index j = 0; j < keys; ++j) {
     Vec x[NV];
+    ATTEND_UNROLL
     for (int c = 0; c < NV; ++c) x[c] = simd::ploadu<Vec>(v + j * v_stride + c * W);
+    ATTEND_UNROLL
     for (int r = 0; r < MR; ++r) {
       const Vec p = simd::pset1<Vec>(pt[j * pt_stride + r]);
+      ATTEND_UNROLL
       for (int c = 0; c < NV; ++c) o[r][c] = simd::pmadd(p, x[c], o[r][c]);
     }
   }
+  ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
+    ATTEND_UNROLL
     for (int c = 0; c < NV; ++c) simd::pstoreu(acc + r * acc_stride + c * W, o[r][c]);
 }
 
