@@ -245,7 +245,7 @@ TYPED_TEST(RotaryTest, ScoreDependsOnlyOnRelativePosition) {
         for (const Index m : bases) {
           // Rounding of cos/sin to T, plus the absolute angle error of p theta in double.
           const Real bound = (16 * eps<T>() + 4 * eps<double>() * Real(m + 300 + 250)) * qk_norms;
-          EXPECT_NEAR(score(m + delta + 300, m + 300), first, bound) << "m - n = " << delta << ", n = " << m + 300;
+          EXPECT_LE(std::fabs(score(m + delta + 300, m + 300) - first), bound) << "m - n = " << delta << ", n = " << m + 300;
         }
       }
       EXPECT_GT(std::fabs(score(310, 300) - score(300, 300)), 1e-3L) << "the score must change with m - n";
@@ -372,7 +372,7 @@ template <class T>
 void expect_frequencies(const RotaryEmbedding<T>& rope, const std::vector<Real>& expected) {
   ASSERT_EQ(rope.frequencies().size(), static_cast<Index>(expected.size()));
   for (std::size_t i = 0; i < expected.size(); ++i)
-    EXPECT_NEAR(Real(rope.frequencies()(static_cast<Index>(i))), expected[i], 1e-14L * expected[i]) << "pair " << i;
+    EXPECT_LE(std::fabs(Real(rope.frequencies()(static_cast<Index>(i))) - expected[i]), 1e-14L * expected[i]) << "pair " << i;
   const Index r = rope.rotary_dim(), position = 3000;
   Matrix<T> x = Matrix<T>::Zero(1, rope.head_dim());
   for (Index i = 0; i < r / 2; ++i) x(0, first_of(rope.layout(), i)) = 1;
@@ -380,8 +380,8 @@ void expect_frequencies(const RotaryEmbedding<T>& rope, const std::vector<Real>&
   for (Index i = 0; i < r / 2; ++i) {
     const Real angle = Real(position) * expected[static_cast<std::size_t>(i)];
     const Real bound = 2 * eps<T>() + 1e-10L;
-    EXPECT_NEAR(Real(x(0, first_of(rope.layout(), i))), std::cos(angle), bound) << "pair " << i;
-    EXPECT_NEAR(Real(x(0, second_of(rope.layout(), i, r))), std::sin(angle), bound) << "pair " << i;
+    EXPECT_LE(std::fabs(Real(x(0, first_of(rope.layout(), i))) - std::cos(angle)), bound) << "pair " << i;
+    EXPECT_LE(std::fabs(Real(x(0, second_of(rope.layout(), i, r))) - std::sin(angle)), bound) << "pair " << i;
   }
 }
 
@@ -440,8 +440,8 @@ TYPED_TEST(RotaryTest, YarnScalingRampsBetweenInterpolationAndExtrapolation) {
   }
   expect_frequencies(rope, expected);
   // Spot checks: fast pairs keep theta, slow pairs are divided by s.
-  EXPECT_NEAR(rope.frequencies()(5), double(theta[5]), 1e-16);
-  EXPECT_NEAR(rope.frequencies()(30), double(theta[30] / 4), 1e-16);
+  EXPECT_NEAR(rope.frequencies()(5), double(theta[5]), 1e-15);
+  EXPECT_NEAR(rope.frequencies()(30), double(theta[30] / 4), 1e-15);
   EXPECT_NEAR(rope.attention_factor(), 0.1 * std::log(4.0) + 1, 1e-15);
   EXPECT_NEAR(rope.attention_factor(), 1.1386294361119891, 1e-15);
 }
