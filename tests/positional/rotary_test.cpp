@@ -342,7 +342,7 @@ TYPED_TEST(RotaryTest, ResultDoesNotDependOnThreadCount) {
   TRACE_SEED();
   auto rng = seeded_rng();
   const RotaryEmbedding<T> rope(64);
-  const Matrix<T> x = random_matrix<T>(rng, 64, 256);
+  const Matrix<T> x = random_matrix<T>(rng, 300, 256);  // large enough for the parallel loop
   Matrix<T> one = x, many = x;
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);

@@ -338,23 +338,30 @@ class RotaryEmbedding {
     const Index pairs = theta_.size();
     detail::with_pairs(layout_, [&](auto pair_policy) {
       using Pairs = decltype(pair_policy);
-      detail::parallel_for_with_scratch(
-          x.rows(), [pairs] { return Matrix<T>(2, pairs); },  // cos; sin of an uncached position
-          [&](Index r, Matrix<T>& uncached) {
-            const Index position = position_of(r);
-            const T* cos = uncached.row(0).data();
-            const T* sin = uncached.row(1).data();
-            if (position >= 0 && position < cos_.rows()) {
-              cos = cos_.row(position).data();
-              sin = sin_.row(position).data();
-            } else {
-              detail::rotary_cos_sin(position, theta_, uncached.row(0).data(), uncached.row(1).data());
-            }
-            T* row = x.row(r).data();
-            for (Index h = 0; h < heads; ++h) detail::rotate_head<Pairs>(row + h * head_dim_, cos, sin, pairs);
-          });
+      const auto make_scratch = [pairs] { return Matrix<T>(2, pairs); };  // cos; sin of an uncached position
+      const auto rotate_row = [&](Index r, Matrix<T>& uncached) {
+        const Index position = position_of(r);
+        const T* cos = uncached.row(0).data();
+        const T* sin = uncached.row(1).data();
+        if (position >= 0 && position < cos_.rows()) {
+          cos = cos_.row(position).data();
+          sin = sin_.row(position).data();
+        } else {
+          detail::rotary_cos_sin(position, theta_, uncached.row(0).data(), uncached.row(1).data());
+        }
+        T* row = x.row(r).data();
+        for (Index h = 0; h < heads; ++h) detail::rotate_head<Pairs>(row + h * head_dim_, cos, sin, pairs);
+      };
+      if (x.size() >= kMinParallelElements) {
+        detail::parallel_for_with_scratch(x.rows(), make_scratch, rotate_row);
+      } else {  // a decode step or a small block: a parallel region would cost more than the work
+        Matrix<T> uncached = make_scratch();
+        for (Index r = 0; r < x.rows(); ++r) rotate_row(r, uncached);
+      }
     });
   }
+
+  static constexpr Index kMinParallelElements = Index(1) << 16;
 
   Index head_dim_;
   Index rotary_dim_;

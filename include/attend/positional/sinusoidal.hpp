@@ -55,16 +55,20 @@ void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double b
   detail::check_sinusoidal_base(base);
   const Index width = x.cols();
   const Vector<double> denominators = detail::sinusoidal_denominators(width, base);  // (ceil(d/2))
-  detail::parallel_for_with_scratch(
-      x.rows(), [] { return 0; },
-      [&](Index r, int&) {
-        const double position = static_cast<double>(position_offset + r);
-        for (Index i = 0; i < denominators.size(); ++i) {
-          const double angle = position / denominators(i);
-          x(r, 2 * i) += static_cast<T>(std::sin(angle));
-          if (2 * i + 1 < width) x(r, 2 * i + 1) += static_cast<T>(std::cos(angle));
-        }
-      });
+  const auto add_row = [&](Index r, int&) {
+    const double position = static_cast<double>(position_offset + r);
+    for (Index i = 0; i < denominators.size(); ++i) {
+      const double angle = position / denominators(i);
+      x(r, 2 * i) += static_cast<T>(std::sin(angle));
+      if (2 * i + 1 < width) x(r, 2 * i + 1) += static_cast<T>(std::cos(angle));
+    }
+  };
+  if (x.size() >= 4096) {
+    detail::parallel_for_with_scratch(x.rows(), [] { return 0; }, add_row);
+  } else {  // a few rows: a parallel region would cost more than the work
+    int no_scratch = 0;
+    for (Index r = 0; r < x.rows(); ++r) add_row(r, no_scratch);
+  }
 }
 
 /// The (length, width) table PE(position_offset + r, j) of the sinusoidal encoding.
