@@ -88,6 +88,18 @@ inline constexpr Index kDecodeSplitKeys = 256;
 template <class T>
 using Lanes = Eigen::Array<T, 64 / sizeof(T), 1>;
 
+/// The sum of the lanes, by halving (no full-width horizontal reduction, which GCC 12 flags
+/// with a false -Wuninitialized inside its AVX-512 intrinsics for double).
+template <class T, int N>
+T lane_sum(const Eigen::Array<T, N, 1>& a) {
+  if constexpr (N == 1) {
+    return a(0);
+  } else {
+    const Eigen::Array<T, N / 2, 1> half = a.template head<N / 2>() + a.template tail<N / 2>();
+    return lane_sum<T, N / 2>(half);
+  }
+}
+
 /// For B query rows q_b = q + b * q_stride and J key rows key_i = key + i * key_stride:
 ///   s[b * s_stride + i] = <q_b, key_i>.
 /// Each lane block of the keys and of the queries is loaded once for all B x J products.
@@ -109,7 +121,7 @@ void dot_block(const T* q, Index q_stride, const T* key, Index key_stride, Index
   }
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < J; ++i) {
-      T sum = acc[b][i].sum();
+      T sum = lane_sum(acc[b][i]);
       for (Index t = c; t < d; ++t) sum += q[b * q_stride + t] * key[i * key_stride + t];
       s[b * s_stride + i] = sum;
     }
