@@ -48,7 +48,9 @@ void BM_LongContextBlocked(benchmark::State& state) {
   const double scratch =
       double(attend::detail::BlockedScratch<T>::bytes(attend::detail::resolve_tiles(options), kDim, kDim)) * threads;
   attend::bench::report<T>(state, flops, threads, scratch);
-  const auto bytes = [](double b) { return benchmark::Counter(b, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024); };
+  const auto bytes = [](double b) {
+    return benchmark::Counter(b, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
+  };
   state.counters["materialized_bytes_per_head"] = bytes(double(sizeof(T)) * double(length) * double(length));
   state.counters["qkvo_bytes"] = bytes(4.0 * double(sizeof(T)) * double(q.size()));
   state.counters["peak_rss"] = bytes(attend::bench::peak_rss_bytes());

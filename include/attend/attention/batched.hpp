@@ -67,13 +67,12 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   const auto bound = mask.derived().bind(p.queries, p.keys);
   const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};
   const Index num_heads = layout.batch_size * layout.num_heads;
-  if (num_heads == 0 || p.queries == 0) return;
+  if (p.queries == 0) return;
 
-  // Head n is sequence b = n / H, head h = n % H; its blocks are zero-copy views.
-  const auto q_of = [&](Index n) { return q.block(n / layout.num_heads * p.queries, n % layout.num_heads * p.key_dim, p.queries, p.key_dim); };
-  const auto k_of = [&](Index n) { return k.block(n / layout.num_heads * p.keys, n % layout.num_heads * p.key_dim, p.keys, p.key_dim); };
-  const auto v_of = [&](Index n) { return v.block(n / layout.num_heads * p.keys, n % layout.num_heads * p.value_dim, p.keys, p.value_dim); };
-  const auto out_of = [&](Index n) { return out.block(n / layout.num_heads * p.queries, n % layout.num_heads * p.value_dim, p.queries, p.value_dim); };
+  // Head n is head h = n % H of sequence b = n / H; its blocks are zero-copy views.
+  const auto head = [&](auto& m, Index n, Index rows, Index cols) {
+    return m.block(n / layout.num_heads * rows, n % layout.num_heads * cols, rows, cols);
+  };
 
   if (use_blocked(options, p.queries, p.keys)) {
     const Index tiles_per_head = (p.queries + tiles.queries - 1) / tiles.queries;
@@ -81,14 +80,18 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         num_heads * tiles_per_head, [&] { return BlockedScratch<T>(tiles, p.key_dim, p.value_dim); },
         [&](Index task, BlockedScratch<T>& scratch) {
           const Index n = task / tiles_per_head, q0 = task % tiles_per_head * tiles.queries;
-          blocked_query_tile<T>(q_of(n), k_of(n), v_of(n), score, bound, tiles, q0,
-                                std::min(tiles.queries, p.queries - q0), out_of(n), no_vector<T>(), scratch);
+          blocked_query_tile<T>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
+                                head(v, n, p.keys, p.value_dim), score, bound, tiles, q0,
+                                std::min(tiles.queries, p.queries - q0), head(out, n, p.queries, p.value_dim),
+                                no_vector<T>(), scratch);
         });
   } else {
     parallel_for_with_scratch(
         num_heads, [&] { return Matrix<T>(p.queries, p.keys); },  // (Lq, Lk) scores of one head
         [&](Index n, Matrix<T>& weights) {
-          materialized_attention<T>(q_of(n), k_of(n), v_of(n), score, bound, out_of(n), no_vector<T>(), weights);
+          materialized_attention<T>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
+                                    head(v, n, p.keys, p.value_dim), score, bound,
+                                    head(out, n, p.queries, p.value_dim), no_vector<T>(), weights);
         });
   }
 }

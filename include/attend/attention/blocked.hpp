@@ -31,6 +31,8 @@ struct TileShape {
   Index keys;
 };
 
+/// 64 query rows fill the score kernel's register block with AVX-512 floats (4 packets of 16);
+/// 256 keys amortize the per-tile softmax bookkeeping and keep a tile of S^T in L2.
 inline constexpr TileShape kDefaultTiles{64, 256};
 
 /// The tile shape of the options, defaulting to kDefaultTiles; a negative size throws.
@@ -43,8 +45,10 @@ inline TileShape resolve_tiles(const AttentionOptions& options) {
 }
 
 /// Score policies with s_ij = scale <q_i, k_j> take the fast path: `scale` is folded into the
-/// packed query tile and the register-blocked kernels form the scores. Any other policy is
-/// called as score(q_rows, k_rows, S) on the tile. Dot-family policies specialize this.
+/// packed query tile and the register-blocked kernels form the scores, reading K in place. Any
+/// other policy is called as score(q_rows, k_rows, S) on the tile (S a transposed view of the
+/// scratch). A dot-family policy that transforms only Q can specialize this after folding its
+/// transform into the packing; one that transforms K needs K packed per head first.
 template <class Score>
 struct is_dot_product_score : std::false_type {};
 
@@ -61,6 +65,7 @@ template <class T>
 struct BlockedScratch {
   BlockedScratch(TileShape tiles, Index key_dim, Index value_dim)
       : qt(key_dim, round_up_to_lanes<T>(tiles.queries)),
+        // Zero, so that padding lanes stay finite under policies that write only valid lanes.
         scores(Matrix<T>::Zero(tiles.keys, round_up_to_lanes<T>(tiles.queries))),
         acc(tiles.queries, value_dim),
         state(3, round_up_to_lanes<T>(tiles.queries)) {}

@@ -71,8 +71,9 @@ void score_tile(const ConstMatrixRef<T>& k, const T* qt, Index qt_stride, Index 
     with_static_size<kScorePackets>(np, [&](auto nv) {
       for (Index j0 = 0; j0 < keys; j0 += kScoreRows)
         with_static_size<kScoreRows>(std::min<Index>(kScoreRows, keys - j0), [&](auto mr) {
-          score_block<T, decltype(mr)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(), qt + lane0, qt_stride, depth,
-                                 st + j0 * st_stride + lane0, st_stride);
+          score_block<T, decltype(mr)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(),
+                                                                   qt + lane0, qt_stride, depth,
+                                                                   st + j0 * st_stride + lane0, st_stride);
         });
     });
   }
@@ -154,13 +155,14 @@ void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const 
       T* acc_block = acc.data() + i0 * acc.outerStride() + c0;
       const T* v_block = v.data() + c0;
       with_static_size<kValueRows>(mr, [&](auto m) {
+        constexpr int MR = decltype(m)::value;
         if (tail) {
-          value_block<T, T, decltype(m)::value, 1>(pt + i0, pt_stride, keys, v_block, v.outerStride(), alpha + i0, acc_block,
-                                  acc.outerStride());
+          value_block<T, T, MR, 1>(pt + i0, pt_stride, keys, v_block, v.outerStride(), alpha + i0, acc_block,
+                                   acc.outerStride());
         } else {
           with_static_size<kValuePackets>(width / kLanes<T>, [&](auto nv) {
-            value_block<T, Packet<T>, decltype(m)::value, decltype(nv)::value>(pt + i0, pt_stride, keys, v_block, v.outerStride(), alpha + i0,
-                                             acc_block, acc.outerStride());
+            value_block<T, Packet<T>, MR, decltype(nv)::value>(pt + i0, pt_stride, keys, v_block, v.outerStride(),
+                                                               alpha + i0, acc_block, acc.outerStride());
           });
         }
       });
