@@ -70,7 +70,8 @@ TYPED_TEST(MaskPolicyTest, ClassifyKeysAndApplyAgreeWithReference) {
   const std::vector<std::pair<Index, Index>> shapes{{1, 1}, {5, 13}, {13, 5}, {40, 40}, {33, 70}, {70, 33}};
   const std::vector<std::pair<Index, Index>> tilings{{1, 1}, {7, 5}, {16, 16}};
   for (const MaskSpec& spec : all_mask_specs())
-    for (const auto& [lq, lk] : shapes)
+    for (const auto& shape : shapes) {
+      const Index lq = shape.first, lk = shape.second;
       with_mask<T>(spec, lq, lk, rng, [&](const auto& mask, const MaskCase& c) {
         SCOPED_TRACE(c.description + " Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk));
         const auto bound = mask.bind(lq, lk);
@@ -87,6 +88,7 @@ TYPED_TEST(MaskPolicyTest, ClassifyKeysAndApplyAgreeWithReference) {
               if (::testing::Test::HasFatalFailure()) return;
             }
       });
+    }
 }
 
 // The classification is useful, not only safe: bands call tiles outside them Empty and tiles
