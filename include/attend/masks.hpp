@@ -211,7 +211,9 @@ struct Window : MaskBase<Window> {
   detail::Band bind(Index num_queries, Index num_keys) const {
     ATTEND_CHECK(left >= -1 && right >= -1, "window (left=" + std::to_string(left) + ", right=" +
                                                 std::to_string(right) + ") must have sides >= 0 or -1 (unbounded)");
-    return {num_keys, detail::diagonal_offset(alignment, num_queries, num_keys), left, right};
+    // A side reaching past every key is unbounded; so i + offset +- side never overflows.
+    const auto side = [&](Index s) { return s >= num_queries + num_keys ? Index(-1) : s; };
+    return {num_keys, detail::diagonal_offset(alignment, num_queries, num_keys), side(left), side(right)};
   }
 };
 

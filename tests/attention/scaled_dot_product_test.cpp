@@ -221,7 +221,8 @@ TYPED_TEST(ScaledDotProductTest, ConstantValuesGiveConstantOutput) {
     });
 }
 
-// A window reaching past both ends of the sequence is no mask at all: exactly the same result.
+// A window reaching past both ends of the sequence (up to the largest Index) is no mask at all:
+// exactly the same result.
 TYPED_TEST(ScaledDotProductTest, WindowAtLeastLengthEqualsFullAttention) {
   using T = TypeParam;
   ATTEND_SEEDED_RNG(rng);
@@ -233,7 +234,9 @@ TYPED_TEST(ScaledDotProductTest, WindowAtLeastLengthEqualsFullAttention) {
         SCOPED_TRACE(describe(options) + " Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk) + " " +
                      alignment_name(a));
         const AttentionResult<T> full = scaled_dot_product_attention_with_lse(q, k, v, NoMask{}, options);
-        for (const Window& w : {Window(length, length, a), Window(length + 5, -1, a), Window(-1, -1, a)}) {
+        constexpr Index kHuge = std::numeric_limits<Index>::max();  // must not overflow the band
+        for (const Window& w : {Window(length, length, a), Window(length + 5, -1, a), Window(-1, -1, a),
+                                Window(kHuge, kHuge, a), Window(-1, kHuge, a), Window(kHuge, -1, a)}) {
           const AttentionResult<T> windowed = scaled_dot_product_attention_with_lse(q, k, v, w, options);
           EXPECT_TRUE(identical(windowed.output, full.output)) << "Window(" << w.left << ", " << w.right << ")";
           EXPECT_TRUE(identical(windowed.lse, full.lse));

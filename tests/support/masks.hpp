@@ -28,7 +28,7 @@ inline BoolMatrix window_visibility(Index lq, Index lk, Index left, Index right,
   BoolMatrix m(lq, lk);
   for (Index i = 0; i < lq; ++i) {
     const Index a = aligned_key(i, lq, lk, alignment);
-    for (Index j = 0; j < lk; ++j) m(i, j) = (left < 0 || j >= a - left) && (right < 0 || j <= a + right);
+    for (Index j = 0; j < lk; ++j) m(i, j) = (left < 0 || a - j <= left) && (right < 0 || j - a <= right);
   }
   return m;
 }
@@ -60,7 +60,7 @@ enum class MaskKind {
   WindowZero,        // Window(0, 0)
   WindowRandom,      // Window(l, r), l and r uniform in [0, Lk)
   WindowOneSided,    // Window(l, -1) or Window(-1, r)
-  WindowHuge,        // Window(l, r) with l, r >= max(Lq, Lk)
+  WindowHuge,        // Window(l, r) with l, r >= max(Lq, Lk), up to the largest Index
   KeyPadding,        // valid length uniform in [0, Lk] (0 is drawn on purpose now and then)
   Bernoulli,         // dense boolean, p in {0.1, 0.5, 0.9}
   Additive,          // dense randn * 3 with -inf entries (and a -inf row and column)
@@ -172,8 +172,9 @@ void with_mask(const MaskSpec& spec, Index lq, Index lk, Rng& rng, F&& f) {
         r = left_open ? rng.uniform(0, top) : -1;
       } else if (spec.kind == MaskKind::WindowHuge) {
         const Index big = std::max(lq, lk);
-        l = big + rng.uniform(0, 3);
-        r = big + rng.uniform(0, 3);
+        constexpr Index kLargest = std::numeric_limits<Index>::max();
+        l = rng.bernoulli(0.3) ? kLargest : big + rng.uniform(0, 3);
+        r = rng.bernoulli(0.3) ? kLargest : big + rng.uniform(0, 3);
       }
       c = {window_name(l, r, a), window_visibility(lq, lk, l, r, a), std::nullopt, band_may_empty};
       f(Window(l, r, a), c);
