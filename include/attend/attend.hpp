@@ -8,7 +8,6 @@
 #include "types.hpp"
 #include "options.hpp"
 #include "softmax.hpp"
-#include "online_softmax.hpp"
 #include "masks.hpp"
 #include "scores.hpp"
 #include "scores/additive.hpp"

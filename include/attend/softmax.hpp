@@ -4,6 +4,7 @@
 #pragma once
 
 #include "types.hpp"
+#include "detail/packet.hpp"
 
 #include <cmath>
 #include <limits>
@@ -32,9 +33,8 @@ void softmax_rows_inplace(MatrixRef<T> scores, VectorRef<T> lse) {
       if (lse.size() != 0) lse(i) = kNegInf;
       continue;
     }
-    // Eigen 3.4's vectorized double exp(-inf) is a denormal (~5e-309), not 0: masked entries
-    // are zeroed explicitly so that they never weigh a value row.
-    row = (row.array() == kNegInf).select(T(0), (row.array() - row_max).exp());
+    // Masked entries become exactly 0 (Eigen's vectorized double exp(-inf) is a denormal).
+    detail::exp_shifted_inplace(row.data(), row.size(), row_max);
     const T sum = row.sum();
     row /= sum;
     if (lse.size() != 0) lse(i) = row_max + std::log(sum);

@@ -7,6 +7,7 @@
 
 #include "../types.hpp"
 
+#include <cmath>
 #include <limits>
 #include <type_traits>
 
@@ -55,6 +56,17 @@ P exp_or_zero(const P& x) {
   using T = typename simd::unpacket_traits<P>::type;
   const P masked = simd::pcmp_eq(x, simd::pset1<P>(-std::numeric_limits<T>::infinity()));
   return simd::pandnot(simd::pexp(x), masked);
+}
+
+/// x_i <- exp(x_i - shift) over n contiguous values, exactly 0 where x_i = -inf.
+template <class T>
+void exp_shifted_inplace(T* x, Index n, T shift) {
+  namespace simd = Eigen::internal;
+  const Packet<T> shift_packet = simd::pset1<Packet<T>>(shift);
+  Index i = 0;
+  for (; i + kLanes<T> <= n; i += kLanes<T>)
+    simd::pstoreu(x + i, exp_or_zero(simd::psub(simd::ploadu<Packet<T>>(x + i), shift_packet)));
+  for (; i < n; ++i) x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(x[i] - shift);
 }
 
 /// Calls f(std::integral_constant<int, n>) for a runtime n in [1, Max]: the kernels' remainder
