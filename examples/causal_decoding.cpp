@@ -64,7 +64,7 @@ double max_abs_diff(const Matrix<double>& a, const Matrix<double>& b) {
 }  // namespace
 
 int main() {
-  std::mt19937 gen(2024);
+  std::mt19937 gen(2024);  // a braced initializer list draws its elements in order: W_q, W_k, W_v, W_o
   attend::RotaryOptions rotary;
   rotary.layout = attend::RotaryLayout::HalfSplit;  // pair i = (x_i, x_{i + d/2}) in each head
   const Layer layer{random_linear(kHeads * kHeadDim, kWidth, gen), random_linear(kKvHeads * kHeadDim, kWidth, gen),
@@ -94,7 +94,7 @@ int main() {
     layer.project(inputs.topRows(t + 1), 0, q_all, k_all, v_all);  // (t+1, H d), (t+1, H_kv d) x 2
     const Matrix<double> full = attend::multi_head_attention(q_all, k_all, v_all, kHeads, attend::Causal());
     const Matrix<double> full_window =
-        attend::multi_head_attention(q_all, k_all, v_all, kHeads, attend::Window(kWindow - 1, 0));
+        attend::multi_head_attention(q_all, k_all, v_all, kHeads, attend::Window(kWindow - 1, 0));  // w - 1 keys back
 
     const double diff = max_abs_diff(heads, full.bottomRows(1));
     const double window_diff = max_abs_diff(windowed_heads, full_window.bottomRows(1));
