@@ -6,10 +6,20 @@
 #   with password-less sudo  the same through `sudo -n`
 #   otherwise               stops and prints the exact command to run.
 # The library itself only needs Eigen; OpenMP (libgomp, shipped with g++) is optional.
+# With --bench (what `make bench` passes) it also installs gnuplot for the report's plot; that
+# one is optional: when it cannot be installed the script says so and still succeeds.
 set -euo pipefail
 
 readonly min_cmake=3.21
 missing=()
+optional=()
+bench=false
+for arg in "$@"; do
+  case $arg in
+    --bench) bench=true ;;
+    *) echo "usage: bash cmake/install-dependencies.sh [--bench]" >&2; exit 2 ;;
+  esac
+done
 
 have_command() { command -v "$1" >/dev/null 2>&1; }
 
@@ -43,6 +53,10 @@ else
     "(Eigen 3.4, GoogleTest, Google Benchmark)." >&2
 fi
 
+if $bench && ! have_command gnuplot; then
+  optional+=(gnuplot-nox)
+fi
+
 # OpenMP is optional: without it the kernels run on one thread.
 check_openmp() {
   local cxx=${CXX:-g++}
@@ -52,26 +66,45 @@ check_openmp() {
     echo "attend: note: $cxx has no OpenMP (libgomp); the kernels will run on one thread." >&2
 }
 
-if [ ${#missing[@]} -eq 0 ]; then
+if [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ]; then
   check_openmp
   exit 0
 fi
 
+# Without a way to install, a missing optional package is only a note.
+skip_optional() {
+  echo "attend: note: gnuplot is missing, so the benchmark report will have no plot;" \
+    "to get one: sudo apt-get install gnuplot-nox" >&2
+  [ ${#missing[@]} -eq 0 ] || exit 1
+  check_openmp
+  exit 0
+}
 if ! have_command apt-get; then
-  echo "attend: missing ${missing[*]}; please install them with your package manager." >&2
-  exit 1
+  [ ${#missing[@]} -eq 0 ] || echo "attend: missing ${missing[*]}; please install them with your package manager." >&2
+  [ ${#optional[@]} -eq 0 ] && exit 1
+  skip_optional
 fi
 if [ "$(id -u)" -eq 0 ]; then
   as_root=()
 elif have_command sudo && sudo -n true 2>/dev/null; then
   as_root=(sudo -n)
 else
-  echo "attend: missing ${missing[*]}. Please run:" >&2
-  echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-  exit 1
+  if [ ${#missing[@]} -ne 0 ]; then
+    echo "attend: missing ${missing[*]}. Please run:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]} ${optional[*]}" >&2
+    exit 1
+  fi
+  skip_optional
 fi
-echo "attend: installing ${missing[*]} with apt-get" >&2
 export DEBIAN_FRONTEND=noninteractive
-"${as_root[@]}" apt-get update
-"${as_root[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+echo "attend: installing ${missing[*]} ${optional[*]} with apt-get" >&2
+if [ ${#missing[@]} -ne 0 ]; then
+  "${as_root[@]}" apt-get update
+  "${as_root[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+elif ! "${as_root[@]}" apt-get update; then
+  skip_optional
+fi
+if [ ${#optional[@]} -ne 0 ]; then
+  "${as_root[@]}" apt-get install -y --no-install-recommends "${optional[@]}" || skip_optional
+fi
 check_openmp
