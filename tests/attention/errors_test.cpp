@@ -2,6 +2,7 @@
 // DESIGN.md §4 for scaled dot-product attention, on both paths: invalid configurations throw
 // attend::invalid_argument naming the shapes; degenerate input has its defined output; NaN
 // propagates to the rows it touches; huge finite logits stay finite.
+#include "support/expect.hpp"
 #include "support/attention_case.hpp"
 
 #include <attend/attention/scaled_dot_product.hpp>
@@ -28,16 +29,6 @@ TYPED_TEST_SUITE(AttentionErrorsTest, Scalars);
 
 /// Materialized, blocked with default tiles, and blocked with tiles smaller than the inputs.
 std::vector<AttentionOptions> paths() { return {materialized_path(), blocked_path(), blocked_path(3, 5)}; }
-
-/// `call` throws attend::invalid_argument whose message contains every one of `parts`.
-void expect_invalid(const std::function<void()>& call, const std::vector<std::string>& parts) {
-  try {
-    call();
-    ADD_FAILURE() << "no attend::invalid_argument thrown";
-  } catch (const attend::invalid_argument& e) {
-    for (const std::string& part : parts) EXPECT_THAT(e.what(), HasSubstr(part));
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Invalid configurations

@@ -4,6 +4,7 @@
 // the long-double reference.
 #include <attend/attention/kv_cache.hpp>
 
+#include "support/expect.hpp"
 #include "support/baseline.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
@@ -19,17 +20,7 @@
 namespace attend::test {
 namespace {
 
-/// Runs f, which must throw attend::invalid_argument whose message contains every fragment.
-template <class F>
-void expect_invalid(F&& f, const std::vector<std::string>& fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no exception";
-  } catch (const invalid_argument& e) {
-    for (const std::string& s : fragments)
-      EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << "'" << s << "' not in: " << e.what();
-  }
-}
+using attend::test::expect_invalid;
 
 TEST(KVCache, AppendKeepsRowsInOrderAndViewsTheValidPart) {
   ATTEND_SEEDED_RNG(rng);

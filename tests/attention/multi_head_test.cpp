@@ -4,6 +4,7 @@
 // attention, concatenate, out-project), which is what torch.nn.MultiheadAttention computes.
 #include <attend/attention/multi_head.hpp>
 
+#include "support/expect.hpp"
 #include "support/baseline.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
@@ -22,6 +23,8 @@
 
 namespace attend::test {
 namespace {
+
+using attend::test::expect_invalid;
 
 /// Shapes of one multi-head problem.
 struct Shape {
@@ -332,18 +335,6 @@ TYPED_TEST(MultiHeadTest, HeadsAreViewsOfStridedInputs) {
     const Baseline<T> base = baseline_attention<T>(q.middleCols(h * d, d), k.middleCols(g * d, d),
                                                    v.middleCols(g * d, d), T(1) / std::sqrt(T(d)), visible);
     EXPECT_TRUE(within_tolerance<T>(out.middleCols(h * d, d), ref.output, base.output)) << "head " << h;
-  }
-}
-
-/// Runs f, which must throw attend::invalid_argument whose message contains every fragment.
-template <class F>
-void expect_invalid(F&& f, const std::vector<std::string>& fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no exception";
-  } catch (const invalid_argument& e) {
-    for (const std::string& s : fragments)
-      EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << "'" << s << "' not in: " << e.what();
   }
 }
 

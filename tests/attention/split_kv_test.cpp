@@ -3,6 +3,7 @@
 // long-double reference over all keys.
 #include <attend/attention/split_kv.hpp>
 
+#include "support/expect.hpp"
 #include "support/baseline.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
@@ -23,6 +24,8 @@
 
 namespace attend::test {
 namespace {
+
+using attend::test::expect_invalid;
 
 template <class T>
 class SplitKvTest : public ::testing::Test {};
@@ -202,18 +205,6 @@ TYPED_TEST(SplitKvTest, DecodeStepIsBitwiseEqualForOneToThreeThreads) {
     EXPECT_EQ(lses[r], lses[0]);
   }
 #endif
-}
-
-/// Runs f, which must throw attend::invalid_argument whose message contains every fragment.
-template <class F>
-void expect_invalid(F&& f, const std::vector<std::string>& fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no exception";
-  } catch (const invalid_argument& e) {
-    for (const std::string& s : fragments)
-      EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << "'" << s << "' not in: " << e.what();
-  }
 }
 
 TEST(SplitKvErrors, ClearMessagesNamingTheValues) {

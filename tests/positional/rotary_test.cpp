@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Rotary position embedding against a scalar cos/sin reference written here, its algebraic
 // properties, the scalings against their published formulas, and the layout permutation.
+#include "support/expect.hpp"
+
 #include <attend/positional/rotary.hpp>
 
 #include <gmock/gmock.h>
@@ -17,6 +19,8 @@
 #endif
 
 namespace {
+
+using attend::test::expect_invalid;
 
 using attend::Index;
 using attend::Matrix;
@@ -561,16 +565,6 @@ TYPED_TEST(RotaryTest, PermutedWeightsGiveSameRotaryScores) {
 }
 
 // ---- Errors ----
-
-template <class F>
-void expect_invalid(F&& f, const std::vector<std::string>& substrings) {
-  try {
-    f();
-    ADD_FAILURE() << "expected attend::invalid_argument";
-  } catch (const attend::invalid_argument& e) {
-    for (const std::string& s : substrings) EXPECT_THAT(e.what(), ::testing::HasSubstr(s));
-  }
-}
 
 TYPED_TEST(RotaryTest, RejectsBadDimensions) {
   using T = TypeParam;

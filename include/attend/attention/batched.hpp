@@ -117,9 +117,7 @@ void batched_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixB
                             const BatchLayout& layout, const MaskBase<Mask>& mask = NoMask{},
                             const AttentionOptions& options = {}) {
   using T = typename DQ::Scalar;
-  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
-  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
-                "attend: q, k and v must have the same scalar type");
+  detail::static_check_scalars<DQ, DK, DV>();
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   detail::batched_attention_into<T>(q_ref, k_ref, v_ref, mask, options, layout, out);
 }

@@ -135,9 +135,6 @@ void soft_capped_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Mat
                                 const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                                 VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
   using T = typename DQ::Scalar;
-  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
-  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
-                "attend: q, k and v must have the same scalar type");
   detail::check_soft_cap(cap);
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);

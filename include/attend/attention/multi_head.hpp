@@ -186,8 +186,7 @@ void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
                                const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                                const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   using T = typename DQ::Scalar;
-  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
-                "attend: q, k and v must have the same scalar type");
+  detail::static_check_scalars<DQ, DK, DV>();
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);

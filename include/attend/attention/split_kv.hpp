@@ -219,8 +219,7 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                            const AttentionOptions& options = {},
                            VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
   using T = typename DQ::Scalar;
-  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
-                "attend: q, k and v must have the same scalar type");
+  detail::static_check_scalars<DQ, DK, DV>();
   ATTEND_CHECK(q.rows() == 1, "a decode step takes one query row, got q " + detail::shape_of(q));
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");

@@ -191,9 +191,6 @@ void top_k_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBas
                           const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
   using T = typename DQ::Scalar;
-  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
-  static_assert(std::is_same_v<T, typename DK::Scalar> && std::is_same_v<T, typename DV::Scalar>,
-                "attend: q, k and v must have the same scalar type");
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   detail::top_k_attention_into<T>(q_ref, k_ref, v_ref, detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())},
