@@ -39,9 +39,9 @@ using attend::Index;
 using T = float;
 using Matrix = attend::Matrix<T>;
 
-constexpr Index kDim = 64;                                    // d of every one-head variant
-constexpr Index kWindow = 256, kTopK = 16, kHidden = 64;      // local window, top-k, additive h
-constexpr Index kWidth = 512, kHeads = 8;                     // multi-head and batched
+constexpr Index kDim = 64;                                // d of every one-head variant
+constexpr Index kWindow = 256, kTopK = 16, kHidden = 64;  // local window, top-k, additive h
+constexpr Index kWidth = 512, kHeads = 8;                 // multi-head and batched
 constexpr Index kDecodeHeads = 32, kDecodeKvHeads = 8, kDecodeDim = 128;
 
 // ---------------------------------------------------------------------------------------------
@@ -49,18 +49,20 @@ constexpr Index kDecodeHeads = 32, kDecodeKvHeads = 8, kDecodeDim = 128;
 // head: the two GEMMs Q K^T and P V at 2 FLOPs per multiply-add. The texts are printed under
 // the table, grouped by the variants that use them.
 
-const char* const kFlopsDense =
-    "4 Lq Lk d per head (Q K^T and P V, 2 per multiply-add); score transforms not counted";
+const char* const kFlopsDense = "4 Lq Lk d per head (Q K^T and P V, 2 per multiply-add); score transforms not counted";
 const char* const kFlopsCausal = "4 d per visible (query, key) pair: 4 d L (L + 1) / 2, about half of dense";
 const char* const kFlopsWindow = "4 d per visible pair: 4 d sum_i min(i + 1, w), about 4 L w d";
-const char* const kFlopsTopK = "counted as dense attention of the same shape, 4 L^2 d (the selection pass scores every key)";
-const char* const kFlopsAdditive = "(3h + 2d) per (query, key) pair (add, tanh as 1, multiply-add by v; P V); "
-                                   "the (L, h) projections not counted";
+const char* const kFlopsTopK =
+    "counted as dense attention of the same shape, 4 L^2 d (the selection pass scores every key)";
+const char* const kFlopsAdditive =
+    "(3h + 2d) per (query, key) pair (add, tanh as 1, multiply-add by v; P V); "
+    "the (L, h) projections not counted";
 const char* const kFlopsMultiHead = "4 projections 4 (2 L E^2) + H (4 L^2 d), E = 512, H = 8, d = 64";
 const char* const kFlopsDecode = "H (4 Lk d) for one query per head; the note gives GB/s of K and V read once";
 
 const char* const kScratchBlocked = "per thread detail::BlockedScratch<T>::bytes(tiles, Dk, Dv), x threads";
-const char* const kScratchMaterialized = "the (Lq, Lk) score matrix, Lq Lk sizeof(T) per head in flight";
+const char* const kScratchMaterialized =
+    "the (Lq, Lk) score matrix, Lq Lk sizeof(T) per head in flight (Eigen's GEMM packing blocks not counted)";
 const char* const kScratchCopies = "blocked scratch + the transformed inputs it makes (bilinear Q W; cosine unit Q, K)";
 const char* const kScratchBias = "blocked scratch + the bias looked up once per relative position, Lq + Lk - 1 values";
 const char* const kScratchTopK =
@@ -69,8 +71,7 @@ const char* const kScratchAdditive = "projections (Lq + Lk, h) + the path's scra
 const char* const kScratchMultiHead =
     "projected Q, K, V and concatenated heads 4 (L, E) + per head in flight: blocked or (L, L) scores";
 const char* const kScratchBatched = "blocked scratch x threads (heads are views of the inputs)";
-const char* const kScratchDecode =
-    "per thread (H, block_k) scores + partials (splits H, d + 1) + the scaled query";
+const char* const kScratchDecode = "per thread (H, block_k) scores + partials (splits H, d + 1) + the scaled query";
 
 double dense_pairs(Index length) { return double(length) * double(length); }
 double causal_pairs(Index length) { return double(length) * double(length + 1) / 2; }
@@ -139,7 +140,9 @@ void time_loop(benchmark::State& state, Matrix& out, Call&& call) {
 /// Random one-head inputs (L, d) and the output.
 struct OneHead {
   explicit OneHead(Index length)
-      : q(Matrix::Random(length, kDim) / 4), k(Matrix::Random(length, kDim)), v(Matrix::Random(length, kDim)),
+      : q(Matrix::Random(length, kDim) / 4),
+        k(Matrix::Random(length, kDim)),
+        v(Matrix::Random(length, kDim)),
         out(length, kDim) {}
   Matrix q, k, v, out;
 };
@@ -180,10 +183,10 @@ Variant multi_head() {
   v.run = [](benchmark::State& state, Index length) {
     const T s = T(1) / T(22.6);  // about 1/sqrt(E): unit-variance projections
     const attend::MultiHeadAttention<T> mha(
-        kHeads, {Matrix::Random(kWidth, kWidth) * s, Matrix::Random(kWidth, kWidth) * s,
-                 Matrix::Random(kWidth, kWidth) * s, Matrix::Random(kWidth, kWidth) * s,
-                 attend::Vector<T>::Random(kWidth), attend::Vector<T>::Random(kWidth),
-                 attend::Vector<T>::Random(kWidth), attend::Vector<T>::Random(kWidth)});
+        kHeads,
+        {Matrix::Random(kWidth, kWidth) * s, Matrix::Random(kWidth, kWidth) * s, Matrix::Random(kWidth, kWidth) * s,
+         Matrix::Random(kWidth, kWidth) * s, attend::Vector<T>::Random(kWidth), attend::Vector<T>::Random(kWidth),
+         attend::Vector<T>::Random(kWidth), attend::Vector<T>::Random(kWidth)});
     const Matrix x = Matrix::Random(length, kWidth);
     for (auto _ : state) {
       attend::MultiHeadResult<T> r = mha.forward(x);
@@ -193,7 +196,8 @@ Variant multi_head() {
   };
   const auto blocked = [](Index length) { return attend::detail::use_blocked({}, length, length); };
   v.flops = [](Index length) {
-    return 4 * 2.0 * double(length) * kWidth * kWidth + double(kHeads) * 4.0 * double(kWidth / kHeads) * dense_pairs(length);
+    return 4 * 2.0 * double(length) * kWidth * kWidth +
+           double(kHeads) * 4.0 * double(kWidth / kHeads) * dense_pairs(length);
   };
   v.scratch = [blocked](Index length, int threads) {
     const double heads = double(std::min<Index>(threads, kHeads));
@@ -214,7 +218,9 @@ Variant batched() {
                  value = Matrix::Random(length, kHeads * kDim);
     Matrix out(length, kHeads * kDim);
     const attend::AttentionOptions options = on_path(Algorithm::Blocked);
-    time_loop(state, out, [&] { attend::batched_attention_into(q, k, value, out, {kHeads, 1}, attend::NoMask{}, options); });
+    time_loop(state, out, [&] {
+      attend::batched_attention_into(q, k, value, out, {kHeads, 1}, attend::NoMask{}, options);
+    });
   };
   v.flops = [](Index length) { return double(kHeads) * 4.0 * double(kDim) * dense_pairs(length); };
   v.scratch = [](Index, int threads) { return one_head_scratch(Algorithm::Blocked, 0, threads); };
@@ -260,33 +266,30 @@ std::vector<Variant> all_variants() {
                                   attend::scaled_dot_product_attention_into(x.q, x.k, x.v, x.out, Causal{}, o);
                                 }));
   const Algorithm blocked = Algorithm::Blocked;
-  variants.push_back(one_head("dot", blocked, kFlopsDense, dense_pairs, kScratchBlocked, [](OneHead& x, const Options& o) {
-    attend::dot_product_attention_into(x.q, x.k, x.v, x.out, NoMask{}, o);
-  }));
+  variants.push_back(one_head(
+      "dot", blocked, kFlopsDense, dense_pairs, kScratchBlocked,
+      [](OneHead& x, const Options& o) { attend::dot_product_attention_into(x.q, x.k, x.v, x.out, NoMask{}, o); }));
   const auto w = std::make_shared<const Matrix>(Matrix::Random(kDim, kDim) / 8);
-  variants.push_back(one_head("bilinear", blocked, kFlopsDense, dense_pairs, kScratchCopies,
-                              [w](OneHead& x, const Options& o) {
-                                attend::bilinear_attention_into(x.q, x.k, x.v, *w, x.out, NoMask{}, o);
-                              }));
+  variants.push_back(one_head(
+      "bilinear", blocked, kFlopsDense, dense_pairs, kScratchCopies,
+      [w](OneHead& x, const Options& o) { attend::bilinear_attention_into(x.q, x.k, x.v, *w, x.out, NoMask{}, o); }));
   variants.back().scratch = [](Index length, int threads) {
     return double(sizeof(T)) * double(length * kDim) + one_head_scratch(Algorithm::Blocked, length, threads);
   };
-  variants.push_back(one_head("cosine", blocked, kFlopsDense, dense_pairs, kScratchCopies,
-                              [](OneHead& x, const Options& o) {
-                                attend::cosine_attention_into(x.q, x.k, x.v, 0.1, x.out, NoMask{}, o);
-                              }));
+  variants.push_back(one_head(
+      "cosine", blocked, kFlopsDense, dense_pairs, kScratchCopies,
+      [](OneHead& x, const Options& o) { attend::cosine_attention_into(x.q, x.k, x.v, 0.1, x.out, NoMask{}, o); }));
   variants.back().scratch = [](Index length, int threads) {
     return double(sizeof(T)) * double(2 * length * kDim) + one_head_scratch(Algorithm::Blocked, length, threads);
   };
-  variants.push_back(one_head("soft-cap", blocked, kFlopsDense, dense_pairs, kScratchBlocked,
-                              [](OneHead& x, const Options& o) {
-                                attend::soft_capped_attention_into(x.q, x.k, x.v, 30.0, x.out, NoMask{}, o);
-                              }));
-  variants.push_back(one_head("alibi-causal", blocked, kFlopsCausal, causal_pairs, kScratchBlocked,
-                              [](OneHead& x, const Options& o) {
-                                attend::scaled_dot_product_attention_into(x.q, x.k, x.v, x.out,
-                                                                          Causal{} & attend::Alibi(0.0625), o);
-                              }));
+  variants.push_back(
+      one_head("soft-cap", blocked, kFlopsDense, dense_pairs, kScratchBlocked, [](OneHead& x, const Options& o) {
+        attend::soft_capped_attention_into(x.q, x.k, x.v, 30.0, x.out, NoMask{}, o);
+      }));
+  variants.push_back(
+      one_head("alibi-causal", blocked, kFlopsCausal, causal_pairs, kScratchBlocked, [](OneHead& x, const Options& o) {
+        attend::scaled_dot_product_attention_into(x.q, x.k, x.v, x.out, Causal{} & attend::Alibi(0.0625), o);
+      }));
   const auto table = std::make_shared<const attend::Vector<T>>(attend::Vector<T>::Random(32));
   variants.push_back(one_head("t5-bias-causal", blocked, kFlopsCausal, causal_pairs, kScratchBias,
                               [table](OneHead& x, const Options& o) {
@@ -296,22 +299,21 @@ std::vector<Variant> all_variants() {
   variants.back().scratch = [](Index length, int threads) {
     return double(sizeof(T)) * double(2 * length - 1) + one_head_scratch(Algorithm::Blocked, length, threads);
   };
-  variants.push_back(one_head("window-256", blocked, kFlopsWindow, window_pairs, kScratchBlocked,
-                              [](OneHead& x, const Options& o) {
-                                attend::local_window_attention_into(x.q, x.k, x.v, attend::sliding_window(kWindow),
-                                                                    x.out, NoMask{}, o);
-                              }));
+  variants.push_back(
+      one_head("window-256", blocked, kFlopsWindow, window_pairs, kScratchBlocked, [](OneHead& x, const Options& o) {
+        attend::local_window_attention_into(x.q, x.k, x.v, attend::sliding_window(kWindow), x.out, NoMask{}, o);
+      }));
   variants.back().note = [](Index) { return std::string("causal sliding window"); };
-  variants.push_back(one_head("top-k-16", blocked, kFlopsTopK, dense_pairs, kScratchTopK,
-                              [](OneHead& x, const Options& o) {
-                                attend::top_k_attention_into(x.q, x.k, x.v, kTopK, x.out, NoMask{}, o);
-                              }));
+  variants.push_back(one_head(
+      "top-k-16", blocked, kFlopsTopK, dense_pairs, kScratchTopK,
+      [](OneHead& x, const Options& o) { attend::top_k_attention_into(x.q, x.k, x.v, kTopK, x.out, NoMask{}, o); }));
   variants.back().scratch = [](Index length, int threads) {
     const auto tiles = attend::detail::kDefaultTiles;
     const Index keep = std::min(kTopK, length);
-    const double selection = double(sizeof(T)) * double(tiles.queries * tiles.keys) +
-                             double(sizeof(attend::detail::ScoredKey<T>)) * double(tiles.queries * keep + keep + tiles.keys) +
-                             double(sizeof(Index)) * double(tiles.queries);
+    const double selection =
+        double(sizeof(T)) * double(tiles.queries * tiles.keys) +
+        double(sizeof(attend::detail::ScoredKey<T>)) * double(tiles.queries * keep + keep + tiles.keys) +
+        double(sizeof(Index)) * double(tiles.queries);
     return double(sizeof(Index)) * double(length * (keep + 1)) +
            double(threads) * std::max(selection, double(blocked_bytes(kDim, kDim)));
   };
@@ -345,10 +347,18 @@ std::vector<std::string> split_commas(const std::string& text) {
   return parts;
 }
 
+const char* const kUsage =
+    "usage: attend_report [--variants=NAME[/PATH],...] [--sizes=L,...] [--min-time=SECONDS] [--threads=N]\n"
+    "                     [--json=FILE] [--dat=FILE] [--list] [--benchmark_...]\n"
+    "  --variants   variants whose name starts with one of NAMEs, or exactly NAME/PATH (default: all; --list)\n"
+    "  --sizes      sequence lengths L (default 256,1024,4096; keys for decode)\n"
+    "  --min-time   seconds each case runs at least (default 0.15)\n"
+    "  --threads    OpenMP threads (default: all available)\n"
+    "  --json       Google Benchmark's JSON of every case to FILE\n"
+    "  --dat        time (ms) against L to FILE, one gnuplot block per variant/path\n";
+
 [[noreturn]] void usage_error(const std::string& message) {
-  std::cerr << "attend_report: " << message
-            << "\nusage: attend_report [--variants=NAME[/PATH],...] [--sizes=L,...] [--min-time=SECONDS]"
-               " [--threads=N] [--json=FILE] [--dat=FILE] [--list] [--benchmark_...]\n";
+  std::cerr << "attend_report: " << message << "\n" << kUsage;
   std::exit(2);
 }
 
@@ -369,7 +379,11 @@ Settings parse_settings(int& argc, char** argv) {
       s.variants = split_commas(value("--variants="));
     } else if (arg.rfind("--sizes=", 0) == 0) {
       s.sizes.clear();
-      for (const std::string& size : split_commas(value("--sizes="))) s.sizes.push_back(Index(number(size)));
+      for (const std::string& size : split_commas(value("--sizes="))) {
+        const double length = number(size);
+        if (length != double(Index(length))) usage_error("'" + arg + "' needs whole lengths");
+        s.sizes.push_back(Index(length));
+      }
       if (s.sizes.empty()) usage_error("--sizes needs at least one length");
     } else if (arg.rfind("--min-time=", 0) == 0) {
       s.min_time = number(value("--min-time="));
@@ -382,7 +396,8 @@ Settings parse_settings(int& argc, char** argv) {
     } else if (arg == "--list") {
       s.list = true;
     } else if (arg == "--help" || arg == "-h") {
-      usage_error("the comparison report of attend's attention variants");
+      std::cout << "attend_report: the comparison report of attend's attention variants\n" << kUsage;
+      std::exit(0);
     } else if (arg.rfind("--benchmark_", 0) == 0 || arg.rfind("--v=", 0) == 0) {
       argv[kept++] = argv[i];
     } else {
@@ -436,9 +451,10 @@ struct Row {
 /// data) at the end. Google Benchmark's own JSON reporter runs beside it.
 class TableReporter : public benchmark::BenchmarkReporter {
  public:
-  TableReporter(std::map<std::string, std::pair<const Variant*, Index>> cases, std::string header,
-                std::string dat_file)
-      : cases_(std::move(cases)), header_(std::move(header)), dat_file_(std::move(dat_file)),
+  TableReporter(std::map<std::string, std::pair<const Variant*, Index>> cases, std::string header, std::string dat_file)
+      : cases_(std::move(cases)),
+        header_(std::move(header)),
+        dat_file_(std::move(dat_file)),
         start_(std::chrono::steady_clock::now()) {}
 
   bool ReportContext(const Context&) override { return true; }
@@ -454,9 +470,15 @@ class TableReporter : public benchmark::BenchmarkReporter {
       const auto c = run->counters.find(name);
       return c == run->counters.end() ? 0.0 : c->second.value;
     };
-    Row row{found->second.first, found->second.second, run->error_occurred, run->error_message,
+    Row row{found->second.first,
+            found->second.second,
+            run->error_occurred,
+            run->error_message,
             run->GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(run->time_unit) * 1e3,
-            counter("GFLOPS"), counter("pct_peak"), counter("scratch_bytes"), counter("GBps")};
+            counter("GFLOPS"),
+            counter("pct_peak"),
+            counter("scratch_bytes"),
+            counter("GBps")};
     rows_.push_back(row);
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     std::string line = "[" + pad(std::to_string(rows_.size()), std::to_string(cases_.size()).size(), true) + "/" +
@@ -499,7 +521,7 @@ class TableReporter : public benchmark::BenchmarkReporter {
       std::string line;
       for (std::size_t c = 0; c < row.size(); ++c)
         line += (c == 0 ? "" : " | ") + (c + 1 == row.size() ? row[c] : pad(row[c], width[c], right[c]));
-      out << line << "\n";
+      out << line.substr(0, line.find_last_not_of(' ') + 1) << "\n";
     };
     out << header_ << "\n\n";
     print_row(head);
@@ -508,10 +530,12 @@ class TableReporter : public benchmark::BenchmarkReporter {
       rule += (c == 0 ? "" : "-+-") + std::string(c + 1 == head.size() ? 4 : width[c], '-');
     out << rule << "\n";
     for (const auto& row : cells) print_row(row);
-    print_definitions(out, "FLOPs (GFLOP/s = FLOPs / time; % peak = GFLOP/s / FMA peak):",
-                      [](const Variant& v) { return v.flops_rule; });
-    print_definitions(out, "Scratch (memory the kernel holds beyond inputs and outputs):",
-                      [](const Variant& v) { return v.scratch_rule; });
+    print_definitions(out, "FLOPs (GFLOP/s = FLOPs / time; % peak = GFLOP/s / FMA peak):", [](const Variant& v) {
+      return v.flops_rule;
+    });
+    print_definitions(out, "Scratch (memory the kernel holds beyond inputs and outputs):", [](const Variant& v) {
+      return v.scratch_rule;
+    });
     out.flush();
   }
 
@@ -607,22 +631,21 @@ int main(int argc, char** argv) {
     for (Index length : settings.sizes) {
       const std::string name = v->label() + "/L:" + std::to_string(length);
       cases[name] = {v, length};
-      benchmark::RegisterBenchmark(name.c_str(),
-                                   [v, length, threads, peak](benchmark::State& state) {
-                                     attend::bench::set_threads(threads);
-                                     v->run(state, length);
-                                     const double gflop = v->flops(length) * 1e-9;
-                                     using Counter = benchmark::Counter;
-                                     state.counters["GFLOPS"] = Counter(gflop, Counter::kIsIterationInvariantRate);
-                                     state.counters["pct_peak"] =
-                                         Counter(gflop / peak * 100.0, Counter::kIsIterationInvariantRate);
-                                     state.counters["scratch_bytes"] = v->scratch(length, threads);
-                                     if (v->bytes_read)
-                                       state.counters["GBps"] =
-                                           Counter(v->bytes_read(length) * 1e-9, Counter::kIsIterationInvariantRate);
-                                     state.counters["L"] = double(length);
-                                     state.counters["d"] = double(v->dim);
-                                   })
+      benchmark::RegisterBenchmark(
+          name.c_str(),
+          [v, length, threads, peak](benchmark::State& state) {
+            attend::bench::set_threads(threads);
+            v->run(state, length);
+            const double gflop = v->flops(length) * 1e-9;
+            using Counter = benchmark::Counter;
+            state.counters["GFLOPS"] = Counter(gflop, Counter::kIsIterationInvariantRate);
+            state.counters["pct_peak"] = Counter(gflop / peak * 100.0, Counter::kIsIterationInvariantRate);
+            state.counters["scratch_bytes"] = v->scratch(length, threads);
+            if (v->bytes_read)
+              state.counters["GBps"] = Counter(v->bytes_read(length) * 1e-9, Counter::kIsIterationInvariantRate);
+            state.counters["L"] = double(length);
+            state.counters["d"] = double(v->dim);
+          })
           ->MinTime(settings.min_time)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
@@ -630,9 +653,9 @@ int main(int argc, char** argv) {
   std::cerr << "attend_report: " << cases.size() << " cases (" << chosen.size() << " variant/paths x "
             << settings.sizes.size() << " lengths), at least " << settings.min_time << " s each" << std::endl;
 
-  const std::string header = "attend benchmark report: float, SIMD " + simd + "; " + std::to_string(threads) +
-                             " thread(s); FMA peak " + format("%.1f", peak) + " GFLOP/s at " +
-                             std::to_string(threads) + " thread(s)";
+  const std::string header = "attend benchmark report | SIMD: " + simd + " | threads: " + std::to_string(threads) +
+                             " | FMA peak (float, " + std::to_string(threads) + " threads): " + format("%.1f", peak) +
+                             " GFLOP/s";
   TableReporter reporter(std::move(cases), header, settings.dat);
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
