@@ -53,11 +53,11 @@ done
   tee "$out_dir/report.txt"
 
 written=("$out_dir/report.txt" "$out_dir/report.json" "$out_dir/report.dat")
+rm -f "$out_dir/report.png"  # never leave the plot of an earlier run
 if ! grep -q '^# series ' "$out_dir/report.dat"; then
   echo "attend: no case finished, so no plot (report.png)" >&2
 elif command -v gnuplot >/dev/null 2>&1; then
   # One line per variant/path: the titles come from the "# series NAME" line of each block.
-  rm -f "$out_dir/report.png"
   titles=$(sed -n 's/^# series //p' "$out_dir/report.dat" | tr '\n' ' ')
   count=$(wc -w <<<"$titles")
   heading=$(head -n 1 "$out_dir/report.txt" | sed "s/'/ /g")
