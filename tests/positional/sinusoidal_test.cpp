@@ -124,6 +124,9 @@ TYPED_TEST(SinusoidalTest, AddInPlaceEqualsInputPlusTable) {
   attend::add_sinusoidal_encoding<T>(y, 7);
   const Matrix<T> expected = x + attend::sinusoidal_encoding<T>(25, 13, 7);
   EXPECT_EQ(y, expected);
+  Matrix<T> deduced = x;
+  attend::add_sinusoidal_encoding(deduced, 7);  // the scalar type deduced from a matrix
+  EXPECT_EQ(deduced, expected);
 }
 
 TYPED_TEST(SinusoidalTest, AddToABlockLeavesTheRestUntouched) {

@@ -71,6 +71,12 @@ void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double b
   }
 }
 
+/// Adds the sinusoidal encoding to a matrix in place, deducing its scalar type.
+template <class D>
+void add_sinusoidal_encoding(Eigen::PlainObjectBase<D>& x, Index position_offset = 0, double base = 10000.0) {
+  add_sinusoidal_encoding<typename D::Scalar>(x, position_offset, base);
+}
+
 /// The (length, width) table PE(position_offset + r, j) of the sinusoidal encoding.
 ///
 /// \param length          number of rows (positions), >= 0.
