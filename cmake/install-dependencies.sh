@@ -97,7 +97,8 @@ else
   skip_optional
 fi
 export DEBIAN_FRONTEND=noninteractive
-echo "attend: installing ${missing[*]} ${optional[*]} with apt-get" >&2
+to_install=("${missing[@]}" "${optional[@]}")
+echo "attend: installing ${to_install[*]} with apt-get" >&2
 if [ ${#missing[@]} -ne 0 ]; then
   "${as_root[@]}" apt-get update
   "${as_root[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
