@@ -1,0 +1,425 @@
+// SPDX-License-Identifier: MIT
+// The fuzzer's oracle: an attention problem in exact (long double) arithmetic, with an a-priori
+// bound on how far a correct float/double computation may land from it.
+//
+// A computed score is s_ij = t_ij + e_ij with |e_ij| <= E_ij (the builders below derive E from
+// the dot products and transforms). Row i's softmax argument t_ij - m_i then carries an error
+// eps_j <= E_j + E_m + 4 eps (|a_j| + spread), where the last term covers the subtraction and the
+// blocked path's rescaling by exp(m_old - m_new). With p_j the exact weights and
+// dD = sum_j p_j (exp(eps_j) - 1), each computed weight satisfies |p^_j / p_j - 1| <= r_j =
+// exp(eps_j) / (1 - dD) - 1, and since the weights sum to 1,
+//   |o^_ic - o_ic| <= sum_j p_j r_j |v_jc - o_ic| + (8n + 64) eps sum_j p_j |v_jc| + 8 (n + 8) tiny max_j |v_jc|
+// (the second term: exp, sums and the P V products; the third: exp flushing to zero). The check
+// uses twice that bound, so it is far from any rounding noise yet catches every real defect (a
+// wrong key, a lost tile, a bad rescale), which moves the output by O(|v|).
+#pragma once
+
+#include <attend/types.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace attend::fuzz {
+
+using Real = long double;
+using RealMatrix = Matrix<Real>;
+inline constexpr Real kNegInf = -std::numeric_limits<Real>::infinity();
+
+/// Stops the run with a message; libFuzzer reports the abort and saves the input.
+[[noreturn]] inline void fail(const std::string& message) {
+  std::fprintf(stderr, "\nattention_fuzzer: %s\n", message.c_str());
+  std::fflush(stderr);
+  std::abort();
+}
+
+/// How many rows each kind of check has seen; printed at exit when ATTEND_FUZZ_STATS is set,
+/// to show that the oracle is not vacuous.
+struct CheckCounts {
+  long exact = 0, bounded = 0, zero = 0, nan = 0;
+  ~CheckCounts() {
+    if (std::getenv("ATTEND_FUZZ_STATS"))
+      std::fprintf(stderr, "attention_fuzzer: rows checked: %ld exact (%ld within the a-priori bound), %ld zero, %ld NaN\n",
+                   exact, bounded, zero, nan);
+  }
+};
+inline CheckCounts check_counts;
+
+template <class T>
+Real eps() {
+  return Real(std::numeric_limits<T>::epsilon());
+}
+
+/// Scores of one problem before masking, exact, with the error bound of the computed ones.
+struct Scores {
+  RealMatrix value;  // (Lq, Lk)
+  RealMatrix error;  // (Lq, Lk)
+  bool finite = true;  // every input finite and no intermediate value near overflow
+};
+
+/// What one (Lq, Lk) problem promises, row by row.
+struct Problem {
+  RealMatrix score;             // (Lq, Lk) exact masked scores, -inf where hidden
+  RealMatrix error;             // (Lq, Lk) bound on the error of each computed visible score
+  std::vector<char> exact;      // rows checked against the exact result
+  std::vector<char> zero;       // rows that must be exactly 0 (no visible key, finite V)
+  std::vector<char> nan;        // rows that must be entirely NaN (NaN in a visible score, finite V)
+};
+
+template <class M>
+bool all_finite(const M& m) {
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index j = 0; j < m.cols(); ++j)
+      if (!std::isfinite(m(i, j))) return false;
+  return true;
+}
+
+template <class M>
+bool row_has_nan(const M& m, Index i) {
+  for (Index c = 0; c < m.cols(); ++c)
+    if (std::isnan(m(i, c))) return true;
+  return false;
+}
+
+/// s_ij = scale <q_i, k_j> in exact arithmetic, and the error of computing it in T either as
+/// scale * (q k^T) or as (scale q) k^T, with any summation order.
+template <class T, class Q, class K>
+Scores dot_scores(const Q& q, const K& k, T scale) {
+  const Index lq = q.rows(), lk = k.rows(), d = q.cols();
+  Scores s{RealMatrix::Zero(lq, lk), RealMatrix::Zero(lq, lk), std::isfinite(scale) && all_finite(q) && all_finite(k)};
+  const Real max = Real(std::numeric_limits<T>::max()), tiny = Real(std::numeric_limits<T>::denorm_min());
+  const Real sc = Real(scale), abs_sc = std::fabs(sc);
+  for (Index i = 0; i < lq; ++i) {
+    Real q_max = 0;
+    for (Index c = 0; c < d; ++c) q_max = std::max(q_max, std::fabs(Real(q(i, c))));
+    if (abs_sc * q_max > max / 4) s.finite = false;
+    for (Index j = 0; j < lk; ++j) {
+      Real dot = 0, abs_dot = 0, k_max = 0;
+      for (Index c = 0; c < d; ++c) {
+        dot += Real(q(i, c)) * Real(k(j, c));
+        abs_dot += std::fabs(Real(q(i, c)) * Real(k(j, c)));
+        k_max = std::max(k_max, std::fabs(Real(k(j, c))));
+      }
+      if (abs_dot * std::max(Real(1), abs_sc) > max / 4) s.finite = false;
+      s.value(i, j) = sc * dot;
+      // Products and partial sums round relatively; products that underflow lose up to a denormal.
+      s.error(i, j) = eps<T>() * Real(d + 4) * abs_sc * abs_dot +
+                      Real(d + 4) * tiny * (1 + abs_sc) * (1 + q_max + k_max);
+    }
+  }
+  return s;
+}
+
+/// s_ij = cap tanh(x_ij / cap) of scores x: the derivative is at most 1, so x's error passes
+/// through; the division, tanh (Eigen's rational approximation) and product add a few ulps of cap.
+template <class T>
+Scores soft_cap_scores(Scores x, T cap) {
+  x.finite = x.finite && std::isfinite(cap) && cap > 0;
+  const Real c = Real(cap);
+  for (Index i = 0; i < x.value.rows(); ++i)
+    for (Index j = 0; j < x.value.cols(); ++j) {
+      const Real t = c * std::tanh(x.value(i, j) / c);
+      x.error(i, j) += eps<T>() * (64 * c + 2 * std::fabs(t));
+      x.value(i, j) = t;
+    }
+  return x;
+}
+
+/// Rows divided by max(norm, 1e-8), in exact arithmetic; `finite` turns false when the squared
+/// norm would overflow T (Eigen's norm() is not scaled).
+template <class T, class M>
+RealMatrix unit_rows(const M& m, bool& finite) {
+  RealMatrix out(m.rows(), m.cols());
+  for (Index i = 0; i < m.rows(); ++i) {
+    Real sq = 0;
+    for (Index c = 0; c < m.cols(); ++c) sq += Real(m(i, c)) * Real(m(i, c));
+    if (sq > Real(std::numeric_limits<T>::max()) / 4) finite = false;
+    const Real norm = std::max(std::sqrt(sq), Real(T(1e-8)));
+    for (Index c = 0; c < m.cols(); ++c) out(i, c) = Real(m(i, c)) / norm;
+  }
+  return out;
+}
+
+/// s_ij = scale cos(q_i, k_j): normalizing each row costs about d/2 + 4 ulps per element.
+template <class T, class Q, class K>
+Scores cosine_scores(const Q& q, const K& k, T scale) {
+  bool finite = all_finite(q) && all_finite(k);
+  const RealMatrix qn = unit_rows<T>(q, finite), kn = unit_rows<T>(k, finite);
+  Scores s = dot_scores<T>(qn, kn, scale);
+  s.finite = s.finite && finite;
+  for (Index i = 0; i < s.value.rows(); ++i)
+    for (Index j = 0; j < s.value.cols(); ++j) {
+      Real abs_dot = 0;
+      for (Index c = 0; c < q.cols(); ++c) abs_dot += std::fabs(qn(i, c) * kn(j, c));
+      s.error(i, j) += eps<T>() * Real(q.cols() + 8) * std::fabs(Real(scale)) * abs_dot;
+    }
+  return s;
+}
+
+/// s_ij = scale <q_i W, k_j> with q W formed in T first (d_q more roundings per element).
+template <class T, class Q, class W, class K>
+Scores bilinear_scores(const Q& q, const W& w, const K& k, T scale) {
+  const RealMatrix qw = q.template cast<Real>() * w.template cast<Real>();
+  const RealMatrix qw_abs = q.template cast<Real>().cwiseAbs() * w.template cast<Real>().cwiseAbs();
+  Scores s = dot_scores<T>(qw, k, scale);
+  s.finite = s.finite && all_finite(q) && all_finite(w) &&
+             (qw_abs.size() == 0 || qw_abs.maxCoeff() <= Real(std::numeric_limits<T>::max()) / 4);
+  const RealMatrix err = qw_abs * k.template cast<Real>().cwiseAbs().transpose();  // (Lq, Lk)
+  s.error += (eps<T>() * Real(q.cols() + 4) * std::fabs(Real(scale))) * err;
+  return s;
+}
+
+/// Additive (Bahdanau) scores s_ij = sum_c v_c tanh(qp_ic + kp_jc), qp = q W_q^T + b, kp = k W_k^T,
+/// with the projections' errors, tanh's (64 ulps) and the sum's.
+template <class T, class Q, class K>
+Scores additive_scores(const Q& q, const K& k, const Matrix<T>& w_q, const Matrix<T>& w_k, const Vector<T>& v,
+                       const Vector<T>& b) {
+  const Index lq = q.rows(), lk = k.rows(), h = v.size();
+  RealMatrix qp = q.template cast<Real>() * w_q.template cast<Real>().transpose();
+  RealMatrix qp_err = q.template cast<Real>().cwiseAbs() * w_q.template cast<Real>().cwiseAbs().transpose();
+  if (b.size() != 0) {
+    qp.rowwise() += b.template cast<Real>().transpose();
+    qp_err.rowwise() += b.template cast<Real>().cwiseAbs().transpose();
+  }
+  const RealMatrix kp = k.template cast<Real>() * w_k.template cast<Real>().transpose();
+  const RealMatrix kp_err = k.template cast<Real>().cwiseAbs() * w_k.template cast<Real>().cwiseAbs().transpose();
+  const Real max = Real(std::numeric_limits<T>::max());
+  Scores s{RealMatrix::Zero(lq, lk), RealMatrix::Zero(lq, lk),
+           all_finite(q) && all_finite(k) && all_finite(w_q) && all_finite(w_k) && all_finite(v) && all_finite(b) &&
+               (lq == 0 || h == 0 || qp_err.maxCoeff() <= max / 4) && (lk == 0 || h == 0 || kp_err.maxCoeff() <= max / 4)};
+  const Real e = eps<T>();
+  for (Index i = 0; i < lq; ++i)
+    for (Index j = 0; j < lk; ++j) {
+      Real sum = 0, err = 0;
+      for (Index c = 0; c < h; ++c) {
+        const Real vc = Real(v(c)), x = qp(i, c) + kp(j, c);
+        sum += vc * std::tanh(x);
+        err += std::fabs(vc) * (e * Real(q.cols() + 3) * qp_err(i, c) + e * Real(k.cols() + 3) * kp_err(j, c) +
+                                e * std::fabs(x) + 64 * e + e * Real(h + 2));
+      }
+      s.value(i, j) = sum;
+      s.error(i, j) = err;
+    }
+  return s;
+}
+
+/// The exact problem of scores `s` under structural visibility `visible` (band and boolean
+/// masks) and an optional additive bias (Lq, Lk). Rows whose inputs are not all finite are not
+/// compared; a row that sees no key must be 0 when V is finite; a row that sees a key whose
+/// score has a NaN input (a NaN in q_i or k_j) must be NaN when V is finite and the bias has no
+/// NaN or +inf.
+template <class T, class Q, class K>
+Problem make_problem(const Scores& s, const BoolMatrix& visible, const Matrix<T>* bias, bool v_finite, const Q& q,
+                     const K& k) {
+  const Index lq = s.value.rows(), lk = s.value.cols();
+  Problem p{RealMatrix::Constant(lq, lk, kNegInf), RealMatrix::Zero(lq, lk), std::vector<char>(lq, s.finite),
+            std::vector<char>(lq, 0), std::vector<char>(lq, 0)};
+  const Real max = Real(std::numeric_limits<T>::max());
+  const Real ulp_max = max - Real(std::nextafter(std::numeric_limits<T>::max(), T(0)));
+  bool bias_ok = true;
+  if (bias)
+    for (Index i = 0; i < lq; ++i)
+      for (Index j = 0; j < lk; ++j) {
+        const T b = (*bias)(i, j);
+        if (std::isnan(b) || b == std::numeric_limits<T>::infinity()) bias_ok = false;
+      }
+  std::vector<char> k_nan(std::size_t(lk), 0);
+  for (Index j = 0; j < lk; ++j) k_nan[std::size_t(j)] = row_has_nan(k, j);
+  for (Index i = 0; i < lq; ++i) {
+    bool any_structural = false, nan_score = false;
+    const bool q_nan = row_has_nan(q, i);
+    for (Index j = 0; j < lk; ++j) {
+      if (!visible(i, j)) continue;
+      any_structural = true;
+      nan_score = nan_score || q_nan || k_nan[std::size_t(j)];
+      const Real b = bias ? Real((*bias)(i, j)) : Real(0);
+      if (b == kNegInf) continue;
+      const Real t = s.value(i, j) + b;
+      // The computed score must not overflow where the exact one does not (lowest() + a small
+      // score rounds back to lowest(), so the margin is a quarter ulp of max()).
+      if (!std::isfinite(t) || std::fabs(s.value(i, j)) + s.error(i, j) > max / 4 ||
+          std::fabs(t) + 2 * s.error(i, j) > max + ulp_max / 4)
+        p.exact[i] = 0;
+      p.score(i, j) = t;
+      p.error(i, j) = s.error(i, j) + 2 * eps<T>() * std::fabs(t);
+    }
+    if (!bias_ok || !v_finite) p.exact[i] = 0;
+    p.zero[i] = v_finite && bias_ok && !any_structural;
+    p.nan[i] = v_finite && bias_ok && nan_score;
+  }
+  return p;
+}
+
+/// Keeps each row's top_k visible keys (ties to the lower index). A row where rounding could
+/// change the selection (a kept and a dropped key closer than twice their error bounds) is not
+/// compared numerically.
+inline void keep_top_k(Problem& p, Index top_k) {
+  const Index lk = p.score.cols();
+  for (Index i = 0; i < p.score.rows(); ++i) {
+    std::vector<Index> keys;
+    for (Index j = 0; j < lk; ++j)
+      if (p.score(i, j) != kNegInf) keys.push_back(j);
+    if (Index(keys.size()) <= top_k) continue;
+    std::stable_sort(keys.begin(), keys.end(), [&](Index a, Index b) { return p.score(i, a) > p.score(i, b); });
+    Real kept_low = std::numeric_limits<Real>::infinity(), dropped_high = kNegInf;
+    for (std::size_t n = 0; n < keys.size(); ++n) {
+      const Index j = keys[n];
+      if (Index(n) < top_k)
+        kept_low = std::min(kept_low, p.score(i, j) - 2 * p.error(i, j));
+      else
+        dropped_high = std::max(dropped_high, p.score(i, j) + 2 * p.error(i, j));
+    }
+    if (!(kept_low > dropped_high)) p.exact[i] = 0;
+    for (std::size_t n = std::size_t(top_k); n < keys.size(); ++n) p.score(i, keys[n]) = kNegInf;
+  }
+}
+
+/// Row bound data of one exact row: weights p_j and per-key relative error r_j.
+struct RowModel {
+  bool any = false;     // some key visible
+  bool bounded = true;  // the a-priori bound is meaningful (dD < 1/4)
+  Real lse = kNegInf;
+  Real m = kNegInf;
+  Real d_d = 0;
+  std::vector<Real> p, r;  // (Lk)
+  Index n = 0;
+};
+
+template <class T>
+RowModel row_model(const Problem& pr, Index i) {
+  const Index lk = pr.score.cols();
+  RowModel rm;
+  rm.p.assign(lk, 0);
+  rm.r.assign(lk, 0);
+  Real lo = std::numeric_limits<Real>::infinity();
+  for (Index j = 0; j < lk; ++j) {
+    const Real t = pr.score(i, j);
+    if (t == kNegInf) continue;
+    rm.any = true;
+    ++rm.n;
+    rm.m = std::max(rm.m, t);
+    lo = std::min(lo, t);
+  }
+  if (!rm.any) return rm;
+  Real e_max = 0;  // bound on |m^ - m|
+  for (Index j = 0; j < lk; ++j) {
+    const Real t = pr.score(i, j);
+    if (t == kNegInf) continue;
+    e_max = std::max(e_max, t - rm.m + pr.error(i, j));
+  }
+  const Real spread = std::min(rm.m - lo, Real(1000) * Real(rm.n));
+  Real z = 0;
+  for (Index j = 0; j < lk; ++j)
+    if (pr.score(i, j) != kNegInf) z += std::exp(pr.score(i, j) - rm.m);
+  rm.lse = rm.m + std::log(z);
+  for (Index j = 0; j < lk; ++j) {
+    const Real t = pr.score(i, j);
+    if (t == kNegInf) continue;
+    const Real a = t - rm.m;
+    const Real e = pr.error(i, j) + e_max + 4 * eps<T>() * (std::fabs(a) + spread + 64);
+    rm.p[j] = std::exp(a) / z;
+    rm.d_d += (std::exp(a + e) - std::exp(a)) / z;
+    rm.r[j] = e;  // turned into a relative weight error below
+  }
+  rm.bounded = std::isfinite(rm.d_d) && rm.d_d < Real(0.25);
+  for (Index j = 0; j < lk; ++j)
+    if (pr.score(i, j) != kNegInf) rm.r[j] = rm.bounded ? std::exp(rm.r[j]) / (1 - rm.d_d) - 1 : 0;
+  return rm;
+}
+
+/// Checks one computed problem against `pr`: output (Lq, Dv), optional lse (Lq) and weights
+/// (Lq, Lk). `v` is the (Lk, Dv) value matrix as the call saw it.
+template <class T, class V, class O>
+void check_problem(const std::string& what, const Problem& pr, const V& v, const O& out, const T* lse = nullptr,
+                   const Matrix<T>* weights = nullptr) {
+  const Index lq = pr.score.rows(), lk = pr.score.cols(), dv = v.cols();
+  if (out.rows() != lq || out.cols() != dv)
+    fail(what + ": output is (" + std::to_string(out.rows()) + " x " + std::to_string(out.cols()) + "), expected (" +
+         std::to_string(lq) + " x " + std::to_string(dv) + ")");
+  if (weights && (weights->rows() != lq || weights->cols() != lk)) fail(what + ": weights have the wrong shape");
+  const Real e = eps<T>(), tiny = Real(std::numeric_limits<T>::min());
+  const auto where = [&](Index i, Index c) {
+    return what + " row " + std::to_string(i) + " col " + std::to_string(c) + " (Lq=" + std::to_string(lq) +
+           ", Lk=" + std::to_string(lk) + ", Dv=" + std::to_string(dv) + ")";
+  };
+  for (Index i = 0; i < lq; ++i) {
+    if (pr.zero[i]) {
+      ++check_counts.zero;
+      for (Index c = 0; c < dv; ++c)
+        if (out(i, c) != T(0))
+          fail(where(i, c) + ": a row that sees no key must be exactly 0, got " + std::to_string(double(out(i, c))));
+      if (lse && lse[i] != -std::numeric_limits<T>::infinity())
+        fail(what + " row " + std::to_string(i) + ": lse of a row that sees no key must be -inf");
+      if (weights)
+        for (Index j = 0; j < lk; ++j)
+          if ((*weights)(i, j) != T(0)) fail(what + ": weights of a row that sees no key must be 0");
+    }
+    if (pr.nan[i]) {
+      ++check_counts.nan;
+      for (Index c = 0; c < dv; ++c)
+        if (!std::isnan(out(i, c)))
+          fail(where(i, c) + ": NaN in a visible score must propagate to the whole row, got " +
+               std::to_string(double(out(i, c))));
+    }
+    if (!pr.exact[i]) continue;
+    const RowModel rm = row_model<T>(pr, i);
+    ++check_counts.exact;
+    if (rm.bounded) ++check_counts.bounded;
+    if (!rm.any) {
+      for (Index c = 0; c < dv; ++c)
+        if (out(i, c) != T(0)) fail(where(i, c) + ": a fully masked row must be exactly 0");
+      if (lse && lse[i] != -std::numeric_limits<T>::infinity()) fail(what + ": lse of a fully masked row must be -inf");
+      continue;
+    }
+    const Real n = Real(rm.n);
+    for (Index c = 0; c < dv; ++c) {
+      const Real got = Real(out(i, c));
+      if (!std::isfinite(got)) fail(where(i, c) + ": finite inputs gave " + std::to_string(double(got)));
+      Real o = 0, v_abs = 0, v_max = 0, v_lo = std::numeric_limits<Real>::infinity(), v_hi = -v_lo;
+      for (Index j = 0; j < lk; ++j) {
+        if (pr.score(i, j) == kNegInf) continue;
+        const Real x = Real(v(j, c));
+        o += rm.p[j] * x;
+        v_abs += rm.p[j] * std::fabs(x);
+        v_max = std::max(v_max, std::fabs(x));
+        v_lo = std::min(v_lo, x);
+        v_hi = std::max(v_hi, x);
+      }
+      const Real slack = 2 * ((8 * n + 64) * e * v_max + 8 * (n + 8) * tiny * v_max);
+      if (got < v_lo - slack || got > v_hi + slack)
+        fail(where(i, c) + ": " + std::to_string(double(got)) + " lies outside the values' range [" +
+             std::to_string(double(v_lo)) + ", " + std::to_string(double(v_hi)) + "]");
+      if (!rm.bounded) continue;
+      Real spread = 0;
+      for (Index j = 0; j < lk; ++j)
+        if (pr.score(i, j) != kNegInf) spread += rm.p[j] * rm.r[j] * std::fabs(Real(v(j, c)) - o);
+      const Real bound = 2 * (spread + (8 * n + 64) * e * v_abs + 8 * (n + 8) * tiny * v_max);
+      if (std::fabs(got - o) > bound)
+        fail(where(i, c) + ": got " + std::to_string(double(got)) + ", exact " + std::to_string(double(o)) +
+             ", error " + std::to_string(double(std::fabs(got - o))) + " exceeds the bound " +
+             std::to_string(double(bound)));
+    }
+    if (lse && rm.bounded) {
+      const Real got = Real(lse[i]);
+      const Real bound = 2 * (-std::log1p(-rm.d_d) + (n + 16) * e + 2 * e * (std::fabs(rm.m) + std::fabs(rm.lse)));
+      if (!(std::fabs(got - rm.lse) <= bound))
+        fail(what + " row " + std::to_string(i) + ": lse " + std::to_string(double(got)) + ", exact " +
+             std::to_string(double(rm.lse)) + " (bound " + std::to_string(double(bound)) + ")");
+    }
+    if (weights && rm.bounded)
+      for (Index j = 0; j < lk; ++j) {
+        const Real got = Real((*weights)(i, j));
+        const Real bound = 2 * (rm.p[j] * rm.r[j] + (n + 16) * e * rm.p[j] + 4 * tiny);
+        if (!(std::fabs(got - rm.p[j]) <= bound))
+          fail(what + " row " + std::to_string(i) + " key " + std::to_string(j) + ": weight " +
+               std::to_string(double(got)) + ", exact " + std::to_string(double(rm.p[j])));
+      }
+  }
+}
+
+}  // namespace attend::fuzz
