@@ -4,6 +4,7 @@
 #pragma once
 
 #include "types.hpp"
+#include "detail/checks.hpp"
 #include "detail/packet.hpp"
 
 #include <cmath>
@@ -17,13 +18,17 @@ namespace attend {
 /// A row whose scores are all -inf (fully masked) becomes zeros with lse_i = -inf.
 /// A NaN score makes its whole row NaN.
 ///
+/// In place by design: `scores` is both input and output. `lse` must not share memory with it.
+///
 /// \param scores (L, N) scores, overwritten with the weights.
 /// \param lse    (L) log-sum-exp per row, or an empty vector to skip it.
+/// \throws attend::invalid_argument when lse has the wrong size or aliases scores.
 template <class T>
 void softmax_rows_inplace(MatrixRef<T> scores, VectorRef<T> lse) {
   ATTEND_CHECK(lse.size() == 0 || lse.size() == scores.rows(),
                "log-sum-exp of size " + std::to_string(lse.size()) + " does not match " +
                    detail::shape_of(scores) + " scores");
+  detail::check_no_alias(lse, "log-sum-exp", scores, "scores");
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (Index i = 0; i < scores.rows(); ++i) {
     auto row = scores.row(i);
@@ -34,8 +39,7 @@ void softmax_rows_inplace(MatrixRef<T> scores, VectorRef<T> lse) {
       continue;
     }
     // Masked entries become exactly 0 (Eigen's vectorized double exp(-inf) is a denormal).
-    detail::exp_shifted_inplace(row.data(), row.size(), row_max);
-    const T sum = row.sum();
+    const T sum = detail::exp_shifted_sum_inplace(row.data(), row.size(), row_max);
     row /= sum;
     if (lse.size() != 0) lse(i) = row_max + std::log(sum);
   }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../detail/checks.hpp"
+#include "../detail/parallel.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
 #include "../scores/additive.hpp"
@@ -51,6 +52,7 @@ class AdditiveAttention {
 
   /// Writes the attention of queries `q` (Lq, d_q) over keys `k` (Lk, d_k) and `values`
   /// (Lk, Dv) into `out` (Lq, Dv), and each row's log-sum-exp into `lse` when non-empty.
+  /// `out` and `lse` must not share memory with `values` (q and k are read only to project them).
   template <class DQ, class DK, class DV, class Mask = NoMask>
   void forward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                     const Eigen::MatrixBase<DV>& values, MatrixRef<T> out, const MaskBase<Mask>& mask = NoMask{},
@@ -91,7 +93,8 @@ class AdditiveAttention {
   /// W_q q_i + b for every row: (Lq, h).
   template <class DQ>
   Matrix<T> project_queries(const Eigen::MatrixBase<DQ>& q) const {
-    Matrix<T> q_proj = q * w_query_.transpose();
+    Matrix<T> q_proj(q.rows(), hidden_dim());
+    detail::parallel_product(q_proj, q, w_query_.transpose());
     if (bias_.size() != 0) q_proj.rowwise() += bias_.transpose();
     return q_proj;
   }
@@ -99,7 +102,9 @@ class AdditiveAttention {
   /// W_k k_j for every row: (Lk, h).
   template <class DK>
   Matrix<T> project_keys(const Eigen::MatrixBase<DK>& k) const {
-    return k * w_key_.transpose();
+    Matrix<T> k_proj(k.rows(), hidden_dim());
+    detail::parallel_product(k_proj, k, w_key_.transpose());
+    return k_proj;
   }
 
   template <class DQ, class DK, class DV>

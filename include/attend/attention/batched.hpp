@@ -63,6 +63,9 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
                             MatrixRef<T> out) {
   const HeadProblem p = check_batched(q, k, v, layout);
   check_shape(out, q.rows(), v.cols(), "output");
+  check_no_alias(out, "output", q, "input q");
+  check_no_alias(out, "output", k, "input k");
+  check_no_alias(out, "output", v, "input v");
   const TileShape tiles = resolve_tiles(options);
   const auto bound = mask.derived().bind(p.queries, p.keys);
   const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};
@@ -105,12 +108,13 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
 /// \param q      (B*Lq, H*Dk) queries, any Eigen expression
 /// \param k      (B*Lk, H*Dk) keys
 /// \param v      (B*Lk, H*Dv) values
-/// \param out    (B*Lq, H*Dv) output; may be a block of a larger row-major matrix
+/// \param out    (B*Lq, H*Dv) output; may be a block of a larger row-major matrix, not sharing
+///               memory with q, k or v
 /// \param layout number of heads H and of sequences B
 /// \param mask   mask policy for each head (default: none)
 /// \param options scale, algorithm (chosen by one head's Lq x Lk), tile sizes
 /// \throws attend::invalid_argument when a dimension is not divisible by H or B, shapes
-///         mismatch, or the mask, window or tile sizes are invalid.
+///         mismatch, the mask, window or tile sizes are invalid, or `out` aliases an input.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 void batched_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                             const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,

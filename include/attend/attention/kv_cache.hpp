@@ -16,6 +16,7 @@
 /// a capacity of 2w costs O(1) per token).
 #pragma once
 
+#include "../detail/checks.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
 #include "../types.hpp"
@@ -73,7 +74,8 @@ class KVCache {
 
   /// Appends n tokens' keys (n, H_kv d) and values (n, H_kv d_v). With a window, first drops all
   /// but the last w - 1 rows. On error the cache is unchanged.
-  /// \throws attend::invalid_argument on a width mismatch or when the rows do not fit.
+  /// \throws attend::invalid_argument on a width mismatch, when the rows do not fit, or when
+  ///         k_rows or v_rows are views of the cache's own buffers (appending moves them).
   template <class DK, class DV>
   void append(const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
     const Index n = k_rows.rows();
@@ -86,6 +88,10 @@ class KVCache {
                  "KV cache overflow: appending " + std::to_string(n) + " rows to " + std::to_string(keep) +
                      " kept rows exceeds capacity=" + std::to_string(capacity()) +
                      (window_ < 0 ? std::string() : " (window=" + std::to_string(window_) + ")"));
+    detail::check_no_alias(keys_, "key buffer", k_rows, "appended k_rows");
+    detail::check_no_alias(keys_, "key buffer", v_rows, "appended v_rows");
+    detail::check_no_alias(values_, "value buffer", k_rows, "appended k_rows");
+    detail::check_no_alias(values_, "value buffer", v_rows, "appended v_rows");
     begin_ += size_ - keep;
     size_ = keep;
     if (begin_ + size_ + n > capacity()) {  // move the kept rows to the front
@@ -122,9 +128,9 @@ class KVCache {
 ///
 /// \param q     (n, H d) queries of the new tokens
 /// \param k_new (n, H_kv d) their keys, v_new (n, H_kv d_v) their values
-/// \param out   (n, H d_v)
-/// \throws attend::invalid_argument on mismatched shapes, H not divisible by H_kv, or overflow
-///         (the cache is then unchanged).
+/// \param out   (n, H d_v), not sharing memory with q, k_new or v_new
+/// \throws attend::invalid_argument on mismatched shapes, H not divisible by H_kv, overflow, or
+///         `out` aliasing an input (the cache is then unchanged).
 template <class T, class DQ, class DK, class DV>
 void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
@@ -140,6 +146,9 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
   ATTEND_CHECK(k_new.rows() == q.rows(), "k_new " + detail::shape_of(k_new) + " must have a row per query of q " +
                                              detail::shape_of(q));
   detail::check_shape(out, q.rows(), num_heads * cache.value_head_dim(), "output");
+  detail::check_no_alias(out, "output", q, "input q");
+  detail::check_no_alias(out, "output", k_new, "input k_new");
+  detail::check_no_alias(out, "output", v_new, "input v_new");
   cache.append(k_new, v_new);
   if (q.rows() == 1) {  // after a one-row append, every kept key is visible
     decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, options);

@@ -6,13 +6,19 @@
 #include "../masks.hpp"
 #include "../softmax.hpp"
 #include "../types.hpp"
+#include "../detail/parallel.hpp"
 
+#include <algorithm>
 #include <limits>
 
 namespace attend::detail {
 
+/// Query rows per task of the materialized path (fixed: results do not depend on the thread count).
+inline constexpr Index kMaterializedRows = 64;
+
 /// out = softmax(score(Q, K) masked) V, forming the whole (Lq, Lk) score matrix in `weights`,
-/// which holds the softmax weights afterwards.
+/// which holds the softmax weights afterwards. Blocks of kMaterializedRows query rows run in
+/// parallel, each with serial products (see detail/parallel.hpp).
 ///
 /// \param q       (Lq, Dk)
 /// \param k       (Lk, Dk)
@@ -31,15 +37,21 @@ void materialized_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   const Index count = keys.end - keys.begin;
   weights.leftCols(keys.begin).setZero();
   weights.rightCols(num_keys - keys.end).setZero();
-  auto s = weights.middleCols(keys.begin, count);  // (Lq, count)
-  score(q, k.middleRows(keys.begin, count), s);
-  switch (mask.classify(0, num_queries, keys.begin, keys.end)) {
-    case TileKind::Empty: s.setConstant(-std::numeric_limits<T>::infinity()); break;
-    case TileKind::Partial: mask.apply(s, 0, keys.begin); break;
-    case TileKind::Full: break;
-  }
-  softmax_rows_inplace<T>(s, lse);
-  out.noalias() = s * v.middleRows(keys.begin, count);
+  const auto k_seen = k.middleRows(keys.begin, count), v_seen = v.middleRows(keys.begin, count);
+  parallel_for_with_scratch(
+      (num_queries + kMaterializedRows - 1) / kMaterializedRows, [] { return 0; },
+      [&](Index block, int&) {
+        const Index q0 = block * kMaterializedRows, rows = std::min(kMaterializedRows, num_queries - q0);
+        auto s = weights.block(q0, keys.begin, rows, count);  // (rows, count)
+        score(q.middleRows(q0, rows), k_seen, s);
+        switch (mask.classify(q0, q0 + rows, keys.begin, keys.end)) {
+          case TileKind::Empty: s.setConstant(-std::numeric_limits<T>::infinity()); break;
+          case TileKind::Partial: mask.apply(s, q0, keys.begin); break;
+          case TileKind::Full: break;
+        }
+        softmax_rows_inplace<T>(s, lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse);
+        out.middleRows(q0, rows).noalias() = s * v_seen;
+      });
 }
 
 }  // namespace attend::detail

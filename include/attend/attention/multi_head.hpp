@@ -129,6 +129,9 @@ void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, 
     check_shape(seq.k, seq.k.rows(), layout.kv_heads * layout.key_dim, "key");
     check_shape(seq.v, seq.k.rows(), layout.kv_heads * layout.value_dim, "value");
     check_shape(seq.out, seq.q.rows(), layout.heads * layout.value_dim, "output");
+    check_no_alias(seq.out, "output", seq.q, "input q");
+    check_no_alias(seq.out, "output", seq.k, "input k");
+    check_no_alias(seq.out, "output", seq.v, "input v");
     mask_of(Index(s)).derived().bind(seq.q.rows(), seq.k.rows());
     if (seq.weights) seq.weights->assign(std::size_t(layout.heads), Matrix<T>(seq.q.rows(), seq.k.rows()));
   }
@@ -163,7 +166,7 @@ Matrix<T> linear(const Eigen::MatrixBase<D>& x, const Matrix<T>& weight, const V
   ATTEND_CHECK(x.cols() == weight.cols(), std::string(what) + " input " + shape_of(x) + " does not match " + what +
                                               "_weight " + shape_of(weight) + " (input width = weight columns)");
   Matrix<T> y(x.rows(), weight.rows());
-  y.noalias() = x * weight.transpose();
+  parallel_product(y, x, weight.transpose());
   if (bias.size() != 0) y.rowwise() += bias.transpose();
   return y;
 }
@@ -178,9 +181,10 @@ Matrix<T> linear(const Eigen::MatrixBase<D>& x, const Matrix<T>& weight, const V
 /// \param k   (Lk, H_kv d)
 /// \param v   (Lk, H_kv d_v)
 /// \param num_heads H
-/// \param out (Lq, H d_v)
+/// \param out (Lq, H d_v), not sharing memory with q, k or v
 /// \param mask the same mask policy for every head
-/// \throws attend::invalid_argument when the widths do not split into heads (naming them).
+/// \throws attend::invalid_argument when the widths do not split into heads (naming them), or
+///         when `out` aliases an input.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,

@@ -31,7 +31,7 @@ inline bool use_blocked(const AttentionOptions& options, Index num_queries, Inde
   return num_queries * num_keys > kAutoBlockedMinScores;
 }
 
-/// The shared core: checks shapes, binds the mask, and runs the chosen path.
+/// The shared core: checks shapes and aliasing, binds the mask, and runs the chosen path.
 template <class T, class Score, class Mask>
 void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                     const Score& score, const Mask& mask, const AttentionOptions& options, MatrixRef<T> out,
@@ -40,6 +40,7 @@ void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, cons
   ATTEND_CHECK(lse.size() == 0 || lse.size() == q.rows(),
                "log-sum-exp of size " + std::to_string(lse.size()) + " must have Lq = " + std::to_string(q.rows()) +
                    " entries");
+  check_outputs_do_not_alias<T>(q, k, v, out, lse);
   const TileShape tiles = resolve_tiles(options);
   const auto bound = mask.derived().bind(q.rows(), k.rows());
   if (use_blocked(options, q.rows(), k.rows())) {
@@ -53,7 +54,9 @@ void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, cons
 }  // namespace detail
 
 /// Writes softmax(scale * Q K^T + mask) V into `out` (Lq, Dv), and each row's log-sum-exp into
-/// `lse` when it is non-empty. `out` may be a block of a larger row-major matrix.
+/// `lse` when it is non-empty. `out` may be a block of a larger row-major matrix, but must not
+/// share memory with q, k or v (an argument Eigen copies into a row-major temporary, such as a
+/// column-major matrix, is exempt: the kernel reads the copy).
 ///
 /// \param q    (Lq, Dk) queries, any Eigen expression
 /// \param k    (Lk, Dk) keys
@@ -62,8 +65,8 @@ void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, cons
 /// \param mask mask policy (default: none)
 /// \param options scale (default 1/sqrt(Dk)), algorithm, tile sizes
 /// \param lse  (Lq) or empty
-/// \throws attend::invalid_argument on mismatched shapes, a mask of the wrong shape, a bad window
-///         or a bad tile size.
+/// \throws attend::invalid_argument on mismatched shapes, a mask of the wrong shape, a bad window,
+///         a bad tile size, or `out` or `lse` aliasing an input.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 void scaled_dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                        const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,

@@ -33,12 +33,14 @@ namespace attend {
 
 /// Merges the partial (other_out, other_lse) into (out, lse), row by row (see the file comment).
 /// Rows where both log-sum-exps are -inf (no key seen) stay zero with lse -inf; a NaN
-/// log-sum-exp makes its row NaN.
+/// log-sum-exp makes its row NaN. `out` and `lse` are updated in place; neither may share
+/// memory with the other or with `other_out` or `other_lse`.
 ///
 /// \param out       (L, Dv) partial output, overwritten with the merged output
 /// \param lse       (L) its log-sum-exp, overwritten with the merged one
 /// \param other_out (L, Dv)
 /// \param other_lse (L)
+/// \throws attend::invalid_argument on mismatched shapes or aliasing views.
 template <class T>
 void merge_partial_into(MatrixRef<T> out, VectorRef<T> lse, const ConstMatrixRef<T>& other_out,
                         const Eigen::Ref<const Vector<T>>& other_lse) {
@@ -46,6 +48,11 @@ void merge_partial_into(MatrixRef<T> out, VectorRef<T> lse, const ConstMatrixRef
   ATTEND_CHECK(lse.size() == out.rows() && other_lse.size() == out.rows(),
                "log-sum-exps of sizes " + std::to_string(lse.size()) + " and " + std::to_string(other_lse.size()) +
                    " must both match the " + std::to_string(out.rows()) + " rows of the partial outputs");
+  detail::check_no_alias(out, "output", other_out, "input other_out");
+  detail::check_no_alias(out, "output", other_lse, "input other_lse");
+  detail::check_no_alias(lse, "log-sum-exp", other_out, "input other_out");
+  detail::check_no_alias(lse, "log-sum-exp", other_lse, "input other_lse");
+  detail::check_no_alias(lse, "log-sum-exp", out, "output");
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (Index i = 0; i < out.rows(); ++i) {
     const T a = lse(i), b = other_lse(i);
@@ -210,9 +217,10 @@ void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T
 /// \param k   (Lk, H_kv d) keys, e.g. `KVCache::keys()`
 /// \param v   (Lk, H_kv d_v) values
 /// \param num_heads H; H_kv = k.cols() / d, d = q.cols() / H
-/// \param out (1, H d_v)
+/// \param out (1, H d_v), not sharing memory with q, k or v
 /// \param options scale (default 1/sqrt(d)); block_k = keys per split (0: detail::kDecodeSplitKeys)
 /// \param lse (H) log-sum-exp of each head, or empty
+/// \throws attend::invalid_argument on mismatched shapes or when `out` or `lse` aliases an input.
 template <class DQ, class DK, class DV>
 void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                            const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
@@ -230,8 +238,9 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
   ATTEND_CHECK(lse.size() == 0 || lse.size() == heads, "log-sum-exp of size " + std::to_string(lse.size()) +
                                                            " must have num_heads = " + std::to_string(heads) +
                                                            " entries");
-  const ConstMatrixRef<T> k_ref(k), v_ref(v);
-  const Vector<T> q_scaled = detail::resolve_scale<T>(options, layout.key_dim) * q.row(0).transpose();  // (H d)
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, lse);
+  const Vector<T> q_scaled = detail::resolve_scale<T>(options, layout.key_dim) * q_ref.row(0).transpose();  // (H d)
   const Index split = options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys;
   const Index splits = (k.rows() + split - 1) / split;
   if (splits == 0) {  // no keys: zero output, lse -inf

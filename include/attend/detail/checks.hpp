@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: MIT
 /// \file detail/checks.hpp
-/// \brief Shape checks shared by the attention entry points.
+/// \brief Shape and aliasing checks shared by the attention entry points.
 #pragma once
 
 #include "../types.hpp"
 
+#include <algorithm>
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -36,6 +39,98 @@ void check_shape(const M& m, Index rows, Index cols, const char* what) {
   ATTEND_CHECK(m.rows() == rows && m.cols() == cols,
                std::string(what) + " " + shape_of(m) + " must be (" + std::to_string(rows) + " x " +
                    std::to_string(cols) + ")");
+}
+
+/// The memory of a dense view: element (i, j) occupies the `bytes` bytes at
+/// begin + i row_stride + j col_stride (strides in bytes, non-negative). Empty for a view with no
+/// element, and for an expression without storage of its own (Eigen evaluates it into a
+/// temporary before anything reads it).
+struct MemorySpan {
+  std::uintptr_t begin = 0;
+  Index rows = 0, cols = 0, row_stride = 0, col_stride = 0, bytes = 0;
+
+  bool empty() const { return rows == 0 || cols == 0; }
+  /// One past the last byte.
+  std::uintptr_t end() const {
+    return begin + std::uintptr_t((rows - 1) * row_stride + (cols - 1) * col_stride + bytes);
+  }
+};
+
+template <class D>
+MemorySpan memory_span(const Eigen::DenseBase<D>& m) {
+  if constexpr (bool(D::Flags & Eigen::DirectAccessBit)) {
+    const D& d = m.derived();
+    const Index bytes = Index(sizeof(typename D::Scalar));
+    return {reinterpret_cast<std::uintptr_t>(d.data()), d.rows(), d.cols(), d.rowStride() * bytes,
+            d.colStride() * bytes, bytes};
+  } else {
+    return {};
+  }
+}
+
+/// A span as `count` contiguous runs of `length` bytes, `stride` bytes apart (stride >= length,
+/// so the runs are disjoint and ascending): the rows of a view whose rows are contiguous, or
+/// its columns. Empty optional when neither is contiguous (e.g. an inner stride > 1).
+struct MemoryRuns {
+  std::intptr_t begin;  // relative to a common origin
+  Index count, length, stride;
+};
+
+inline std::optional<MemoryRuns> memory_runs(const MemorySpan& s, std::uintptr_t origin) {
+  const auto begin = static_cast<std::intptr_t>(s.begin - origin);
+  std::optional<MemoryRuns> best;
+  const auto consider = [&](Index count, Index length, Index stride) {
+    if ((count == 1 || stride >= length) && (!best || count < best->count))
+      best = MemoryRuns{begin, count, length, stride};
+  };
+  if (s.cols == 1 || s.col_stride == s.bytes) consider(s.rows, s.cols * s.bytes, s.row_stride);  // rows
+  if (s.rows == 1 || s.row_stride == s.bytes) consider(s.cols, s.rows * s.bytes, s.col_stride);  // columns
+  return best;
+}
+
+/// Whether two spans share a byte. Exact for views whose rows (or columns) are contiguous, so
+/// side-by-side column blocks of one row-major matrix do not overlap; otherwise true as soon
+/// as their address ranges meet. O(min(rows)) when the ranges meet, O(1) otherwise.
+inline bool overlaps(const MemorySpan& a, const MemorySpan& b) {
+  if (a.empty() || b.empty() || a.end() <= b.begin || b.end() <= a.begin) return false;
+  const std::uintptr_t origin = std::min(a.begin, b.begin);
+  std::optional<MemoryRuns> x = memory_runs(a, origin), y = memory_runs(b, origin);
+  if (!x || !y) return true;
+  if (x->count > y->count) std::swap(x, y);
+  for (Index r = 0; r < x->count; ++r) {
+    // Run r of x is [lo, lo + length); the first run m of y ending after lo is the only one
+    // that can start before lo + length.
+    const std::intptr_t lo = x->begin + r * x->stride, past = lo - y->begin - y->length;
+    const Index m = past < 0 ? 0 : y->count == 1 ? 1 : past / y->stride + 1;
+    if (m < y->count && y->begin + m * y->stride < lo + x->length) return true;
+  }
+  return false;
+}
+
+/// Rejects an output view that shares memory with a view the call reads while writing it: the
+/// kernels read their inputs in place, so an overlap would feed them half-written results.
+/// Pass the views the kernel actually reads (an argument bound to a temporary copy cannot
+/// alias). An expression with no storage of its own never aliases. The message reads
+/// "<out_name> (r x c) aliases <in_name> (r x c): ...", e.g. out_name "output", in_name "input v".
+template <class Out, class In>
+void check_no_alias(const Out& out, const char* out_name, const In& in, const char* in_name) {
+  ATTEND_CHECK(!overlaps(memory_span(out), memory_span(in)),
+               std::string(out_name) + " " + shape_of(out) + " aliases " + in_name + " " + shape_of(in) +
+                   ": they share memory, so writing one would corrupt the other (pass a separate matrix)");
+}
+
+/// Rejects an attention output `out` or its log-sum-exp `lse` (possibly empty) sharing memory
+/// with the views q, k, v the kernel reads, or with each other.
+template <class T>
+void check_outputs_do_not_alias(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                                const MatrixRef<T>& out, const VectorRef<T>& lse) {
+  check_no_alias(out, "output", q, "input q");
+  check_no_alias(out, "output", k, "input k");
+  check_no_alias(out, "output", v, "input v");
+  check_no_alias(lse, "log-sum-exp", q, "input q");
+  check_no_alias(lse, "log-sum-exp", k, "input k");
+  check_no_alias(lse, "log-sum-exp", v, "input v");
+  check_no_alias(lse, "log-sum-exp", out, "output");
 }
 
 }  // namespace attend::detail

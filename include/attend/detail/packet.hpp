@@ -58,15 +58,31 @@ P exp_or_zero(const P& x) {
   return simd::pandnot(simd::pexp(x), masked);
 }
 
-/// x_i <- exp(x_i - shift) over n contiguous values, exactly 0 where x_i = -inf.
+/// x_i <- exp(x_i - shift) over n contiguous values, exactly 0 where x_i = -inf; returns their
+/// sum. The sum's order depends on n alone (lane-wise over whole packets from x_0, the lanes in
+/// order, then the tail), not on the alignment of x, so a row sums to the same bits wherever
+/// it sits in memory.
 template <class T>
-void exp_shifted_inplace(T* x, Index n, T shift) {
+T exp_shifted_sum_inplace(T* x, Index n, T shift) {
   namespace simd = Eigen::internal;
-  const Packet<T> shift_packet = simd::pset1<Packet<T>>(shift);
+  using P = Packet<T>;
+  const P shift_packet = simd::pset1<P>(shift);
+  P lane_sums = simd::pset1<P>(T(0));
   Index i = 0;
-  for (; i + kLanes<T> <= n; i += kLanes<T>)
-    simd::pstoreu(x + i, exp_or_zero(simd::psub(simd::ploadu<Packet<T>>(x + i), shift_packet)));
-  for (; i < n; ++i) x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(x[i] - shift);
+  for (; i + kLanes<T> <= n; i += kLanes<T>) {
+    const P e = exp_or_zero(simd::psub(simd::ploadu<P>(x + i), shift_packet));
+    simd::pstoreu(x + i, e);
+    lane_sums = simd::padd(lane_sums, e);
+  }
+  alignas(P) T lanes[kLanes<T>];
+  simd::pstore(lanes, lane_sums);
+  T sum = 0;
+  for (const T lane : lanes) sum += lane;
+  for (; i < n; ++i) {
+    x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
 }
 
 /// Calls f(std::integral_constant<int, n>) for a runtime n in [1, Max]: the kernels' remainder

@@ -313,7 +313,8 @@ class RotaryEmbedding {
     for (Index p = old_length; p < length; ++p) detail::rotary_cos_sin(p, theta_, &cos_(p, 0), &sin_(p, 0));
   }
 
-  /// Rotates every head of `x` in place, row r at position start_position + r.
+  /// Rotates every head of `x` in place, row r at position start_position + r. In place by
+  /// design: `x` is the only matrix read or written (each pair is read before it is written).
   /// \param x (L, H * head_dim), heads as column blocks; any block of a row-major matrix works.
   void apply(MatrixRef<T> x, Index start_position = 0) const {
     rotate_rows(x, [start_position](Index r) { return start_position + r; });

@@ -44,7 +44,8 @@ inline void check_sinusoidal_base(double base) {
 }  // namespace detail
 
 /// Adds the sinusoidal encoding to `x` in place: x(r, j) += PE(position_offset + r, j).
-/// Rows are independent, so the result does not depend on the thread count.
+/// Rows are independent, so the result does not depend on the thread count. In place by
+/// design: `x` is the only matrix read or written, so there is nothing it could alias.
 ///
 /// \param x               (L, d) matrix, one token per row; any block of a larger row-major
 ///                        matrix works. d may be odd (the last column gets a sine).
