@@ -210,7 +210,7 @@ Inputs<T> make_inputs(const Config& c, ValueSource<T>& src, Index key_dim) {
   const Index v_rows = c.lk + (c.perturb == Perturb::ValueRows ? 1 : 0);
   in.q = src.matrix(c.lq, c.dk);
   in.k = src.matrix(c.lk, k_cols);
-  in.v = src.matrix(v_rows, c.dv);
+  in.v = src.matrix(v_rows, c.dv, true);
   in.shape_invalid = c.perturb == Perturb::KeyDim || c.perturb == Perturb::ValueRows;
   return in;
 }
@@ -328,7 +328,8 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
       // W (d_q, d_k) is always well-shaped; K's width d2 may be 0 (then q W has no columns).
       const Matrix<T> w = src.matrix(c.dk, c.d2);
       cs.invalid = cs.invalid || c.d2 == 0;
-      cs.problem = problem_of(cs, bilinear_scores<T>(q, w, k, c.scale ? static_cast<T>(*c.scale) : T(1)));
+      if (!cs.invalid)  // K's width must match W's before the scores exist
+        cs.problem = problem_of(cs, bilinear_scores<T>(q, w, k, c.scale ? static_cast<T>(*c.scale) : T(1)));
       with_layout<T>(c.layout, q, k, in.v, [&](const auto& qq, const auto& kk, const auto& vv) {
         with_mask(mask, [&](const auto& m) {
           run_forms(
@@ -449,6 +450,14 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
 // ---------------------------------------------------------------------------------------------
 // Batched heads and decoding
 
+/// A copy of m.block(row, col, rows, cols). An empty matrix's data pointer is null, and Eigen
+/// forms a block's pointer by adding the offset to it, so empty blocks are made directly.
+template <class M>
+Matrix<typename M::Scalar> block_of(const M& m, Index row, Index col, Index rows, Index cols) {
+  if (m.size() == 0 || rows == 0 || cols == 0) return Matrix<typename M::Scalar>(rows, cols);
+  return m.block(row, col, rows, cols);
+}
+
 template <class T>
 void run_batched(const Config& c, ValueSource<T>& src) {
   const Index batch = c.batch, heads = c.heads;
@@ -456,7 +465,7 @@ void run_batched(const Config& c, ValueSource<T>& src) {
   const Index k_cols = h_cols * c.dk + (c.perturb == Perturb::KeyDim ? 1 : 0);
   const Index v_rows = b_rows * c.lk + (c.perturb == Perturb::ValueRows ? 1 : 0);
   const Matrix<T> q = src.matrix(b_rows * c.lq, h_cols * c.dk), k = src.matrix(b_rows * c.lk, k_cols),
-                  v = src.matrix(v_rows, h_cols * c.dv);
+                  v = src.matrix(v_rows, h_cols * c.dv, true);
   const MaskData<T> mask = make_mask(c, src, c.lq, c.lk);
   const bool invalid = batch == 0 || heads == 0 || c.dk == 0 || mask.invalid || block_invalid(c) ||
                        c.perturb == Perturb::KeyDim || c.perturb == Perturb::ValueRows;
@@ -465,17 +474,17 @@ void run_batched(const Config& c, ValueSource<T>& src) {
   if (!invalid)
     for (Index n = 0; n < batch * heads; ++n) {
       const Index b = n / heads, h = n % heads;
-      const Matrix<T> qh = q.block(b * c.lq, h * c.dk, c.lq, c.dk), kh = k.block(b * c.lk, h * c.dk, c.lk, c.dk);
+      const Matrix<T> qh = block_of(q, b * c.lq, h * c.dk, c.lq, c.dk), kh = block_of(k, b * c.lk, h * c.dk, c.lk, c.dk);
       problems.push_back(make_problem<T>(dot_scores<T>(qh, kh, default_scale<T>(c, c.dk)), mask.structural,
                                          has_bias(mask.kind) ? &mask.bias : nullptr,
-                                         all_finite(v.block(b * c.lk, h * c.dv, c.lk, c.dv)), qh, kh));
+                                         all_finite(block_of(v, b * c.lk, h * c.dv, c.lk, c.dv)), qh, kh));
     }
   const auto check = [&](const std::string& what, const Matrix<T>& out) {
     if (out.rows() != q.rows() || out.cols() != v.cols()) fail(what + ": output has the wrong shape");
     for (Index n = 0; n < Index(problems.size()); ++n) {
       const Index b = n / heads, h = n % heads;
       check_problem<T>(what + " head " + std::to_string(h) + " of sequence " + std::to_string(b), problems[std::size_t(n)],
-                       v.block(b * c.lk, h * c.dv, c.lk, c.dv), out.block(b * c.lq, h * c.dv, c.lq, c.dv));
+                       block_of(v, b * c.lk, h * c.dv, c.lk, c.dv), block_of(out, b * c.lq, h * c.dv, c.lq, c.dv));
     }
   };
   const BatchLayout layout{heads, batch};
@@ -514,7 +523,7 @@ void run_decode(const Config& c, ValueSource<T>& src) {
   Index kept = 0;                                              // rows the cache holds
   for (std::size_t s = 0; s < c.chunks.size(); ++s) {
     const Index n = c.chunks[s];
-    const Matrix<T> q = src.matrix(n, heads * d), k_new = src.matrix(n, kv_heads * d), v_new = src.matrix(n, kv_heads * dv);
+    const Matrix<T> q = src.matrix(n, heads * d), k_new = src.matrix(n, kv_heads * d), v_new = src.matrix(n, kv_heads * dv, true);
     const Index keep = window < 0 ? kept : std::min(kept, window - 1);
     const bool overflow = keep + n > capacity;
     const Algorithm algorithm = kAlgorithms[s % 3];
@@ -537,10 +546,11 @@ void run_decode(const Config& c, ValueSource<T>& src) {
             visible(r, j) = j <= before + r && (window < 0 || j > before + r - window);
         for (Index h = 0; h < heads; ++h) {
           const Index g = h / group;
-          const Matrix<T> qh = q.middleCols(h * d, d), kh = keys.middleCols(g * d, d), vh = values.middleCols(g * dv, dv);
+          const Matrix<T> qh = block_of(q, 0, h * d, n, d), kh = block_of(keys, 0, g * d, total, d),
+                          vh = block_of(values, 0, g * dv, total, dv);
           const Problem p = make_problem<T>(dot_scores<T>(qh, kh, default_scale<T>(c, d)), visible, nullptr,
                                             all_finite(vh), qh, kh);
-          check_problem<T>(what + " head " + std::to_string(h), p, vh, out.middleCols(h * dv, dv));
+          check_problem<T>(what + " head " + std::to_string(h), p, vh, block_of(out, 0, h * dv, n, dv));
         }
       });
     });
