@@ -13,6 +13,9 @@ function(attend_configure_target target)
     if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
       # GCC 12 reports false positives inside its own AVX-512 intrinsics when Eigen inlines them.
       target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
+    elseif(CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+      # GoogleTest's TYPED_TEST_SUITE(Suite, Types) leaves its variadic argument empty (C++17 pedantic).
+      target_compile_options(${target} PRIVATE -Wno-gnu-zero-variadic-macro-arguments)
     endif()
     if(ATTEND_NATIVE_ARCH)
       target_compile_options(${target} PRIVATE -march=native)

@@ -8,16 +8,20 @@
 # The library itself only needs Eigen; OpenMP (libgomp, shipped with g++) is optional.
 # With --bench (what `make bench` passes) it also installs gnuplot for the report's plot; that
 # one is optional: when it cannot be installed the script says so and still succeeds.
+# With --clang (what .ci/run passes) it also installs clang with LLVM's OpenMP (libomp-dev, which
+# carries the Archer tool ThreadSanitizer needs) and the sanitizer and libFuzzer runtimes.
 set -euo pipefail
 
 readonly min_cmake=3.21
 missing=()
 optional=()
 bench=false
+clang=false
 for arg in "$@"; do
   case $arg in
     --bench) bench=true ;;
-    *) echo "usage: bash cmake/install-dependencies.sh [--bench]" >&2; exit 2 ;;
+    --clang) clang=true ;;
+    *) echo "usage: bash cmake/install-dependencies.sh [--bench] [--clang]" >&2; exit 2 ;;
   esac
 done
 
@@ -45,7 +49,9 @@ fi
 have_command make || missing+=(make)
 
 if have_command dpkg-query; then
-  for package in libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev; do
+  packages=(libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev)
+  $clang && packages+=(clang libomp-dev libclang-rt-dev)
+  for package in "${packages[@]}"; do
     have_package "$package" || missing+=("$package")
   done
 else

@@ -85,7 +85,7 @@ TYPED_TEST(AdditiveAttentionTest, EveryMaskBothPathsMatchReference) {
     check_scores<T>(p.reference_scores(q, k), p.baseline_scores(q, k), values,
                     {materialized_path(), blocked_path(), blocked_path(7, 16), blocked_path(1, 1)}, rng,
                     [&](const auto& mask, const AttentionOptions& options) {
-                      AttentionResult<T> r{Matrix<T>(lq, dv), Vector<T>(lq), {}};
+                      AttentionResult<T> r{Matrix<T>(q.rows(), values.cols()), Vector<T>(q.rows()), {}};
                       layer.forward_into(q, k, values, r.output, mask, options, r.lse);
                       return r;
                     });

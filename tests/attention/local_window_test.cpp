@@ -44,7 +44,7 @@ TYPED_TEST(LocalWindowTest, EveryWindowAndMaskMatchesReference) {
           scale * (q.template cast<Real>() * k.template cast<Real>().transpose()), Matrix<T>(T(scale) * (q * k.transpose())), v,
           paths, rng,
           [&](const auto& mask, const AttentionOptions& options) {
-            AttentionResult<T> r{Matrix<T>(lq, dv), Vector<T>(lq), {}};
+            AttentionResult<T> r{Matrix<T>(q.rows(), v.cols()), Vector<T>(q.rows()), {}};
             local_window_attention_into(q, k, v, window, r.output, mask, options, r.lse);
             return r;
           },
