@@ -50,6 +50,13 @@ struct CheckCounts {
 };
 inline CheckCounts check_counts;
 
+/// A number with all its digits, for failure messages.
+inline std::string num(Real x) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, "%.10Lg", x);
+  return buffer;
+}
+
 template <class T>
 Real eps() {
   return Real(std::numeric_limits<T>::epsilon());
@@ -279,14 +286,15 @@ inline void keep_top_k(Problem& p, Index top_k) {
   }
 }
 
-/// Row bound data of one exact row: weights p_j and per-key relative error r_j.
+/// Bound data of one exact row: the weights p_j and the bounds p_j r_j on their errors.
 struct RowModel {
   bool any = false;     // some key visible
   bool bounded = true;  // the a-priori bound is meaningful (dD < 1/4)
   Real lse = kNegInf;
   Real m = kNegInf;
   Real d_d = 0;
-  std::vector<Real> p, r;  // (Lk)
+  std::vector<Real> p;       // (Lk) exact weights
+  std::vector<Real> p_err;   // (Lk) p_j r_j: bound on |p^_j - p_j| from the score errors
   Index n = 0;
 };
 
@@ -295,7 +303,7 @@ RowModel row_model(const Problem& pr, Index i) {
   const Index lk = pr.score.cols();
   RowModel rm;
   rm.p.assign(lk, 0);
-  rm.r.assign(lk, 0);
+  rm.p_err.assign(lk, 0);
   Real lo = std::numeric_limits<Real>::infinity();
   for (Index j = 0; j < lk; ++j) {
     const Real t = pr.score(i, j);
@@ -324,11 +332,15 @@ RowModel row_model(const Problem& pr, Index i) {
     const Real e = pr.error(i, j) + e_max + 4 * eps<T>() * (std::fabs(a) + spread + 64);
     rm.p[j] = std::exp(a) / z;
     rm.d_d += (std::exp(a + e) - std::exp(a)) / z;
-    rm.r[j] = e;  // turned into a relative weight error below
+    rm.p_err[j] = e;  // turned into p_j r_j below
   }
   rm.bounded = std::isfinite(rm.d_d) && rm.d_d < Real(0.25);
+  // p_j r_j = p_j (exp(e_j) / (1 - dD) - 1), formed without 0 * inf for keys of negligible weight.
   for (Index j = 0; j < lk; ++j)
-    if (pr.score(i, j) != kNegInf) rm.r[j] = rm.bounded ? std::exp(rm.r[j]) / (1 - rm.d_d) - 1 : 0;
+    if (pr.score(i, j) != kNegInf) {
+      const Real a = pr.score(i, j) - rm.m;
+      rm.p_err[j] = rm.bounded ? (std::exp(a + rm.p_err[j]) / (1 - rm.d_d) - std::exp(a)) / z : 0;
+    }
   return rm;
 }
 
@@ -352,7 +364,7 @@ void check_problem(const std::string& what, const Problem& pr, const V& v, const
       ++check_counts.zero;
       for (Index c = 0; c < dv; ++c)
         if (out(i, c) != T(0))
-          fail(where(i, c) + ": a row that sees no key must be exactly 0, got " + std::to_string(double(out(i, c))));
+          fail(where(i, c) + ": a row that sees no key must be exactly 0, got " + num(out(i, c)));
       if (lse && lse[i] != -std::numeric_limits<T>::infinity())
         fail(what + " row " + std::to_string(i) + ": lse of a row that sees no key must be -inf");
       if (weights)
@@ -364,7 +376,7 @@ void check_problem(const std::string& what, const Problem& pr, const V& v, const
       for (Index c = 0; c < dv; ++c)
         if (!std::isnan(out(i, c)))
           fail(where(i, c) + ": NaN in a visible score must propagate to the whole row, got " +
-               std::to_string(double(out(i, c))));
+               num(out(i, c)));
     }
     if (!pr.exact[i]) continue;
     const RowModel rm = row_model<T>(pr, i);
@@ -379,7 +391,7 @@ void check_problem(const std::string& what, const Problem& pr, const V& v, const
     const Real n = Real(rm.n);
     for (Index c = 0; c < dv; ++c) {
       const Real got = Real(out(i, c));
-      if (!std::isfinite(got)) fail(where(i, c) + ": finite inputs gave " + std::to_string(double(got)));
+      if (!std::isfinite(got)) fail(where(i, c) + ": finite inputs gave " + num(got));
       Real o = 0, v_abs = 0, v_max = 0, v_lo = std::numeric_limits<Real>::infinity(), v_hi = -v_lo;
       for (Index j = 0; j < lk; ++j) {
         if (pr.score(i, j) == kNegInf) continue;
@@ -392,32 +404,33 @@ void check_problem(const std::string& what, const Problem& pr, const V& v, const
       }
       const Real slack = 2 * ((8 * n + 64) * e * v_max + 8 * (n + 8) * tiny * v_max);
       if (got < v_lo - slack || got > v_hi + slack)
-        fail(where(i, c) + ": " + std::to_string(double(got)) + " lies outside the values' range [" +
-             std::to_string(double(v_lo)) + ", " + std::to_string(double(v_hi)) + "]");
+        fail(where(i, c) + ": " + num(got) + " lies outside the values' range [" +
+             num(v_lo) + ", " + num(v_hi) + "]");
       if (!rm.bounded) continue;
       Real spread = 0;
       for (Index j = 0; j < lk; ++j)
-        if (pr.score(i, j) != kNegInf) spread += rm.p[j] * rm.r[j] * std::fabs(Real(v(j, c)) - o);
+        if (pr.score(i, j) != kNegInf) spread += rm.p_err[j] * std::fabs(Real(v(j, c)) - o);
       const Real bound = 2 * (spread + (8 * n + 64) * e * v_abs + 8 * (n + 8) * tiny * v_max);
-      if (std::fabs(got - o) > bound)
-        fail(where(i, c) + ": got " + std::to_string(double(got)) + ", exact " + std::to_string(double(o)) +
-             ", error " + std::to_string(double(std::fabs(got - o))) + " exceeds the bound " +
-             std::to_string(double(bound)));
+      if (!(std::fabs(got - o) <= bound))
+        fail(where(i, c) + ": got " + num(got) + ", exact " + num(o) +
+             ", error " + num(std::fabs(got - o)) + " exceeds the bound " +
+             num(bound));
     }
     if (lse && rm.bounded) {
       const Real got = Real(lse[i]);
       const Real bound = 2 * (-std::log1p(-rm.d_d) + (n + 16) * e + 2 * e * (std::fabs(rm.m) + std::fabs(rm.lse)));
       if (!(std::fabs(got - rm.lse) <= bound))
-        fail(what + " row " + std::to_string(i) + ": lse " + std::to_string(double(got)) + ", exact " +
-             std::to_string(double(rm.lse)) + " (bound " + std::to_string(double(bound)) + ")");
+        fail(what + " row " + std::to_string(i) + ": lse " + num(got) + ", exact " +
+             num(rm.lse) + " (bound " + num(bound) + ")");
     }
     if (weights && rm.bounded)
       for (Index j = 0; j < lk; ++j) {
         const Real got = Real((*weights)(i, j));
-        const Real bound = 2 * (rm.p[j] * rm.r[j] + (n + 16) * e * rm.p[j] + 4 * tiny);
+        const Real bound = 2 * (rm.p_err[j] + (n + 16) * e * rm.p[j] + 4 * tiny);
         if (!(std::fabs(got - rm.p[j]) <= bound))
           fail(what + " row " + std::to_string(i) + " key " + std::to_string(j) + ": weight " +
-               std::to_string(double(got)) + ", exact " + std::to_string(double(rm.p[j])));
+               num(got) + ", exact " + num(rm.p[j]) + " (bound " + num(bound) + ", score " + num(pr.score(i, j)) +
+               ", row max " + num(rm.m) + ")");
       }
   }
 }
