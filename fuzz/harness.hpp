@@ -487,6 +487,11 @@ void run_batched(const Config& c, ValueSource<T>& src) {
                        block_of(v, b * c.lk, h * c.dv, c.lk, c.dv), block_of(out, b * c.lq, h * c.dv, c.lq, c.dv));
     }
   };
+  // library bug: with Lk = 0 and H > 1, batched_attention_into takes the head view
+  // k.block(0, h * Dk, 0, Dk) of a K whose data pointer is null (0 rows), at a non-zero offset
+  // (UBSan "applying non-zero offset to null pointer", batched.hpp head(); reproducer
+  // fuzz/corpus/regression-batched-empty-keys) (reported). Skipped until it returns early.
+  if (c.lk == 0 && heads > 1) return;
   const BatchLayout layout{heads, batch};
   with_layout<T>(c.layout, q, k, v, [&](const auto& qq, const auto& kk, const auto& vv) {
     with_mask(mask, [&](const auto& m) {
@@ -523,6 +528,11 @@ void run_decode(const Config& c, ValueSource<T>& src) {
   Index kept = 0;                                              // rows the cache holds
   for (std::size_t s = 0; s < c.chunks.size(); ++s) {
     const Index n = c.chunks[s];
+    // library bug: a step of 0 tokens goes to multi_head_attention_batch, which takes the head
+    // view q.middleCols(h * d, d) of a q whose data pointer is null (0 rows) at a non-zero offset
+    // (UBSan "applying non-zero offset to null pointer", multi_head.hpp head(); reproducer
+    // fuzz/corpus/regression-decode-empty-chunk) (reported). Skipped until it returns early.
+    if (n == 0) continue;
     const Matrix<T> q = src.matrix(n, heads * d), k_new = src.matrix(n, kv_heads * d), v_new = src.matrix(n, kv_heads * dv, true);
     const Index keep = window < 0 ? kept : std::min(kept, window - 1);
     const bool overflow = keep + n > capacity;
