@@ -82,12 +82,6 @@ inline AttentionOptions options_of(const Config& c, Algorithm algorithm) {
 
 inline bool block_invalid(const Config& c) { return c.block_q < 0 || c.block_k < 0; }
 
-// library bug: with Lq = 0 < Lk, materialized_attention takes weights.rightCols(0) of a (0 x Lk)
-// matrix, whose data pointer is null, at a non-zero offset, and UBSan stops on "applying non-zero
-// offset to null pointer" (Eigen Block.h; reproducer fuzz/corpus/regression-empty-queries-
-// materialized) (reported). Until the library returns early there, the fuzzer does not send
-// Lq = 0 < Lk through the materialized path (or Auto, which picks it for small problems).
-inline bool skip_materialized(Index lq, Index lk) { return lq == 0 && lk > 0; }
 
 // ---------------------------------------------------------------------------------------------
 // Masks
@@ -233,7 +227,6 @@ void run_forms(const Case<T>& cs, const V& v, Call&& call, CallInto&& call_into)
   const Config& c = cs.config;
   const Index lq = cs.inputs.q.rows(), dv = cs.inputs.v.cols();
   for (Algorithm algorithm : kAlgorithms) {
-    if (algorithm != Algorithm::Blocked && skip_materialized(lq, cs.inputs.k.rows())) continue;
     const AttentionOptions o = options_of(c, algorithm);
     const std::string what = cs.name + " (" + name_of(algorithm) + ")";
     const bool invalid = cs.invalid || block_invalid(c);
@@ -288,7 +281,6 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
                 scaled_dot_product_attention_into(qq, kk, vv, out, m, o, lse);
               });
           for (Algorithm algorithm : {Algorithm::Materialized, Algorithm::Blocked}) {
-            if (algorithm != Algorithm::Blocked && skip_materialized(c.lq, c.lk)) continue;
             const std::string what = cs.name + "_with_lse (" + name_of(algorithm) + ")";
             expect(cs.invalid || block_invalid(c), what, [&] {
               const AttentionResult<T> r = scaled_dot_product_attention_with_lse(qq, kk, vv, m, options_of(c, algorithm));
@@ -297,8 +289,7 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
             });
           }
           // The weights path forms S whole and takes no tile sizes.
-          if (!skip_materialized(c.lq, c.lk))
-            expect(cs.invalid, cs.name + "_with_weights", [&] {
+          expect(cs.invalid, cs.name + "_with_weights", [&] {
             const AttentionResult<T> r =
                 scaled_dot_product_attention_with_weights(qq, kk, vv, m, options_of(c, Algorithm::Auto));
             if (r.lse.size() != c.lq) fail(cs.name + "_with_weights: lse has the wrong size");
@@ -433,8 +424,7 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
               [&](MatrixRef<T> out, const AttentionOptions& o, VectorRef<T> lse) {
                 make().forward_into(qq, kk, vv, out, m, o, lse);
               });
-          if (!skip_materialized(c.lq, c.lk))
-            expect(weights_call_invalid, "AdditiveAttention::forward_with_weights", [&] {
+          expect(weights_call_invalid, "AdditiveAttention::forward_with_weights", [&] {
             const AttentionResult<T> r = make().forward_with_weights(qq, kk, vv, m);
             if (problem)
               check_problem<T>("AdditiveAttention::forward_with_weights", *problem, vv, r.output, r.lse.data(), &r.weights);
@@ -487,11 +477,6 @@ void run_batched(const Config& c, ValueSource<T>& src) {
                        block_of(v, b * c.lk, h * c.dv, c.lk, c.dv), block_of(out, b * c.lq, h * c.dv, c.lq, c.dv));
     }
   };
-  // library bug: with Lk = 0 and H > 1, batched_attention_into takes the head view
-  // k.block(0, h * Dk, 0, Dk) of a K whose data pointer is null (0 rows), at a non-zero offset
-  // (UBSan "applying non-zero offset to null pointer", batched.hpp head(); reproducer
-  // fuzz/corpus/regression-batched-empty-keys) (reported). Skipped until it returns early.
-  if (c.lk == 0 && heads > 1) return;
   const BatchLayout layout{heads, batch};
   with_layout<T>(c.layout, q, k, v, [&](const auto& qq, const auto& kk, const auto& vv) {
     with_mask(mask, [&](const auto& m) {
@@ -528,11 +513,6 @@ void run_decode(const Config& c, ValueSource<T>& src) {
   Index kept = 0;                                              // rows the cache holds
   for (std::size_t s = 0; s < c.chunks.size(); ++s) {
     const Index n = c.chunks[s];
-    // library bug: a step of 0 tokens goes to multi_head_attention_batch, which takes the head
-    // view q.middleCols(h * d, d) of a q whose data pointer is null (0 rows) at a non-zero offset
-    // (UBSan "applying non-zero offset to null pointer", multi_head.hpp head(); reproducer
-    // fuzz/corpus/regression-decode-empty-chunk) (reported). Skipped until it returns early.
-    if (n == 0) continue;
     const Matrix<T> q = src.matrix(n, heads * d), k_new = src.matrix(n, kv_heads * d), v_new = src.matrix(n, kv_heads * dv, true);
     const Index keep = window < 0 ? kept : std::min(kept, window - 1);
     const bool overflow = keep + n > capacity;

@@ -71,6 +71,10 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};
   const Index num_heads = layout.batch_size * layout.num_heads;
   if (p.queries == 0) return;
+  if (p.keys == 0) {  // no key to see (and no block of an empty K at an offset)
+    out.setZero();
+    return;
+  }
 
   // Head n is head h = n % H of sequence b = n / H; its blocks are zero-copy views.
   const auto head = [&](auto& m, Index n, Index rows, Index cols) {

@@ -31,6 +31,7 @@ void materialized_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
                             const Score& score, const BoundMask& mask, MatrixRef<T> out, VectorRef<T> lse,
                             MatrixRef<T> weights) {
   const Index num_queries = q.rows(), num_keys = k.rows();
+  if (num_queries == 0) return;  // (and no block of an empty matrix at an offset)
   // Only the keys some query may see are read (key padding is never touched); the others get
   // weight 0.
   const KeyRange keys = mask.keys(0, num_queries);

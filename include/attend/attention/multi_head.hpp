@@ -137,12 +137,17 @@ void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, 
   }
   const auto head = [&](Index item) {
     const SequenceViews<T>& seq = sequences[std::size_t(item / layout.heads)];
+    if (seq.q.rows() == 0) return;  // nothing to write (and no block of an empty matrix at an offset)
     const Index h = item % layout.heads, g = layout.kv_head_of(h);
+    MatrixRef<T> all_out = seq.out;                                                 // a writable copy of the view
+    MatrixRef<T> out = all_out.middleCols(h * layout.value_dim, layout.value_dim);  // (Lq, d_v)
+    if (seq.k.rows() == 0) {  // no key to see
+      out.setZero();
+      return;
+    }
     const ConstMatrixRef<T> q = seq.q.middleCols(h * layout.key_dim, layout.key_dim);    // (Lq, d)
     const ConstMatrixRef<T> k = seq.k.middleCols(g * layout.key_dim, layout.key_dim);    // (Lk, d)
     const ConstMatrixRef<T> v = seq.v.middleCols(g * layout.value_dim, layout.value_dim);  // (Lk, d_v)
-    MatrixRef<T> all_out = seq.out;                                                         // a writable copy of the view
-    MatrixRef<T> out = all_out.middleCols(h * layout.value_dim, layout.value_dim);         // (Lq, d_v)
     const auto& mask = mask_of(item / layout.heads);
     if (seq.weights) {
       materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, mask.derived().bind(q.rows(), k.rows()), out,
