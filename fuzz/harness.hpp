@@ -535,7 +535,7 @@ void run_decode(const Config& c, ValueSource<T>& src) {
           for (Index j = 0; j < total; ++j)
             visible(r, j) = j <= before + r && (window < 0 || j > before + r - window);
         for (Index h = 0; h < heads; ++h) {
-          const Index g = h / group;
+          const Index g = h / (heads / kv_heads);  // the library's grouping, also when heads was perturbed
           const Matrix<T> qh = block_of(q, 0, h * d, n, d), kh = block_of(keys, 0, g * d, total, d),
                           vh = block_of(values, 0, g * dv, total, dv);
           const Problem p = make_problem<T>(dot_scores<T>(qh, kh, default_scale<T>(c, d)), visible, nullptr,

@@ -2,6 +2,8 @@
 # SPDX-License-Identifier: MIT
 # Builds attention_fuzzer with clang and fuzzes for a while, starting from the committed corpus.
 #   fuzz/run.sh [build-dir] [seconds]      (defaults: build/fuzz, 60)
+# ATTEND_FUZZ_SEED=N fixes libFuzzer's seed (CI does, so a run explores the same inputs each
+# time); the default 0 draws a new one.
 # The corpus is copied first, so a run never modifies the repository; new inputs stay in
 # <build-dir>/corpus, crashes in <build-dir>/artifacts. Exits non-zero on any crash or failed check.
 set -euo pipefail
@@ -23,7 +25,7 @@ log="$build_dir/fuzz.log"
 
 status=0
 ATTEND_FUZZ_STATS=1 "$build_dir/fuzz/attention_fuzzer" "$corpus" \
-  -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=20 -print_final_stats=1 \
+  -max_total_time="$seconds" -seed="${ATTEND_FUZZ_SEED:-0}" -rss_limit_mb=2048 -timeout=20 -print_final_stats=1 \
   -artifact_prefix="$artifacts/" >"$log" 2>&1 || status=$?
 
 grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|attention_fuzzer:)' "$log" || true
