@@ -3,6 +3,7 @@
 // both, before anything is written; or, where the call reads only a copy of that input, it
 // gives the result of separate memory (reliability.md §3 row 21). Disjoint blocks of one
 // buffer (row blocks, and side-by-side column blocks whose rows interleave) are accepted.
+#include "support/attention_case.hpp"
 #include "support/entry_points.hpp"
 #include "support/expect.hpp"
 #include "support/tolerance.hpp"
@@ -22,11 +23,7 @@ using Scalars = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(AliasingTest, Scalars);
 
 EntrySizes alias_sizes() {
-  AttentionOptions blocked;
-  blocked.algorithm = Algorithm::Blocked;
-  blocked.block_q = 8;
-  blocked.block_k = 16;
-  return {13, 29, 8, 6, blocked};
+  return {13, 29, 8, 6, blocked_path(8, 16)};
 }
 
 /// A row-major buffer holding one input at its top-left corner, with room for the output

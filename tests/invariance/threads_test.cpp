@@ -4,6 +4,7 @@
 // and race-condition tests). The shapes split the work: several query tiles per head, several
 // heads and sequences, decode steps over more than four key splits, in-place calls past their
 // parallel thresholds. Without OpenMP only the repeated-run identity is checked.
+#include "support/attention_case.hpp"
 #include "support/entry_points.hpp"
 
 #include <gtest/gtest.h>
@@ -25,11 +26,7 @@ TYPED_TEST_SUITE(ThreadsTest, Scalars);
 /// 160 queries: 5 query tiles of 32 per head (a tail-free count, so tiles are equal work);
 /// 800 keys: 4 decode splits of the default 256 (the last one short), 13 key tiles of 64.
 EntrySizes thread_sizes() {
-  AttentionOptions blocked;
-  blocked.algorithm = Algorithm::Blocked;
-  blocked.block_q = 32;
-  blocked.block_k = 64;
-  return {160, 800, 16, 12, blocked};
+  return {160, 800, 16, 12, blocked_path(32, 64)};
 }
 
 #ifdef _OPENMP

@@ -3,6 +3,7 @@
 // inputs are padded strided blocks of NaN-filled buffers, unaligned maps or column-major
 // matrices, and when its outputs are blocks of NaN-filled buffers whose guard cells must stay
 // untouched (reliability.md §3 row 20, §4.4a/b; pytorch#112577, #191937).
+#include "support/attention_case.hpp"
 #include "support/entry_points.hpp"
 #include "support/tolerance.hpp"
 
@@ -24,11 +25,7 @@ TYPED_TEST_SUITE(ViewsTest, Scalars);
 
 /// Lengths that leave partial query and key tiles of the (16, 32) blocked tiles.
 EntrySizes view_sizes() {
-  AttentionOptions blocked;
-  blocked.algorithm = Algorithm::Blocked;
-  blocked.block_q = 16;
-  blocked.block_k = 32;
-  return {37, 75, 12, 10, blocked};
+  return {37, 75, 12, 10, blocked_path(16, 32)};
 }
 
 /// A (rows, cols) matrix held at (row0, col0) of a larger row-major buffer of `fill`, whose

@@ -63,9 +63,7 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
                             MatrixRef<T> out) {
   const HeadProblem p = check_batched(q, k, v, layout);
   check_shape(out, q.rows(), v.cols(), "output");
-  check_no_alias(out, "output", q, "input q");
-  check_no_alias(out, "output", k, "input k");
-  check_no_alias(out, "output", v, "input v");
+  check_outputs_do_not_alias<T>(q, k, v, out, no_vector<T>());
   const TileShape tiles = resolve_tiles(options);
   const auto bound = mask.derived().bind(p.queries, p.keys);
   const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};

@@ -129,9 +129,7 @@ void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, 
     check_shape(seq.k, seq.k.rows(), layout.kv_heads * layout.key_dim, "key");
     check_shape(seq.v, seq.k.rows(), layout.kv_heads * layout.value_dim, "value");
     check_shape(seq.out, seq.q.rows(), layout.heads * layout.value_dim, "output");
-    check_no_alias(seq.out, "output", seq.q, "input q");
-    check_no_alias(seq.out, "output", seq.k, "input k");
-    check_no_alias(seq.out, "output", seq.v, "input v");
+    check_outputs_do_not_alias<T>(seq.q, seq.k, seq.v, seq.out, no_vector<T>());
     mask_of(Index(s)).derived().bind(seq.q.rows(), seq.k.rows());
     if (seq.weights) seq.weights->assign(std::size_t(layout.heads), Matrix<T>(seq.q.rows(), seq.k.rows()));
   }
