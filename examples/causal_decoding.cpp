@@ -7,15 +7,19 @@
 //   o_t = concat_h softmax(q_{t,h} K_{0..t,g}^T / sqrt(d)) V_{0..t,g},   g = h / (H / H_kv),
 //   y_t = W_o o_t,   x_{t+1} = y_t / rms(y_t)   (the toy "model": its next input is its own
 // output, RMS-normalized so that the features stay of order 1).
-// Each step is checked against a full recomputation: causal multi-head attention over the whole
-// prefix x_0..x_t with rotary applied at positions 0..t, whose last row must equal the step's
-// output. A second cache with a sliding window of 4 keys is checked the same way against the
-// full recomputation with the mask Window(3, 0) (each token sees itself and the 3 before it).
+// The layer is an attend::MultiHeadAttention with a rotary embedding; attend::decode_step(layer,
+// cache, x_t) does the projection, rotation at the cache's position, append, attention and
+// out-projection of one step. Each step is checked against a full recomputation, the layer over
+// the whole prefix x_0..x_t with a causal mask (rotary at positions 0..t), whose last row must
+// equal the step's output. A second cache with a sliding window of 4 keys is checked the same
+// way against the recomputation with the mask Window(3, 0) (each token sees itself and the 3
+// before it).
 #include <attend/attend.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
 
 using attend::Index;
 using attend::Matrix;
@@ -38,23 +42,6 @@ Matrix<double> random_linear(Index rows, Index cols, std::mt19937& gen) {
   return w;
 }
 
-// The layer's weights in nn.Linear layout (out_features, in_features), and its rotary embedding.
-struct Layer {
-  Matrix<double> w_q, w_k, w_v, w_o;  // (H d, E), (H_kv d, E), (H_kv d, E), (E, H d)
-  attend::RotaryEmbedding<double> rope;
-
-  // Projections of the tokens x (n, E) at positions first_position.. with rotary on q and k:
-  // q (n, H d), k (n, H_kv d), v (n, H_kv d). The decode step and the recomputation share it.
-  void project(const Matrix<double>& x, Index first_position, Matrix<double>& q, Matrix<double>& k,
-               Matrix<double>& v) const {
-    q = x * w_q.transpose();
-    k = x * w_k.transpose();
-    v = x * w_v.transpose();
-    rope.apply(q, first_position);  // every head of row r turned by the angles of position first_position + r
-    rope.apply(k, first_position);
-  }
-};
-
 // Max |a - b| over all entries; NaN if either holds a NaN (so a NaN fails every `<=` check).
 double max_abs_diff(const Matrix<double>& a, const Matrix<double>& b) {
   const Matrix<double> d = (a - b).cwiseAbs();
@@ -64,46 +51,44 @@ double max_abs_diff(const Matrix<double>& a, const Matrix<double>& b) {
 }  // namespace
 
 int main() {
-  std::mt19937 gen(2024);  // a braced initializer list draws its elements in order: W_q, W_k, W_v, W_o
+  std::mt19937 gen(2024);
+  attend::MultiHeadWeights<double> weights;  // nn.Linear layout (out_features, in_features), no biases
+  weights.q_proj_weight = random_linear(kHeads * kHeadDim, kWidth, gen);    // (H d, E)
+  weights.k_proj_weight = random_linear(kKvHeads * kHeadDim, kWidth, gen);  // (H_kv d, E)
+  weights.v_proj_weight = random_linear(kKvHeads * kHeadDim, kWidth, gen);  // (H_kv d, E)
+  weights.out_proj_weight = random_linear(kWidth, kHeads * kHeadDim, gen);  // (E, H d)
+  attend::MultiHeadAttention<double> layer(kHeads, std::move(weights), kKvHeads);
   attend::RotaryOptions rotary;
   rotary.layout = attend::RotaryLayout::HalfSplit;  // pair i = (x_i, x_{i + d/2}) in each head
-  const Layer layer{random_linear(kHeads * kHeadDim, kWidth, gen), random_linear(kKvHeads * kHeadDim, kWidth, gen),
-                    random_linear(kKvHeads * kHeadDim, kWidth, gen), random_linear(kWidth, kHeads * kHeadDim, gen),
-                    attend::RotaryEmbedding<double>(kHeadDim, rotary)};
+  layer.set_rotary(attend::RotaryEmbedding<double>(kHeadDim, rotary));
 
   // One cache per layer: K (capacity, H_kv d) and V (capacity, H_kv d), one token per row.
-  attend::KVCache<double> cache(kSteps, kKvHeads, kHeadDim);
-  attend::KVCacheOptions windowed;
-  windowed.window = kWindow;  // keeps only the last w - 1 rows before each append
-  attend::KVCache<double> window_cache(2 * kWindow, kKvHeads, kHeadDim, windowed);
+  attend::KVCache<double> cache(layer, kSteps);
+  attend::KVCache<double> window_cache(layer, 2 * kWindow, kWindow);  // keeps the last w - 1 rows before an append
 
   Matrix<double> inputs(kSteps, kWidth);  // (T, E) row t = x_t, kept only for the recomputation
   inputs.row(0) = random_linear(1, kWidth, gen);
   bool ok = true;
   std::printf("step  cache rows  |decode - full|  window rows  |window decode - full|\n");
   for (Index t = 0; t < kSteps; ++t) {
-    // Incremental: project the one new token at position t, append its k, v, attend over the cache.
-    Matrix<double> q, k, v;
-    layer.project(inputs.row(t), t, q, k, v);                                  // (1, H d), (1, H_kv d) x 2
-    const Matrix<double> heads = attend::decode_step(cache, q, k, v, kHeads);  // (1, H d)
-    const Matrix<double> windowed_heads = attend::decode_step(window_cache, q, k, v, kHeads);
+    // Incremental: project the one new token at position cache.position() = t, rotate its q and
+    // k, append its k and v, attend over the cache, out-project: y_t (1, E).
+    const Matrix<double> y = attend::decode_step(layer, cache, inputs.row(t));
+    const Matrix<double> y_window = attend::decode_step(layer, window_cache, inputs.row(t));
 
-    // Full recomputation over the prefix 0..t: rotary at positions 0..t, then causal attention
-    // (square, so top-left and bottom-right alignment agree). Its last row is token t.
-    Matrix<double> q_all, k_all, v_all;
-    layer.project(inputs.topRows(t + 1), 0, q_all, k_all, v_all);  // (t+1, H d), (t+1, H_kv d) x 2
-    const Matrix<double> full = attend::multi_head_attention(q_all, k_all, v_all, kHeads, attend::Causal());
-    const Matrix<double> full_window =
-        attend::multi_head_attention(q_all, k_all, v_all, kHeads, attend::Window(kWindow - 1, 0));  // w - 1 keys back
+    // Full recomputation over the prefix 0..t: the layer over the whole prefix (rotary at
+    // positions 0..t) with a causal mask, or a window of w - 1 keys back. Its last row is token t.
+    const auto prefix = inputs.topRows(t + 1);
+    const Matrix<double> full = layer.forward(prefix, attend::Causal()).output;
+    const Matrix<double> full_window = layer.forward(prefix, attend::Window(kWindow - 1, 0)).output;
 
-    const double diff = max_abs_diff(heads, full.bottomRows(1));
-    const double window_diff = max_abs_diff(windowed_heads, full_window.bottomRows(1));
+    const double diff = max_abs_diff(y, full.bottomRows(1));
+    const double window_diff = max_abs_diff(y_window, full_window.bottomRows(1));
     ok = ok && diff <= 1e-12 && window_diff <= 1e-12;  // false for NaN too
     std::printf("%4ld  %10ld  %14.3e  %11ld  %21.3e\n", long(t), long(cache.size()), diff, long(window_cache.size()),
                 window_diff);
 
     // The toy model's next input: its own output y_t, scaled to root-mean-square 1.
-    const Matrix<double> y = heads * layer.w_o.transpose();  // (1, E)
     if (t + 1 < kSteps) inputs.row(t + 1) = y / std::sqrt(y.squaredNorm() / double(kWidth));
   }
   std::printf("last input, first 4 features: %.6f %.6f %.6f %.6f\n", inputs(kSteps - 1, 0), inputs(kSteps - 1, 1),

@@ -82,6 +82,12 @@ inline AttentionOptions options_of(const Config& c, Algorithm algorithm) {
 
 inline bool block_invalid(const Config& c) { return c.block_q < 0 || c.block_k < 0; }
 
+/// A given scale must be finite once cast to T (NaN, Inf and doubles beyond T's range throw).
+template <class T>
+bool scale_invalid(const Config& c) {
+  return c.scale && !std::isfinite(static_cast<T>(*c.scale));
+}
+
 
 // ---------------------------------------------------------------------------------------------
 // Masks
@@ -264,7 +270,7 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
   const Index key_dim = c.entry == Entry::Bilinear ? c.d2 : c.dk;
   const Inputs<T> in = make_inputs(c, src, key_dim);
   const MaskData<T> mask = make_mask(c, src, c.lq, c.lk);
-  Case<T> cs{c, in, mask, "", in.shape_invalid || mask.invalid, std::nullopt};
+  Case<T> cs{c, in, mask, "", in.shape_invalid || mask.invalid || scale_invalid<T>(c), std::nullopt};
   const auto& q = in.q;
   const auto& k = in.k;
 
@@ -335,7 +341,8 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
     case Entry::Cosine: {
       cs.name = "cosine_attention";
       const double temperature = c.param;
-      cs.invalid = cs.invalid || c.dk == 0 || !(temperature > 0 && std::isfinite(temperature)) || c.scale.has_value();
+      cs.invalid = cs.invalid || c.dk == 0 || !(temperature > 0 && std::isfinite(temperature)) ||
+                   !std::isfinite(static_cast<T>(1.0 / temperature)) || c.scale.has_value();
       cs.problem = problem_of(cs, cosine_scores<T>(q, k, static_cast<T>(1.0 / temperature)));
       with_layout<T>(c.layout, q, k, in.v, [&](const auto& qq, const auto& kk, const auto& vv) {
         with_mask(mask, [&](const auto& m) {
@@ -351,7 +358,7 @@ void run_single_head(const Config& c, ValueSource<T>& src) {
     case Entry::SoftCap: {
       cs.name = "soft_capped_attention";
       const double cap = c.param;
-      cs.invalid = cs.invalid || c.dk == 0 || !(cap > 0 && std::isfinite(cap));
+      cs.invalid = cs.invalid || c.dk == 0 || !(static_cast<T>(cap) > 0 && std::isfinite(static_cast<T>(cap)));
       cs.problem = problem_of(cs, soft_cap_scores<T>(dot_scores<T>(q, k, default_scale<T>(c, c.dk)), T(cap)));
       with_layout<T>(c.layout, q, k, in.v, [&](const auto& qq, const auto& kk, const auto& vv) {
         with_mask(mask, [&](const auto& m) {
@@ -458,7 +465,7 @@ void run_batched(const Config& c, ValueSource<T>& src) {
                   v = src.matrix(v_rows, h_cols * c.dv, true);
   const MaskData<T> mask = make_mask(c, src, c.lq, c.lk);
   const bool invalid = batch == 0 || heads == 0 || c.dk == 0 || mask.invalid || block_invalid(c) ||
-                       c.perturb == Perturb::KeyDim || c.perturb == Perturb::ValueRows;
+                       scale_invalid<T>(c) || c.perturb == Perturb::KeyDim || c.perturb == Perturb::ValueRows;
   // One exact problem per (sequence, head).
   std::vector<Problem> problems;
   if (!invalid)
@@ -508,7 +515,7 @@ void run_decode(const Config& c, ValueSource<T>& src) {
   std::optional<KVCache<T>> cache;
   expect(cache_invalid, "KVCache", [&] { cache.emplace(capacity, kv_heads, d, KVCacheOptions{window, c.dv}); });
   if (!cache) return;
-  const bool step_invalid = heads % kv_heads != 0 || block_invalid(c);
+  const bool step_invalid = heads % kv_heads != 0 || block_invalid(c) || scale_invalid<T>(c);
   Matrix<T> keys(0, kv_heads * d), values(0, kv_heads * dv);  // every appended row
   Index kept = 0;                                              // rows the cache holds
   for (std::size_t s = 0; s < c.chunks.size(); ++s) {

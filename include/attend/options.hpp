@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 
 namespace attend {
 
@@ -46,9 +47,15 @@ struct AttentionResult {
 namespace detail {
 
 /// The scale of the options, defaulting to 1 / sqrt(d_k).
+/// \throws attend::invalid_argument when the given scale is not finite once cast to T (NaN, Inf,
+///         or a double beyond T's range such as 1e300 for float).
 template <class T>
 T resolve_scale(const AttentionOptions& options, Index head_dim) {
-  return options.scale ? static_cast<T>(*options.scale) : T(1) / std::sqrt(static_cast<T>(head_dim));
+  if (!options.scale) return T(1) / std::sqrt(static_cast<T>(head_dim));
+  const T scale = static_cast<T>(*options.scale);
+  ATTEND_CHECK(std::isfinite(scale), "scale " + std::to_string(*options.scale) + " is not a finite " +
+                                         scalar_name<T>());
+  return scale;
 }
 
 }  // namespace detail

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace attend {
 
@@ -47,6 +48,12 @@ VectorRef<T> no_vector() {
 template <class D>
 std::string shape_of(const Eigen::EigenBase<D>& m) {
   return "(" + std::to_string(m.rows()) + " x " + std::to_string(m.cols()) + ")";
+}
+
+/// "float" or "double", for messages about values that must fit the scalar type.
+template <class T>
+const char* scalar_name() {
+  return std::is_same_v<T, float> ? "float" : "double";
 }
 
 }  // namespace detail

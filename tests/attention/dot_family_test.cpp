@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -103,6 +104,23 @@ TYPED_TEST(DotFamilyTest, CosineMatchesReference) {
   }
 }
 
+// A row's scale does not change its cosine: rows of entries near 1e30 (whose squared norm
+// overflows float) give the attention of the unscaled rows.
+TYPED_TEST(DotFamilyTest, CosineKeepsTheDirectionOfHugeRows) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index lq = 7, lk = 11, d = 9, dv = 3;
+  const Matrix<T> q = rng.normal<T>(lq, d), k = rng.normal<T>(lk, d), v = rng.normal<T>(lk, dv);
+  const T huge = T(1e30);
+  for (const AttentionOptions& options : paths<T>()) {
+    SCOPED_TRACE(describe(options));
+    const Matrix<T> plain = cosine_attention(q, k, v, 0.5, NoMask{}, options);
+    const Matrix<T> scaled = cosine_attention(Matrix<T>(huge * q), Matrix<T>(huge * k), v, 0.5, NoMask{}, options);
+    ASSERT_TRUE(scaled.allFinite());
+    EXPECT_LE(max_abs_error(scaled, plain), 64 * std::numeric_limits<T>::epsilon());
+  }
+}
+
 // s_ij = cap tanh(scale <q_i, k_j> / cap), with inputs amplified so that logits reach the cap.
 TYPED_TEST(DotFamilyTest, SoftCappedMatchesReference) {
   using T = TypeParam;
@@ -171,6 +189,22 @@ TYPED_TEST(DotFamilyTest, BadArgumentsThrowNamingThem) {
   expect_throw([&] { dot_product_attention(q, Matrix<T>::Ones(5, 3), v); }, "k (5 x 3)");
   expect_throw([&] { cosine_attention(q, k, Matrix<T>::Ones(4, 2), 1.0); }, "v (4 x 2)");
   expect_throw([&] { soft_capped_attention(q, k, Matrix<T>::Ones(4, 2), 1.0); }, "v (4 x 2)");
+  // Scales that are not finite in T: given, or 1 / temperature, or a cap beyond T's range.
+  for (const double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
+    AttentionOptions o;
+    o.scale = bad;
+    expect_throw([&] { scaled_dot_product_attention(q, k, v, NoMask{}, o); }, "scale");
+    expect_throw([&] { dot_product_attention(q, k, v, NoMask{}, o); }, "scale");
+    expect_throw([&] { soft_capped_attention(q, k, v, 1.0, NoMask{}, o); }, "scale");
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    AttentionOptions o;
+    o.scale = 1e300;
+    expect_throw([&] { scaled_dot_product_attention(q, k, v, NoMask{}, o); }, "scale 1");
+    expect_throw([&] { cosine_attention(q, k, v, 1e-300); }, "temperature");
+    expect_throw([&] { soft_capped_attention(q, k, v, 1e300); }, "soft cap");
+    expect_throw([&] { soft_capped_attention(q, k, v, 1e-300); }, "soft cap");
+  }
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include "support/expect.hpp"
 #include "support/baseline.hpp"
 #include "support/masks.hpp"
+#include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
 #include "support/tolerance.hpp"
@@ -155,6 +156,36 @@ TYPED_TEST(DecodeTest, ChunkedPrefillThenDecodeEqualsFullAttention) {
   }
 }
 
+// A layer with projections, rotary positions and grouped-query heads, decoded through
+// decode_step(layer, cache, x) token by token and in chunks, against the long-double reference of
+// the whole sequence: causal, and with a sliding window of w keys (Window(w - 1, 0)).
+TYPED_TEST(DecodeTest, LayerDecodeEqualsTheLayerOverTheWholeSequence) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 23;
+  const Shape s{6, 2, 8, 8, 24, 24, 24, 20, true};
+  RotaryOptions ro;
+  ro.base = 100.0;
+  MultiHeadAttention<T> layer(s.heads, random_weights<T>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<T>(s.d, ro));
+  const Matrix<T> x = rng.normal<T>(len, s.eq);
+  for (const Index window : {-1, 5}) {
+    const BoolMatrix visible = window_visibility(len, len, window < 0 ? -1 : window - 1, 0, Alignment::TopLeft);
+    const Expected<T> ex = expected_mha<T>(s, layer.weights(), x, x, x, visible, layer.rotary());
+    for (const std::vector<Index>& steps : {std::vector<Index>{1}, std::vector<Index>{4, 1, 3}}) {
+      SCOPED_TRACE("window " + std::to_string(window) + ", first step of " + std::to_string(steps[0]));
+      KVCache<T> cache(layer, window < 0 ? len : window - 1 + 4, window);
+      Matrix<T> out(len, s.eout);
+      for (Index t = 0, i = 0; t < len; ++i) {
+        const Index n = std::min(steps[std::size_t(i) % steps.size()], len - t);
+        out.middleRows(t, n) = decode_step(layer, cache, x.middleRows(t, n));
+        t += n;
+      }
+      EXPECT_TRUE(within_tolerance<T>(out, ex.output, ex.base_output));
+    }
+  }
+}
+
 TEST(DecodeErrors, ClearMessagesAndUnchangedCache) {
   ATTEND_SEEDED_RNG(rng);
   KVCache<double> cache(4, 2, 8);
@@ -171,6 +202,15 @@ TEST(DecodeErrors, ClearMessagesAndUnchangedCache) {
                  {"overflow", "capacity=4"});
   EXPECT_EQ(cache.size(), 4);
   EXPECT_EQ(cache.position(), 4);
+  // A layer whose heads do not match the cache's.
+  const Shape shape{4, 2, 8, 8, 16, 16, 16, 16, false};
+  const MultiHeadAttention<double> layer(4, random_weights<double>(shape, rng), 2);
+  KVCache<double> other(4, 2, 6);
+  expect_invalid([&] { decode_step(layer, other, rng.normal<double>(1, 16)); },
+                 {"kv_heads=2, head_dim=6", "num_kv_heads=2, head_dim=8"});
+  KVCache<double> fitted(layer, 4);
+  expect_invalid([&] { decode_step(layer, fitted, rng.normal<double>(1, 15)); }, {"q_proj input (1 x 15)"});
+  EXPECT_EQ(fitted.size(), 0);
 }
 
 }  // namespace

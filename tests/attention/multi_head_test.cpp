@@ -7,6 +7,7 @@
 #include "support/expect.hpp"
 #include "support/baseline.hpp"
 #include "support/masks.hpp"
+#include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
 #include "support/tolerance.hpp"
@@ -18,6 +19,7 @@
 #endif
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -25,77 +27,6 @@ namespace attend::test {
 namespace {
 
 using attend::test::expect_invalid;
-
-/// Shapes of one multi-head problem.
-struct Shape {
-  Index heads, kv_heads, d, dv;  // H, H_kv, per-head widths
-  Index eq, ek, ev, eout;        // input widths of query, key, value; output width
-  bool bias;
-};
-
-std::string describe(const Shape& s) {
-  return "H=" + std::to_string(s.heads) + " H_kv=" + std::to_string(s.kv_heads) + " d=" + std::to_string(s.d) +
-         " d_v=" + std::to_string(s.dv) + " E_q=" + std::to_string(s.eq) + " E_k=" + std::to_string(s.ek) +
-         " E_v=" + std::to_string(s.ev) + " E_out=" + std::to_string(s.eout) + (s.bias ? " bias" : "");
-}
-
-/// Weights N(0, 1/fan_in) so that projected values keep unit variance.
-template <class T>
-MultiHeadWeights<T> random_weights(const Shape& s, Rng& rng) {
-  const auto w = [&](Index rows, Index cols) { return rng.normal<T>(rows, cols, 1 / std::sqrt(double(cols))); };
-  const auto b = [&](Index n) { return s.bias ? Vector<T>(rng.normal<T>(n, 1, 0.5)) : Vector<T>(); };
-  return {w(s.heads * s.d, s.eq),   w(s.kv_heads * s.d, s.ek), w(s.kv_heads * s.dv, s.ev),
-          w(s.eout, s.heads * s.dv), b(s.heads * s.d),          b(s.kv_heads * s.d),
-          b(s.kv_heads * s.dv),      b(s.eout)};
-}
-
-/// x W^T + b in the scalar S.
-template <class S, class T, class X>
-Matrix<S> project(const X& x, const Matrix<T>& w, const Vector<T>& b) {
-  Matrix<S> y = x.template cast<S>() * w.template cast<S>().transpose();
-  if (b.size() != 0) y.rowwise() += b.template cast<S>().transpose();
-  return y;
-}
-
-/// The expected result in long double, and the same computation in T (the baseline of the
-/// tolerance rule): project, attend per head (query head h reads kv head h / (H / H_kv)),
-/// concatenate, out-project.
-template <class T>
-struct Expected {
-  RealMatrix output;
-  std::vector<RealMatrix> weights;
-  Matrix<T> base_output;
-  std::vector<Matrix<T>> base_weights;
-};
-
-template <class T>
-Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query, const Matrix<T>& key,
-                         const Matrix<T>& value, const BoolMatrix& visible) {
-  const RealMatrix q = project<Real>(query, w.q_proj_weight, w.q_proj_bias);
-  const RealMatrix k = project<Real>(key, w.k_proj_weight, w.k_proj_bias);
-  const RealMatrix v = project<Real>(value, w.v_proj_weight, w.v_proj_bias);
-  const Matrix<T> qt = project<T>(query, w.q_proj_weight, w.q_proj_bias);
-  const Matrix<T> kt = project<T>(key, w.k_proj_weight, w.k_proj_bias);
-  const Matrix<T> vt = project<T>(value, w.v_proj_weight, w.v_proj_bias);
-  RealMatrix heads(query.rows(), s.heads * s.dv);
-  Matrix<T> base_heads(query.rows(), s.heads * s.dv);
-  Expected<T> e;
-  for (Index h = 0; h < s.heads; ++h) {
-    const Index g = h / (s.heads / s.kv_heads);
-    const Reference ref = reference_attention(q.middleCols(h * s.d, s.d), k.middleCols(g * s.d, s.d),
-                                              v.middleCols(g * s.dv, s.dv), 1 / std::sqrt(Real(s.d)), visible);
-    const Baseline<T> base =
-        baseline_attention<T>(qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d),
-                              vt.middleCols(g * s.dv, s.dv), T(1) / std::sqrt(T(s.d)), visible);
-    heads.middleCols(h * s.dv, s.dv) = ref.output;
-    base_heads.middleCols(h * s.dv, s.dv) = base.output;
-    e.weights.push_back(ref.weights);
-    e.base_weights.push_back(base.weights);
-  }
-  e.output = project<Real>(heads, w.out_proj_weight, w.out_proj_bias);
-  e.base_output = project<T>(base_heads, w.out_proj_weight, w.out_proj_bias);
-  return e;
-}
 
 template <class T>
 MultiHeadOptions path(Algorithm algorithm, Index block_q = 0, Index block_k = 0) {
@@ -129,6 +60,39 @@ TYPED_TEST(MultiHeadTest, SelfAttentionMatchesReference) {
       for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 16, 8)}) {
         const Matrix<T> out = causal ? mha.forward(x, Causal(), o).output : mha.forward(x, NoMask{}, o).output;
         EXPECT_TRUE(within_tolerance<T>(out, ex.output, ex.base_output));
+      }
+    }
+  }
+}
+
+// Rotary positions: query row i and key row j turned by the angles of positions i and j, in
+// both layouts, full and partial rotary, with grouped-query heads.
+TYPED_TEST(MultiHeadTest, RotaryRotatesQueriesAndKeysByPosition) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 29;
+  const Shape s{6, 2, 8, 8, 24, 24, 24, 24, true};
+  for (const RotaryLayout layout : {RotaryLayout::HalfSplit, RotaryLayout::Interleaved}) {
+    for (const Index rotary_dim : {8, 6}) {
+      SCOPED_TRACE(std::string(layout == RotaryLayout::HalfSplit ? "half-split" : "interleaved") +
+                   " rotary_dim=" + std::to_string(rotary_dim));
+      RotaryOptions ro;
+      ro.layout = layout;
+      ro.rotary_dim = rotary_dim;
+      ro.base = 100.0;  // fast-turning pairs: positions 0..28 cover many turns
+      MultiHeadAttention<T> mha(s.heads, random_weights<T>(s, rng), s.kv_heads);
+      const Matrix<T> x = rng.normal<T>(len, s.eq);
+      const Matrix<T> plain = mha.forward(x, Causal()).output;
+      mha.set_rotary(RotaryEmbedding<T>(s.d, ro));
+      ASSERT_NE(mha.rotary(), nullptr);
+      const Expected<T> ex =
+          expected_mha<T>(s, mha.weights(), x, x, x, causal_visibility(len, len, Alignment::TopLeft), mha.rotary());
+      for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 16, 8)}) {
+        const Matrix<T> out = mha.forward(x, Causal(), o).output;
+        EXPECT_TRUE(within_tolerance<T>(out, ex.output, ex.base_output));
+        // Row 0 sits at position 0, where the rotation is the identity; later rows moved.
+        EXPECT_LE(max_abs_error(out.row(0), plain.row(0)), 64 * std::numeric_limits<T>::epsilon());
+        EXPECT_GT(max_abs_error(out.bottomRows(len - 1), plain.bottomRows(len - 1)), 1e-2);
       }
     }
   }
@@ -370,6 +334,10 @@ TEST(MultiHeadErrors, ClearMessagesNamingTheValues) {
   expect_invalid([&] { MultiHeadAttention<double>::from_packed(4, x, {}, x, {}); }, {"in_proj_weight (5 x 32)"});
   expect_invalid([&] { mha.forward_batch({x, x}, {x}); }, {"1 memories for 2"});
   expect_invalid([&] { mha.forward_batch({x}, {}, NoMask{}, {6}); }, {"valid length 6", "Lk=5"});
+  // A rotary embedding for another head width.
+  MultiHeadAttention<double> rotary_mha(4, good);
+  expect_invalid([&] { rotary_mha.set_rotary(RotaryEmbedding<double>(6)); }, {"head_dim=6", "head_dim=8"});
+  EXPECT_EQ(rotary_mha.rotary(), nullptr);
 }
 
 }  // namespace

@@ -47,10 +47,17 @@ TYPED_TEST(SoftCapTest, CapsTheWrappedScore) {
   }
 }
 
-TEST(SoftCap, RejectsNonPositiveCaps) {
-  for (const double cap : {0.0, -1.0, std::numeric_limits<double>::infinity(), std::nan("")})
-    EXPECT_THROW(detail::check_soft_cap(cap), attend::invalid_argument) << cap;
-  EXPECT_NO_THROW(detail::check_soft_cap(30.0));
+TEST(SoftCap, RejectsCapsThatAreNotPositiveFiniteScalars) {
+  for (const double cap : {0.0, -1.0, std::numeric_limits<double>::infinity(), std::nan("")}) {
+    EXPECT_THROW(detail::checked_soft_cap<float>(cap), attend::invalid_argument) << cap;
+    EXPECT_THROW(detail::checked_soft_cap<double>(cap), attend::invalid_argument) << cap;
+  }
+  // Finite doubles that overflow or underflow float.
+  for (const double cap : {1e300, 1e-300}) {
+    EXPECT_THROW(detail::checked_soft_cap<float>(cap), attend::invalid_argument) << cap;
+    EXPECT_EQ(detail::checked_soft_cap<double>(cap), cap);
+  }
+  EXPECT_EQ(detail::checked_soft_cap<float>(30.0), 30.0f);
 }
 
 }  // namespace

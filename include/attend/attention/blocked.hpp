@@ -105,14 +105,23 @@ void blocked_query_tile(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, 
     const Index cols = std::min(tiles.keys, visible.end - k0), k1 = k0 + cols;
     const TileKind kind = mask.classify(q0, q1, k0, k1);
     if (kind == TileKind::Empty) continue;
+    // Keys of this tile, relative to k0, that query lanes [i0, i1) of the tile may see: the
+    // kernels skip the rest of a partial tile (a causal diagonal, the edges of a window).
+    const auto seen_by = [&](Index i0, Index i1) {
+      if (kind == TileKind::Full) return KeyRange{0, cols};
+      if (std::min(i1, rows) <= i0) return KeyRange{0, 0};
+      const KeyRange seen = mask.keys(q0 + i0, q0 + std::min(i1, rows));
+      return KeyRange{std::clamp(seen.begin - k0, Index(0), cols), std::clamp(seen.end - k0, Index(0), cols)};
+    };
     auto st = scratch.scores.topLeftCorner(cols, rows);  // (cols, rows) = S^T
     if constexpr (is_dot_product_score<Score>::value)
-      score_tile<T>(k.middleRows(k0, cols), scratch.qt.data(), scratch.qt.outerStride(), lanes, st.data(), stride);
+      score_tile<T>(k.middleRows(k0, cols), scratch.qt.data(), scratch.qt.outerStride(), lanes, st.data(), stride,
+                    seen_by);
     else
       score(q.middleRows(q0, rows), k.middleRows(k0, cols), st.transpose());
     if (kind == TileKind::Partial) mask.apply(st.transpose(), q0, k0);
     online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha());
-    value_tile<T>(st.data(), stride, v.middleRows(k0, cols), scratch.alpha(), acc);
+    value_tile<T>(st.data(), stride, v.middleRows(k0, cols), scratch.alpha(), acc, seen_by);
   }
   VectorRef<T> tile_lse = lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse;
   finalize_rows<T>(acc, scratch.max(), scratch.sum(), out.middleRows(q0, rows), tile_lse);

@@ -37,12 +37,13 @@ inline AttentionOptions with_default_scale(AttentionOptions options, double scal
 }
 
 /// Each row divided by its Euclidean norm, floored at 1e-8 as torch.nn.functional.normalize
-/// does, so a zero row stays zero (its cosine with anything is 0).
+/// does, so a zero row stays zero (its cosine with anything is 0). stableNorm() scales before
+/// squaring, so a float row of entries near 1e30 keeps its direction (norm() would overflow).
 template <class D>
 Matrix<typename D::Scalar> unit_rows(const Eigen::MatrixBase<D>& x) {
   using T = typename D::Scalar;
   Matrix<T> out = x;
-  for (Index i = 0; i < out.rows(); ++i) out.row(i) /= std::max(out.row(i).norm(), T(1e-8));
+  for (Index i = 0; i < out.rows(); ++i) out.row(i) /= std::max(out.row(i).stableNorm(), T(1e-8));
   return out;
 }
 
@@ -101,7 +102,8 @@ Matrix<typename DQ::Scalar> bilinear_attention(const Eigen::MatrixBase<DQ>& q, c
 /// Cosine attention, s_ij = cos(q_i, k_j) / temperature: dot-product attention of the
 /// normalized rows with scale 1 / temperature (a zero row has cosine 0 with every key).
 /// The temperature is the scale, so `options.scale` must stay unset.
-/// \throws attend::invalid_argument unless temperature > 0 and finite.
+/// \throws attend::invalid_argument unless temperature > 0 and finite, and 1 / temperature is finite
+///         as a T.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 void cosine_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                            const Eigen::MatrixBase<DV>& v, double temperature, MatrixRef<typename DQ::Scalar> out,
@@ -111,6 +113,9 @@ void cosine_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                "cosine attention temperature " + std::to_string(temperature) + " must be a positive finite number");
   ATTEND_CHECK(!options.scale, "cosine attention takes its scale as 1 / temperature; leave options.scale unset (got " +
                                    std::to_string(options.scale.value_or(0)) + ")");
+  ATTEND_CHECK(std::isfinite(static_cast<typename DQ::Scalar>(1.0 / temperature)),
+               "cosine attention temperature " + std::to_string(temperature) +
+                   ": its scale 1 / temperature is not a finite " + detail::scalar_name<typename DQ::Scalar>());
   detail::check_qkv(q, k, v);
   scaled_dot_product_attention_into(detail::unit_rows(q), detail::unit_rows(k), v, out, mask,
                                     detail::with_default_scale(options, 1.0 / temperature), lse);
@@ -130,17 +135,17 @@ Matrix<typename DQ::Scalar> cosine_attention(const Eigen::MatrixBase<DQ>& q, con
 /// Scaled dot-product attention with logit soft-capping (Gemma 2, Grok):
 ///   s_ij = cap tanh(scale <q_i, k_j> / cap),  then the mask,  softmax, and V.
 /// The cap acts before the mask, so masked keys stay masked. The scale defaults to 1/sqrt(d_k).
-/// \throws attend::invalid_argument unless cap > 0 and finite.
+/// \throws attend::invalid_argument unless cap > 0 and finite (as a T).
 template <class DQ, class DK, class DV, class Mask = NoMask>
 void soft_capped_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                 const Eigen::MatrixBase<DV>& v, double cap, MatrixRef<typename DQ::Scalar> out,
                                 const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                                 VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
   using T = typename DQ::Scalar;
-  detail::check_soft_cap(cap);
+  const T checked_cap = detail::checked_soft_cap<T>(cap);
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  const detail::SoftCapped<detail::ScaledDot<T>, T> score{{detail::resolve_scale<T>(options, q.cols())}, T(cap)};
+  const detail::SoftCapped<detail::ScaledDot<T>, T> score{{detail::resolve_scale<T>(options, q.cols())}, checked_cap};
   detail::attention_into<T>(q_ref, k_ref, v_ref, score, mask, options, out, lse);
 }
 

@@ -57,6 +57,10 @@ class KVCache {
     values_.resize(capacity, kv_heads * value_head_dim_);
   }
 
+  /// A cache shaped for `layer` (its H_kv, d and d_v), for decode_step(layer, cache, x).
+  KVCache(const MultiHeadAttention<T>& layer, Index capacity, Index window = -1)
+      : KVCache(capacity, layer.num_kv_heads(), layer.head_dim(), KVCacheOptions{window, layer.value_head_dim()}) {}
+
   Index capacity() const { return keys_.rows(); }
   Index kv_heads() const { return kv_heads_; }
   Index head_dim() const { return head_dim_; }
@@ -149,6 +153,7 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
   detail::check_no_alias(out, "output", q, "input q");
   detail::check_no_alias(out, "output", k_new, "input k_new");
   detail::check_no_alias(out, "output", v_new, "input v_new");
+  detail::resolve_scale<T>(options, cache.head_dim());  // throws on a bad scale before the cache changes
   cache.append(k_new, v_new);
   if (q.rows() == 1) {  // after a one-row append, every kept key is visible
     decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, options);
@@ -166,6 +171,32 @@ Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
   Matrix<T> out(q.rows(), num_heads * cache.value_head_dim());
   decode_step_into(cache, q, k_new, v_new, num_heads, out, options);
   return out;
+}
+
+/// One decoding step of a MultiHeadAttention layer with its projections (self attention over
+/// the tokens decoded so far): the n new tokens x (n, E_q) are projected, their queries and keys
+/// rotated at positions cache.position() + i when the layer has a rotary embedding, their K/V
+/// rows appended to `cache`, and the step attends as decode_step_into does; the output is
+/// projected by W_o. Decoding a sequence token by token (or in chunks) equals
+/// layer.forward(sequence, Causal()), or Window(w - 1, 0) for a cache of window w, row by row.
+///
+/// \param cache shaped for the layer, e.g. KVCache<T>(layer, capacity)
+/// \param x     (n, E_q) the new tokens
+/// \return (n, E_out)
+/// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's,
+///         on a wrong input width, or on overflow (the cache is then unchanged).
+template <class T, class DX>
+Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
+                      const AttentionOptions& options = {}) {
+  ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
+                   cache.value_head_dim() == layer.value_head_dim(),
+               "a cache of kv_heads=" + std::to_string(cache.kv_heads()) + ", head_dim=" +
+                   std::to_string(cache.head_dim()) + ", value_head_dim=" + std::to_string(cache.value_head_dim()) +
+                   " for a layer of num_kv_heads=" + std::to_string(layer.num_kv_heads()) + ", head_dim=" +
+                   std::to_string(layer.head_dim()) + ", value_head_dim=" + std::to_string(layer.value_head_dim()));
+  const Index position = cache.position();
+  const Matrix<T> q = layer.project_query(x, position), k = layer.project_key(x, position), v = layer.project_value(x);
+  return layer.project_output(decode_step(cache, q, k, v, layer.num_heads(), options));
 }
 
 }  // namespace attend

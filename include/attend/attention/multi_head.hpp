@@ -35,9 +35,11 @@
 #include "../options.hpp"
 #include "../scores.hpp"
 #include "../types.hpp"
+#include "../positional/rotary.hpp"
 #include "materialized.hpp"
 #include "scaled_dot_product.hpp"
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -233,6 +235,9 @@ struct MultiHeadWeights {
 ///   Q = query W_q^T + b_q,  K = key W_k^T + b_k,  V = value W_v^T + b_v,
 ///   O_h = softmax(scale Q_h K_g^T + mask) V_g  (g = h / (H / H_kv)),
 ///   out = [O_0 ... O_{H-1}] W_o^T + b_o.
+/// With a rotary embedding (set_rotary), every head of Q and K is rotated after its projection:
+/// query row i at position i, key row j at position j (Llama, GPT-NeoX). Incremental decoding
+/// of the same layer over a KVCache is `decode_step(attention, cache, x)` (kv_cache.hpp).
 /// See the file comment for the correspondence with torch.nn.MultiheadAttention.
 template <class T>
 class MultiHeadAttention {
@@ -298,6 +303,39 @@ class MultiHeadAttention {
   Index output_width() const { return w_.out_proj_weight.rows(); }
   const MultiHeadWeights<T>& weights() const { return w_; }
 
+  /// Rotates the heads of Q and K with `rope` from now on (its head_dim must be head_dim()).
+  /// \throws attend::invalid_argument naming both head widths when they differ.
+  MultiHeadAttention& set_rotary(RotaryEmbedding<T> rope) {
+    ATTEND_CHECK(rope.head_dim() == layout_.key_dim, "rotary embedding of head_dim=" + std::to_string(rope.head_dim()) +
+                                                         " for attention heads of head_dim=" +
+                                                         std::to_string(layout_.key_dim));
+    rope_ = std::move(rope);
+    return *this;
+  }
+  /// The rotary embedding of Q and K, or null.
+  const RotaryEmbedding<T>* rotary() const { return rope_ ? &*rope_ : nullptr; }
+
+  /// Q = query W_q^T + b_q (Lq, H d), rotated at positions first_position.. when rotary is set.
+  template <class D>
+  Matrix<T> project_query(const Eigen::MatrixBase<D>& query, Index first_position = 0) const {
+    return rotated(detail::linear<T>(query, w_.q_proj_weight, w_.q_proj_bias, "q_proj"), first_position);
+  }
+  /// K = key W_k^T + b_k (Lk, H_kv d), rotated at positions first_position.. when rotary is set.
+  template <class D>
+  Matrix<T> project_key(const Eigen::MatrixBase<D>& key, Index first_position = 0) const {
+    return rotated(detail::linear<T>(key, w_.k_proj_weight, w_.k_proj_bias, "k_proj"), first_position);
+  }
+  /// V = value W_v^T + b_v (Lk, H_kv d_v).
+  template <class D>
+  Matrix<T> project_value(const Eigen::MatrixBase<D>& value) const {
+    return detail::linear<T>(value, w_.v_proj_weight, w_.v_proj_bias, "v_proj");
+  }
+  /// out = heads W_o^T + b_o (L, E_out) of the concatenated heads (L, H d_v).
+  template <class D>
+  Matrix<T> project_output(const Eigen::MatrixBase<D>& heads) const {
+    return detail::linear<T>(heads, w_.out_proj_weight, w_.out_proj_bias, "out_proj");
+  }
+
   /// Attention of `query` (Lq, E_q) over `key` (Lk, E_k) and `value` (Lk, E_v); output (Lq, E_out).
   template <class DQ, class DK, class DV, class Mask = NoMask>
   MultiHeadResult<T> forward(const Eigen::MatrixBase<DQ>& query, const Eigen::MatrixBase<DK>& key,
@@ -305,9 +343,7 @@ class MultiHeadAttention {
                              const MultiHeadOptions& options = {}) const {
     ATTEND_CHECK(key.rows() == value.rows(), "key " + detail::shape_of(key) + " and value " +
                                                  detail::shape_of(value) + " must have the same number of rows");
-    const Matrix<T> q = detail::linear<T>(query, w_.q_proj_weight, w_.q_proj_bias, "q_proj");
-    const Matrix<T> k = detail::linear<T>(key, w_.k_proj_weight, w_.k_proj_bias, "k_proj");
-    const Matrix<T> v = detail::linear<T>(value, w_.v_proj_weight, w_.v_proj_bias, "v_proj");
+    const Matrix<T> q = project_query(query), k = project_key(key), v = project_value(value);
     Matrix<T> heads(query.rows(), layout_.heads * layout_.value_dim);  // (Lq, H d_v), the concatenation
     MultiHeadResult<T> result;
     std::vector<Matrix<T>> per_head;
@@ -315,7 +351,7 @@ class MultiHeadAttention {
     const std::vector<detail::SequenceViews<T>> sequences{{q, k, v, heads, want ? &per_head : nullptr}};
     detail::multi_head_attention_batch<T>(
         sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options);
-    result.output = detail::linear<T>(heads, w_.out_proj_weight, w_.out_proj_bias, "out_proj");
+    result.output = project_output(heads);
     if (options.need_weights == NeedWeights::PerHead) {
       result.weights = std::move(per_head);
     } else if (options.need_weights == NeedWeights::Averaged) {
@@ -362,9 +398,9 @@ class MultiHeadAttention {
     sequences.reserve(n);
     for (std::size_t s = 0; s < n; ++s) {
       const Matrix<T>& memory = memories.empty() ? queries[s] : memories[s];
-      q[s] = detail::linear<T>(queries[s], w_.q_proj_weight, w_.q_proj_bias, "q_proj");
-      k[s] = detail::linear<T>(memory, w_.k_proj_weight, w_.k_proj_bias, "k_proj");
-      v[s] = detail::linear<T>(memory, w_.v_proj_weight, w_.v_proj_bias, "v_proj");
+      q[s] = project_query(queries[s]);
+      k[s] = project_key(memory);
+      v[s] = project_value(memory);
       heads[s].resize(q[s].rows(), layout_.heads * layout_.value_dim);
       sequences.push_back({q[s], k[s], v[s], heads[s]});
     }
@@ -374,8 +410,7 @@ class MultiHeadAttention {
     };
     detail::multi_head_attention_batch<T>(sequences, layout_, mask_of, options);
     std::vector<Matrix<T>> outputs(n);
-    for (std::size_t s = 0; s < n; ++s)
-      outputs[s] = detail::linear<T>(heads[s], w_.out_proj_weight, w_.out_proj_bias, "out_proj");
+    for (std::size_t s = 0; s < n; ++s) outputs[s] = project_output(heads[s]);
     return outputs;
   }
 
@@ -386,8 +421,14 @@ class MultiHeadAttention {
                                                               std::to_string(rows));
   }
 
+  Matrix<T> rotated(Matrix<T> x, Index first_position) const {
+    if (rope_) rope_->apply(x, first_position);
+    return x;
+  }
+
   MultiHeadWeights<T> w_;
   detail::HeadLayout layout_{};
+  std::optional<RotaryEmbedding<T>> rope_;
 };
 
 }  // namespace attend

@@ -62,20 +62,39 @@ void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index
 }
 
 /// Score tile st (keys, lanes) = K_tile (keys, Dk) Qt (Dk, lanes); lanes a multiple of kLanes.
-/// qt and st rows must be aligned to the packet size.
-template <class T>
-void score_tile(const ConstMatrixRef<T>& k, const T* qt, Index qt_stride, Index lanes, T* st, Index st_stride) {
-  const Index keys = k.rows(), depth = k.cols(), packets = lanes / kLanes<T>;
+/// qt and st rows must be aligned to the packet size. `visible(i0, i1)` is a range [begin, end)
+/// of tile keys that holds every key query lanes [i0, i1) may see: a block of keys is scored
+/// only for the packets of lanes whose range meets it (on a causal diagonal, about 3/8 of the
+/// block is skipped). Entries left unscored are invisible, and the mask sets them to -inf.
+template <class T, class Visible>
+void score_tile(const ConstMatrixRef<T>& k, const T* qt, Index qt_stride, Index lanes, T* st, Index st_stride,
+                const Visible& visible) {
+  constexpr Index W = kLanes<T>;
+  const Index keys = k.rows(), depth = k.cols(), packets = lanes / W;
   for (Index p0 = 0; p0 < packets; p0 += kScorePackets) {
-    const Index np = std::min<Index>(kScorePackets, packets - p0), lane0 = p0 * kLanes<T>;
-    with_static_size<kScorePackets>(np, [&](auto nv) {
-      for (Index j0 = 0; j0 < keys; j0 += kScoreRows)
-        with_static_size<kScoreRows>(std::min<Index>(kScoreRows, keys - j0), [&](auto mr) {
-          score_block<T, decltype(mr)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(),
-                                                                   qt + lane0, qt_stride, depth,
-                                                                   st + j0 * st_stride + lane0, st_stride);
+    const Index np = std::min<Index>(kScorePackets, packets - p0);
+    decltype(visible(0, 0)) seen[kScorePackets];  // keys each packet of the group may see
+    for (Index p = 0; p < np; ++p) seen[p] = visible((p0 + p) * W, (p0 + p + 1) * W);
+    for (Index j0 = 0; j0 < keys; j0 += kScoreRows) {
+      const Index mr = std::min<Index>(kScoreRows, keys - j0);
+      // The packets of the group that see a key of [j0, j0 + mr): a run, as ranges only move
+      // forward with the lanes; score that run, from packet `first`.
+      Index first = np, last = -1;
+      for (Index p = 0; p < np; ++p)
+        if (seen[p].begin < j0 + mr && seen[p].end > j0 && seen[p].begin < seen[p].end) {
+          first = std::min(first, p);
+          last = p;
+        }
+      if (last < first) continue;
+      const Index lane0 = (p0 + first) * W;
+      with_static_size<kScorePackets>(last - first + 1, [&](auto nv) {
+        with_static_size<kScoreRows>(mr, [&](auto rows) {
+          score_block<T, decltype(rows)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(),
+                                                                     qt + lane0, qt_stride, depth,
+                                                                     st + j0 * st_stride + lane0, st_stride);
         });
-    });
+      });
+    }
   }
 }
 
@@ -142,9 +161,12 @@ void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_s
 }
 
 /// acc (rows, Dv) = diag(alpha) acc + P V_tile with P held transposed as pt (keys, >= rows).
-template <class T>
-void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const T* alpha, MatrixRef<T> acc) {
-  const Index rows = acc.rows(), keys = v.rows(), dim = v.cols();
+/// Each block of query rows [i0, i1) reads only the keys `visible(i0, i1)` (see score_tile);
+/// their weights outside it are zero.
+template <class T, class Visible>
+void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const T* alpha, MatrixRef<T> acc,
+                const Visible& visible) {
+  const Index rows = acc.rows(), dim = v.cols();
   const Index packed_dim = dim / kLanes<T> * kLanes<T>;
   for (Index c0 = 0; c0 < dim;) {
     // Whole packets first, then one column at a time for the tail (dim not a multiple of it).
@@ -152,16 +174,19 @@ void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const 
     const Index width = tail ? 1 : kLanes<T> * std::min<Index>(kValuePackets, (packed_dim - c0) / kLanes<T>);
     for (Index i0 = 0; i0 < rows; i0 += kValueRows) {
       const Index mr = std::min<Index>(kValueRows, rows - i0);
+      const auto seen = visible(i0, i0 + mr);
+      const Index j0 = seen.begin, keys = std::max<Index>(seen.end - seen.begin, 0);
       T* acc_block = acc.data() + i0 * acc.outerStride() + c0;
-      const T* v_block = v.data() + c0;
+      const T* v_block = v.data() + j0 * v.outerStride() + c0;
+      const T* p_block = pt + j0 * pt_stride + i0;
       with_static_size<kValueRows>(mr, [&](auto m) {
         constexpr int MR = decltype(m)::value;
         if (tail) {
-          value_block<T, T, MR, 1>(pt + i0, pt_stride, keys, v_block, v.outerStride(), alpha + i0, acc_block,
+          value_block<T, T, MR, 1>(p_block, pt_stride, keys, v_block, v.outerStride(), alpha + i0, acc_block,
                                    acc.outerStride());
         } else {
           with_static_size<kValuePackets>(width / kLanes<T>, [&](auto nv) {
-            value_block<T, Packet<T>, MR, decltype(nv)::value>(pt + i0, pt_stride, keys, v_block, v.outerStride(),
+            value_block<T, Packet<T>, MR, decltype(nv)::value>(p_block, pt_stride, keys, v_block, v.outerStride(),
                                                                alpha + i0, acc_block, acc.outerStride());
           });
         }

@@ -10,10 +10,14 @@
 
 namespace attend::detail {
 
-/// Rejects a cap that is not a positive finite number.
-inline void check_soft_cap(double cap) {
-  ATTEND_CHECK(cap > 0 && std::isfinite(cap),
-               "soft cap " + std::to_string(cap) + " must be a positive finite number");
+/// The cap as a T; rejects one that is not a positive finite number once cast to T (1e300 or
+/// 1e-300 for float overflow or underflow, and would turn every score into NaN).
+template <class T>
+T checked_soft_cap(double cap) {
+  const T cast = static_cast<T>(cap);
+  ATTEND_CHECK(cast > 0 && std::isfinite(cast), "soft cap " + std::to_string(cap) +
+                                                    " must be a positive finite number in " + scalar_name<T>());
+  return cast;
 }
 
 /// Wraps a score policy: s_ij = cap * tanh(score(q_i, k_j) / cap), bounded to (-cap, cap).

@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: MIT
+// The long-double reference of a multi-head layer with projections (and, optionally, rotary
+// positions on Q and K), written from the definition: project, rotate, attend per head (query
+// head h reads kv head h / (H / H_kv)), concatenate, out-project. Shared by the multi-head and
+// the decoding tests.
+#pragma once
+
+#include <attend/attention/multi_head.hpp>
+
+#include "baseline.hpp"
+#include "random.hpp"
+#include "reference.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace attend::test {
+
+/// Shapes of one multi-head problem.
+struct Shape {
+  Index heads, kv_heads, d, dv;  // H, H_kv, per-head widths
+  Index eq, ek, ev, eout;        // input widths of query, key, value; output width
+  bool bias;
+};
+
+inline std::string describe(const Shape& s) {
+  return "H=" + std::to_string(s.heads) + " H_kv=" + std::to_string(s.kv_heads) + " d=" + std::to_string(s.d) +
+         " d_v=" + std::to_string(s.dv) + " E_q=" + std::to_string(s.eq) + " E_k=" + std::to_string(s.ek) +
+         " E_v=" + std::to_string(s.ev) + " E_out=" + std::to_string(s.eout) + (s.bias ? " bias" : "");
+}
+
+/// Weights N(0, 1/fan_in) so that projected values keep unit variance.
+template <class T>
+MultiHeadWeights<T> random_weights(const Shape& s, Rng& rng) {
+  const auto w = [&](Index rows, Index cols) { return rng.normal<T>(rows, cols, 1 / std::sqrt(double(cols))); };
+  const auto b = [&](Index n) { return s.bias ? Vector<T>(rng.normal<T>(n, 1, 0.5)) : Vector<T>(); };
+  return {w(s.heads * s.d, s.eq),   w(s.kv_heads * s.d, s.ek), w(s.kv_heads * s.dv, s.ev),
+          w(s.eout, s.heads * s.dv), b(s.heads * s.d),          b(s.kv_heads * s.d),
+          b(s.kv_heads * s.dv),      b(s.eout)};
+}
+
+/// x W^T + b in the scalar S.
+template <class S, class T, class X>
+Matrix<S> project(const X& x, const Matrix<T>& w, const Vector<T>& b) {
+  Matrix<S> y = x.template cast<S>() * w.template cast<S>().transpose();
+  if (b.size() != 0) y.rowwise() += b.template cast<S>().transpose();
+  return y;
+}
+
+/// Rotates every head (width d) of x in long double, row r at position r, by the angles
+/// r theta_i of the embedding's frequencies, pairing features as its layout says.
+template <class T>
+void rotate_in_long_double(RealMatrix& x, const RotaryEmbedding<T>& rope) {
+  const Index d = rope.head_dim(), pairs = rope.rotary_dim() / 2;
+  const bool half_split = rope.layout() == RotaryLayout::HalfSplit;
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index h0 = 0; h0 < x.cols(); h0 += d)
+      for (Index i = 0; i < pairs; ++i) {
+        const Index a = h0 + (half_split ? i : 2 * i), b = h0 + (half_split ? i + pairs : 2 * i + 1);
+        const Real angle = Real(r) * Real(rope.frequencies()(i)), c = std::cos(angle), s = std::sin(angle);
+        const Real xa = x(r, a), xb = x(r, b);
+        x(r, a) = xa * c - xb * s;
+        x(r, b) = xb * c + xa * s;
+      }
+}
+
+/// The expected result in long double, and the same computation in T (the baseline of the
+/// tolerance rule).
+template <class T>
+struct Expected {
+  RealMatrix output;
+  std::vector<RealMatrix> weights;
+  Matrix<T> base_output;
+  std::vector<Matrix<T>> base_weights;
+};
+
+/// The layer of weights `w` (and rotary embedding `rope`, when given) on query (Lq, E_q) over
+/// key (Lk, E_k) and value (Lk, E_v) with the visibility `visible` (Lq, Lk).
+template <class T>
+Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query, const Matrix<T>& key,
+                         const Matrix<T>& value, const BoolMatrix& visible,
+                         const RotaryEmbedding<T>* rope = nullptr) {
+  RealMatrix q = project<Real>(query, w.q_proj_weight, w.q_proj_bias);
+  RealMatrix k = project<Real>(key, w.k_proj_weight, w.k_proj_bias);
+  const RealMatrix v = project<Real>(value, w.v_proj_weight, w.v_proj_bias);
+  Matrix<T> qt = project<T>(query, w.q_proj_weight, w.q_proj_bias);
+  Matrix<T> kt = project<T>(key, w.k_proj_weight, w.k_proj_bias);
+  const Matrix<T> vt = project<T>(value, w.v_proj_weight, w.v_proj_bias);
+  if (rope) {
+    rotate_in_long_double(q, *rope);
+    rotate_in_long_double(k, *rope);
+    rope->apply(qt);
+    rope->apply(kt);
+  }
+  RealMatrix heads(query.rows(), s.heads * s.dv);
+  Matrix<T> base_heads(query.rows(), s.heads * s.dv);
+  Expected<T> e;
+  for (Index h = 0; h < s.heads; ++h) {
+    const Index g = h / (s.heads / s.kv_heads);
+    const Reference ref = reference_attention(q.middleCols(h * s.d, s.d), k.middleCols(g * s.d, s.d),
+                                              v.middleCols(g * s.dv, s.dv), 1 / std::sqrt(Real(s.d)), visible);
+    const Baseline<T> base =
+        baseline_attention<T>(qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d),
+                              vt.middleCols(g * s.dv, s.dv), T(1) / std::sqrt(T(s.d)), visible);
+    heads.middleCols(h * s.dv, s.dv) = ref.output;
+    base_heads.middleCols(h * s.dv, s.dv) = base.output;
+    e.weights.push_back(ref.weights);
+    e.base_weights.push_back(base.weights);
+  }
+  e.output = project<Real>(heads, w.out_proj_weight, w.out_proj_bias);
+  e.base_output = project<T>(base_heads, w.out_proj_weight, w.out_proj_bias);
+  return e;
+}
+
+}  // namespace attend::test
