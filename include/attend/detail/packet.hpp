@@ -8,6 +8,7 @@
 #include "../types.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -83,6 +84,15 @@ T exp_shifted_sum_inplace(T* x, Index n, T shift) {
     sum += x[i];
   }
   return sum;
+}
+
+/// Prefetches the cache line of p + offset into the cache. The address may lie past the end of
+/// p's array (a prefetch never faults): it is formed in integer arithmetic, so no out-of-range
+/// pointer is ever created.
+template <class T>
+void prefetch_at(const T* p, Index offset) {
+  const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(offset * Index(sizeof(T)));
+  Eigen::internal::prefetch(reinterpret_cast<const T*>(address));
 }
 
 /// Calls f(std::integral_constant<int, n>) for a runtime n in [1, Max]: the kernels' remainder

@@ -31,14 +31,21 @@ inline constexpr int kScorePackets = 4;
 /// Register block of the value kernel: kValueRows queries x kValuePackets packets of features.
 inline constexpr int kValueRows = 6;
 inline constexpr int kValuePackets = 4;
+/// Rows of V the value kernel prefetches ahead.
+inline constexpr Index kValuePrefetch = 16;
 
 /// st(j, i) = <k_j, qt(:, i)> for MR keys j and NV packets of query lanes i:
 /// MR x NV accumulators, one broadcast of k(j, c) and NV loads of qt(c, :) per feature c.
+/// The next MR rows of K (past the block) are prefetched, a cache line at a time: the rows of a
+/// head of an (L, H d) matrix lie a page apart, and the hardware prefetchers stop at pages.
 template <class T, int MR, int NV>
 void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index depth, T* st, Index st_stride) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
-  constexpr Index W = kLanes<T>;
+  constexpr Index W = kLanes<T>, kLine = 64 / Index(sizeof(T));
+  ATTEND_UNROLL
+  for (int r = 0; r < MR; ++r)
+    for (Index c = 0; c < depth; c += kLine) prefetch_at(k, (MR + r) * k_stride + c);
   P acc[MR][NV];
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
@@ -144,6 +151,8 @@ void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_s
     for (int c = 0; c < NV; ++c) o[r][c] = simd::pmul(a, simd::ploadu<Vec>(acc + r * acc_stride + c * W));
   }
   for (Index j = 0; j < keys; ++j) {
+    ATTEND_UNROLL
+    for (int c = 0; c < NV; ++c) prefetch_at(v, (j + kValuePrefetch) * v_stride + c * W);  // see score_block
     Vec x[NV];
     ATTEND_UNROLL
     for (int c = 0; c < NV; ++c) x[c] = simd::ploadu<Vec>(v + j * v_stride + c * W);
