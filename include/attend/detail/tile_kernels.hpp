@@ -32,12 +32,12 @@ inline constexpr int kScorePackets = 4;
 inline constexpr int kValueRows = 6;
 inline constexpr int kValuePackets = 4;
 /// Rows of V the value kernel prefetches ahead.
-inline constexpr Index kValuePrefetch = 16;
+inline constexpr Index kValuePrefetch = 32;
 
 /// st(j, i) = <k_j, qt(:, i)> for MR keys j and NV packets of query lanes i:
 /// MR x NV accumulators, one broadcast of k(j, c) and NV loads of qt(c, :) per feature c.
-/// The next MR rows of K (past the block) are prefetched, a cache line at a time: the rows of a
-/// head of an (L, H d) matrix lie a page apart, and the hardware prefetchers stop at pages.
+/// The MR rows of K two blocks ahead are prefetched, a cache line at a time: the rows of a head
+/// of an (L, H d) matrix lie a page apart, and the hardware prefetchers stop at pages.
 template <class T, int MR, int NV>
 void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index depth, T* st, Index st_stride) {
   namespace simd = Eigen::internal;
@@ -45,7 +45,7 @@ void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index
   constexpr Index W = kLanes<T>, kLine = 64 / Index(sizeof(T));
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
-    for (Index c = 0; c < depth; c += kLine) prefetch_at(k, (MR + r) * k_stride + c);
+    for (Index c = 0; c < depth; c += kLine) prefetch_at(k, (2 * MR + r) * k_stride + c);
   P acc[MR][NV];
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
