@@ -53,8 +53,8 @@ template <class T>
 T resolve_scale(const AttentionOptions& options, Index head_dim) {
   if (!options.scale) return T(1) / std::sqrt(static_cast<T>(head_dim));
   const T scale = static_cast<T>(*options.scale);
-  ATTEND_CHECK(std::isfinite(scale), "scale " + std::to_string(*options.scale) + " is not a finite " +
-                                         scalar_name<T>());
+  ATTEND_CHECK(std::isfinite(scale),
+               "scale " + number_string(*options.scale) + " is not a finite " + scalar_name<T>());
   return scale;
 }
 

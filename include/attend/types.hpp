@@ -5,6 +5,7 @@
 
 #include "config.hpp"
 
+#include <cstdio>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -48,6 +49,13 @@ VectorRef<T> no_vector() {
 template <class D>
 std::string shape_of(const Eigen::EigenBase<D>& m) {
   return "(" + std::to_string(m.rows()) + " x " + std::to_string(m.cols()) + ")";
+}
+
+/// A double as printf's %g writes it (1e-300, 0.125, inf, nan), for error messages.
+inline std::string number_string(double x) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%g", x);
+  return buffer;
 }
 
 /// "float" or "double", for messages about values that must fit the scalar type.

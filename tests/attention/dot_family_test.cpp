@@ -200,10 +200,11 @@ TYPED_TEST(DotFamilyTest, BadArgumentsThrowNamingThem) {
   if constexpr (std::is_same_v<T, float>) {
     AttentionOptions o;
     o.scale = 1e300;
-    expect_throw([&] { scaled_dot_product_attention(q, k, v, NoMask{}, o); }, "scale 1");
-    expect_throw([&] { cosine_attention(q, k, v, 1e-300); }, "temperature");
-    expect_throw([&] { soft_capped_attention(q, k, v, 1e300); }, "soft cap");
-    expect_throw([&] { soft_capped_attention(q, k, v, 1e-300); }, "soft cap");
+    expect_throw([&] { scaled_dot_product_attention(q, k, v, NoMask{}, o); }, "scale 1e+300 is not a finite float");
+    expect_throw([&] { cosine_attention(q, k, v, 1e-300); }, "temperature 1e-300");
+    expect_throw([&] { soft_capped_attention(q, k, v, 1e300); }, "soft cap 1e+300");
+    expect_throw([&] { soft_capped_attention(q, k, v, 1e-300); },
+                 "soft cap 1e-300 must be a positive finite number in float");
   }
 }
 

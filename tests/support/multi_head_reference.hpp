@@ -35,9 +35,8 @@ template <class T>
 MultiHeadWeights<T> random_weights(const Shape& s, Rng& rng) {
   const auto w = [&](Index rows, Index cols) { return rng.normal<T>(rows, cols, 1 / std::sqrt(double(cols))); };
   const auto b = [&](Index n) { return s.bias ? Vector<T>(rng.normal<T>(n, 1, 0.5)) : Vector<T>(); };
-  return {w(s.heads * s.d, s.eq),   w(s.kv_heads * s.d, s.ek), w(s.kv_heads * s.dv, s.ev),
-          w(s.eout, s.heads * s.dv), b(s.heads * s.d),          b(s.kv_heads * s.d),
-          b(s.kv_heads * s.dv),      b(s.eout)};
+  return {w(s.heads * s.d, s.eq), w(s.kv_heads * s.d, s.ek), w(s.kv_heads * s.dv, s.ev), w(s.eout, s.heads * s.dv),
+          b(s.heads * s.d),       b(s.kv_heads * s.d),       b(s.kv_heads * s.dv),       b(s.eout)};
 }
 
 /// x W^T + b in the scalar S.
@@ -79,8 +78,7 @@ struct Expected {
 /// key (Lk, E_k) and value (Lk, E_v) with the visibility `visible` (Lq, Lk).
 template <class T>
 Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query, const Matrix<T>& key,
-                         const Matrix<T>& value, const BoolMatrix& visible,
-                         const RotaryEmbedding<T>* rope = nullptr) {
+                         const Matrix<T>& value, const BoolMatrix& visible, const RotaryEmbedding<T>* rope = nullptr) {
   RealMatrix q = project<Real>(query, w.q_proj_weight, w.q_proj_bias);
   RealMatrix k = project<Real>(key, w.k_proj_weight, w.k_proj_bias);
   const RealMatrix v = project<Real>(value, w.v_proj_weight, w.v_proj_bias);
@@ -100,9 +98,8 @@ Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Mat
     const Index g = h / (s.heads / s.kv_heads);
     const Reference ref = reference_attention(q.middleCols(h * s.d, s.d), k.middleCols(g * s.d, s.d),
                                               v.middleCols(g * s.dv, s.dv), 1 / std::sqrt(Real(s.d)), visible);
-    const Baseline<T> base =
-        baseline_attention<T>(qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d),
-                              vt.middleCols(g * s.dv, s.dv), T(1) / std::sqrt(T(s.d)), visible);
+    const Baseline<T> base = baseline_attention<T>(qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d),
+                                                   vt.middleCols(g * s.dv, s.dv), T(1) / std::sqrt(T(s.d)), visible);
     heads.middleCols(h * s.dv, s.dv) = ref.output;
     base_heads.middleCols(h * s.dv, s.dv) = base.output;
     e.weights.push_back(ref.weights);

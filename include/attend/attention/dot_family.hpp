@@ -110,11 +110,12 @@ void cosine_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                            const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                            VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
   ATTEND_CHECK(temperature > 0 && std::isfinite(temperature),
-               "cosine attention temperature " + std::to_string(temperature) + " must be a positive finite number");
+               "cosine attention temperature " + detail::number_string(temperature) +
+                   " must be a positive finite number");
   ATTEND_CHECK(!options.scale, "cosine attention takes its scale as 1 / temperature; leave options.scale unset (got " +
                                    std::to_string(options.scale.value_or(0)) + ")");
   ATTEND_CHECK(std::isfinite(static_cast<typename DQ::Scalar>(1.0 / temperature)),
-               "cosine attention temperature " + std::to_string(temperature) +
+               "cosine attention temperature " + detail::number_string(temperature) +
                    ": its scale 1 / temperature is not a finite " + detail::scalar_name<typename DQ::Scalar>());
   detail::check_qkv(q, k, v);
   scaled_dot_product_attention_into(detail::unit_rows(q), detail::unit_rows(k), v, out, mask,

@@ -38,8 +38,9 @@ void pack_scaled_queries(const ConstMatrixRef<T>& q, T scale, MatrixRef<T> qt) {
     for (Index c0 = 0; c0 < packed_depth; c0 += W) {
       simd::PacketBlock<P, int(W)> block;  // row r: features [c0, c0 + W) of query i0 + r
       for (Index r = 0; r < W; ++r)
-        block.packet[r] = r < block_rows ? simd::pmul(scale_packet, simd::ploadu<P>(q.data() + (i0 + r) * q.outerStride() + c0))
-                                         : simd::pset1<P>(T(0));
+        block.packet[r] = r < block_rows
+                              ? simd::pmul(scale_packet, simd::ploadu<P>(q.data() + (i0 + r) * q.outerStride() + c0))
+                              : simd::pset1<P>(T(0));
       simd::ptranspose(block);  // row c: feature c0 + c of queries [i0, i0 + W)
       for (Index c = 0; c < W; ++c) simd::pstore(qt.data() + (c0 + c) * qt.outerStride() + i0, block.packet[c]);
     }

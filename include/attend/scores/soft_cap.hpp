@@ -15,8 +15,8 @@ namespace attend::detail {
 template <class T>
 T checked_soft_cap(double cap) {
   const T cast = static_cast<T>(cap);
-  ATTEND_CHECK(cast > 0 && std::isfinite(cast), "soft cap " + std::to_string(cap) +
-                                                    " must be a positive finite number in " + scalar_name<T>());
+  ATTEND_CHECK(cast > 0 && std::isfinite(cast),
+               "soft cap " + number_string(cap) + " must be a positive finite number in " + scalar_name<T>());
   return cast;
 }
 
