@@ -14,6 +14,7 @@
 #pragma once
 
 #include "../detail/checks.hpp"
+#include "../detail/packet.hpp"
 #include "../detail/parallel.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
@@ -28,6 +29,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+ATTEND_PACKET_WARNINGS_PUSH
 
 namespace attend {
 
@@ -91,44 +94,75 @@ namespace detail {
 /// and hence the result's bits, never depend on the thread count.
 inline constexpr Index kDecodeSplitKeys = 256;
 
-/// Lanes of one 64-byte vector register: the unit of the decode kernel's inner loops.
+/// Lanes of one 64-byte vector register: the unit of the value loop of the decode kernel.
 template <class T>
 using Lanes = Eigen::Array<T, 64 / sizeof(T), 1>;
 
-/// The sum of the lanes, by halving (no full-width horizontal reduction, which GCC 12 flags
-/// with a false -Wuninitialized inside its AVX-512 intrinsics for double).
+/// sums[n] = the sum of the lanes of acc[n], n < N. With N a multiple of the packet width W,
+/// W at a time: after a register transpose of W accumulators, lane n of the sum of the W
+/// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
+/// costs log2 W shuffles and adds each). Otherwise lane by lane, in order.
+// GCC 12 reports its own _mm512_undefined_ps() inside the AVX-512 unpack intrinsics of the
+// transpose as used uninitialized (a false positive fixed in GCC 13; the lanes it "uses" are
+// overwritten by the unpack).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 template <class T, int N>
-T lane_sum(const Eigen::Array<T, N, 1>& a) {
-  if constexpr (N == 1) {
-    return a(0);
+void lane_sums(const Packet<T>* acc, T* sums) {
+  namespace simd = Eigen::internal;
+  using P = Packet<T>;
+  constexpr int W = int(kLanes<T>);
+  if constexpr (N % W == 0) {
+    for (int g = 0; g < N; g += W) {
+      simd::PacketBlock<P, W> block;
+      for (int n = 0; n < W; ++n) block.packet[n] = acc[g + n];
+      simd::ptranspose(block);
+      P total = block.packet[0];
+      for (int n = 1; n < W; ++n) total = simd::padd(total, block.packet[n]);
+      simd::pstoreu(sums + g, total);
+    }
   } else {
-    const Eigen::Array<T, N / 2, 1> half = a.template head<N / 2>() + a.template tail<N / 2>();
-    return lane_sum<T, N / 2>(half);
+    for (int n = 0; n < N; ++n) {
+      alignas(P) T lanes[W];
+      simd::pstore(lanes, acc[n]);
+      T sum = 0;
+      for (const T lane : lanes) sum += lane;
+      sums[n] = sum;
+    }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 /// For B query rows q_b = q + b * q_stride and J key rows key_i = key + i * key_stride:
 ///   s[b * s_stride + i] = <q_b, key_i>.
-/// Each lane block of the keys and of the queries is loaded once for all B x J products.
+/// Each packet of the keys and of the queries is loaded once for all B x J products, and the
+/// B x J lane-wise partial sums are reduced together (lane_sums).
 template <int B, int J, class T>
 void dot_block(const T* q, Index q_stride, const T* key, Index key_stride, Index d, T* s, Index s_stride) {
-  constexpr Index kWidth = Lanes<T>::SizeAtCompileTime;
-  using Load = Eigen::Map<const Lanes<T>>;
-  Lanes<T> acc[B][J];
-  for (int b = 0; b < B; ++b)
-    for (int i = 0; i < J; ++i) acc[b][i].setZero();
+  namespace simd = Eigen::internal;
+  using P = Packet<T>;
+  constexpr Index W = kLanes<T>;
+  P acc[B * J];  // acc[b J + i]: lane-wise partial sums of <q_b, key_i>
+  for (P& a : acc) a = simd::pset1<P>(T(0));
   Index c = 0;
-  for (; c + kWidth <= d; c += kWidth) {
-    Lanes<T> keys[J];
-    for (int i = 0; i < J; ++i) keys[i] = Load(key + i * key_stride + c);
+  for (; c + W <= d; c += W) {
+    P keys[J];
+    for (int i = 0; i < J; ++i) keys[i] = simd::ploadu<P>(key + i * key_stride + c);
     for (int b = 0; b < B; ++b) {
-      const Lanes<T> query = Load(q + b * q_stride + c);
-      for (int i = 0; i < J; ++i) acc[b][i] += query * keys[i];
+      const P query = simd::ploadu<P>(q + b * q_stride + c);
+      for (int i = 0; i < J; ++i) acc[b * J + i] = simd::pmadd(query, keys[i], acc[b * J + i]);
     }
   }
+  T sums[B * J];
+  lane_sums<T, B * J>(acc, sums);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < J; ++i) {
-      T sum = lane_sum(acc[b][i]);
+      T sum = sums[b * J + i];
       for (Index t = c; t < d; ++t) sum += q[b * q_stride + t] * key[i * key_stride + t];
       s[b * s_stride + i] = sum;
     }
@@ -266,3 +300,5 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
 }
 
 }  // namespace attend
+
+ATTEND_PACKET_WARNINGS_POP
