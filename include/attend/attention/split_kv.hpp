@@ -98,10 +98,6 @@ inline constexpr Index kDecodeSplitKeys = 256;
 template <class T>
 using Lanes = Eigen::Array<T, 64 / sizeof(T), 1>;
 
-/// sums[n] = the sum of the lanes of acc[n], n < N. With N a multiple of the packet width W,
-/// W at a time: after a register transpose of W accumulators, lane n of the sum of the W
-/// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
-/// costs log2 W shuffles and adds each). Otherwise lane by lane, in order.
 // GCC 12 reports its own _mm512_undefined_ps() inside the AVX-512 unpack intrinsics of the
 // transpose as used uninitialized (a false positive fixed in GCC 13; the lanes it "uses" are
 // overwritten by the unpack).
@@ -110,6 +106,10 @@ using Lanes = Eigen::Array<T, 64 / sizeof(T), 1>;
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+/// sums[n] = the sum of the lanes of acc[n], n < N. With N a multiple of the packet width W,
+/// W at a time: after a register transpose of W accumulators, lane n of the sum of the W
+/// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
+/// costs log2 W shuffles and adds each). Otherwise lane by lane, in order.
 template <class T, int N>
 void lane_sums(const Packet<T>* acc, T* sums) {
   namespace simd = Eigen::internal;
