@@ -164,14 +164,13 @@ TYPED_TEST(DecodeTest, LayerDecodeEqualsTheLayerOverTheWholeSequence) {
   ATTEND_SEEDED_RNG(rng);
   const Index len = 23;
   const Shape s{6, 2, 8, 8, 24, 24, 24, 20, true};
-  RotaryOptions ro;
-  ro.base = 100.0;
+  const RotarySpec rotary{s.d, s.d, RotaryLayout::HalfSplit, 100.0};
   MultiHeadAttention<T> layer(s.heads, random_weights<T>(s, rng), s.kv_heads);
-  layer.set_rotary(RotaryEmbedding<T>(s.d, ro));
+  layer.set_rotary(RotaryEmbedding<T>(s.d, rotary.options()));
   const Matrix<T> x = rng.normal<T>(len, s.eq);
   for (const Index window : {-1, 5}) {
     const BoolMatrix visible = window_visibility(len, len, window < 0 ? -1 : window - 1, 0, Alignment::TopLeft);
-    const Expected<T> ex = expected_mha<T>(s, layer.weights(), x, x, x, visible, layer.rotary());
+    const Expected<T> ex = expected_mha<T>(s, layer.weights(), x, x, x, visible, &rotary);
     for (const std::vector<Index>& steps : {std::vector<Index>{1}, std::vector<Index>{4, 1, 3}}) {
       SCOPED_TRACE("window " + std::to_string(window) + ", first step of " + std::to_string(steps[0]));
       KVCache<T> cache(layer, window < 0 ? len : window - 1 + 4, window);

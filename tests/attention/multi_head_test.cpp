@@ -76,17 +76,14 @@ TYPED_TEST(MultiHeadTest, RotaryRotatesQueriesAndKeysByPosition) {
     for (const Index rotary_dim : {8, 6}) {
       SCOPED_TRACE(std::string(layout == RotaryLayout::HalfSplit ? "half-split" : "interleaved") +
                    " rotary_dim=" + std::to_string(rotary_dim));
-      RotaryOptions ro;
-      ro.layout = layout;
-      ro.rotary_dim = rotary_dim;
-      ro.base = 100.0;  // fast-turning pairs: positions 0..28 cover many turns
+      const RotarySpec rotary{s.d, rotary_dim, layout, 100.0};  // fast-turning pairs: many turns by row 28
       MultiHeadAttention<T> mha(s.heads, random_weights<T>(s, rng), s.kv_heads);
       const Matrix<T> x = rng.normal<T>(len, s.eq);
       const Matrix<T> plain = mha.forward(x, Causal()).output;
-      mha.set_rotary(RotaryEmbedding<T>(s.d, ro));
+      mha.set_rotary(RotaryEmbedding<T>(s.d, rotary.options()));
       ASSERT_NE(mha.rotary(), nullptr);
       const Expected<T> ex =
-          expected_mha<T>(s, mha.weights(), x, x, x, causal_visibility(len, len, Alignment::TopLeft), mha.rotary());
+          expected_mha<T>(s, mha.weights(), x, x, x, causal_visibility(len, len, Alignment::TopLeft), &rotary);
       for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 16, 8)}) {
         const Matrix<T> out = mha.forward(x, Causal(), o).output;
         EXPECT_TRUE(within_tolerance<T>(out, ex.output, ex.base_output));

@@ -47,18 +47,35 @@ Matrix<S> project(const X& x, const Matrix<T>& w, const Vector<T>& b) {
   return y;
 }
 
-/// Rotates every head (width d) of x in long double, row r at position r, by the angles
-/// r theta_i of the embedding's frequencies, pairing features as its layout says.
-template <class T>
-void rotate_in_long_double(RealMatrix& x, const RotaryEmbedding<T>& rope) {
-  const Index d = rope.head_dim(), pairs = rope.rotary_dim() / 2;
-  const bool half_split = rope.layout() == RotaryLayout::HalfSplit;
+/// A rotary configuration without frequency scaling, written out for the reference.
+struct RotarySpec {
+  Index head_dim, rotary_dim;
+  RotaryLayout layout;
+  double base;
+
+  RotaryOptions options() const {
+    RotaryOptions o;
+    o.rotary_dim = rotary_dim;
+    o.layout = layout;
+    o.base = base;
+    return o;
+  }
+};
+
+/// Rotates every head of x in the scalar S, row r at position r: pair i turns by the angle
+/// r theta_i, theta_i = base^(-2i / rotary_dim), computed here in long double (and the cosine
+/// and sine rounded to S), pairing features as the layout says.
+template <class S>
+void rotate(Matrix<S>& x, const RotarySpec& spec) {
+  const Index pairs = spec.rotary_dim / 2;
+  const bool half_split = spec.layout == RotaryLayout::HalfSplit;
   for (Index r = 0; r < x.rows(); ++r)
-    for (Index h0 = 0; h0 < x.cols(); h0 += d)
+    for (Index h0 = 0; h0 < x.cols(); h0 += spec.head_dim)
       for (Index i = 0; i < pairs; ++i) {
+        const Real theta = std::pow(Real(spec.base), -Real(2 * i) / Real(spec.rotary_dim));
+        const S c = S(std::cos(Real(r) * theta)), s = S(std::sin(Real(r) * theta));
         const Index a = h0 + (half_split ? i : 2 * i), b = h0 + (half_split ? i + pairs : 2 * i + 1);
-        const Real angle = Real(r) * Real(rope.frequencies()(i)), c = std::cos(angle), s = std::sin(angle);
-        const Real xa = x(r, a), xb = x(r, b);
+        const S xa = x(r, a), xb = x(r, b);
         x(r, a) = xa * c - xb * s;
         x(r, b) = xb * c + xa * s;
       }
@@ -74,22 +91,22 @@ struct Expected {
   std::vector<Matrix<T>> base_weights;
 };
 
-/// The layer of weights `w` (and rotary embedding `rope`, when given) on query (Lq, E_q) over
+/// The layer of weights `w` (and rotary positions `rotary`, when given) on query (Lq, E_q) over
 /// key (Lk, E_k) and value (Lk, E_v) with the visibility `visible` (Lq, Lk).
 template <class T>
 Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query, const Matrix<T>& key,
-                         const Matrix<T>& value, const BoolMatrix& visible, const RotaryEmbedding<T>* rope = nullptr) {
+                         const Matrix<T>& value, const BoolMatrix& visible, const RotarySpec* rotary = nullptr) {
   RealMatrix q = project<Real>(query, w.q_proj_weight, w.q_proj_bias);
   RealMatrix k = project<Real>(key, w.k_proj_weight, w.k_proj_bias);
   const RealMatrix v = project<Real>(value, w.v_proj_weight, w.v_proj_bias);
   Matrix<T> qt = project<T>(query, w.q_proj_weight, w.q_proj_bias);
   Matrix<T> kt = project<T>(key, w.k_proj_weight, w.k_proj_bias);
   const Matrix<T> vt = project<T>(value, w.v_proj_weight, w.v_proj_bias);
-  if (rope) {
-    rotate_in_long_double(q, *rope);
-    rotate_in_long_double(k, *rope);
-    rope->apply(qt);
-    rope->apply(kt);
+  if (rotary) {
+    rotate(q, *rotary);
+    rotate(k, *rotary);
+    rotate(qt, *rotary);
+    rotate(kt, *rotary);
   }
   RealMatrix heads(query.rows(), s.heads * s.dv);
   Matrix<T> base_heads(query.rows(), s.heads * s.dv);

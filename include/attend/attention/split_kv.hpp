@@ -125,13 +125,7 @@ void lane_sums(const Packet<T>* acc, T* sums) {
       simd::pstoreu(sums + g, total);
     }
   } else {
-    for (int n = 0; n < N; ++n) {
-      alignas(P) T lanes[W];
-      simd::pstore(lanes, acc[n]);
-      T sum = 0;
-      for (const T lane : lanes) sum += lane;
-      sums[n] = sum;
-    }
+    for (int n = 0; n < N; ++n) sums[n] = sum_of_lanes(acc[n]);
   }
 }
 #if defined(__GNUC__) && !defined(__clang__)

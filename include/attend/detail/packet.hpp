@@ -59,6 +59,18 @@ P exp_or_zero(const P& x) {
   return simd::pandnot(simd::pexp(x), masked);
 }
 
+/// The lanes of p summed in order, lane 0 first (no horizontal-reduction intrinsic, whose order
+/// differs between instruction sets).
+template <class P>
+typename Eigen::internal::unpacket_traits<P>::type sum_of_lanes(const P& p) {
+  using T = typename Eigen::internal::unpacket_traits<P>::type;
+  alignas(P) T lanes[Eigen::internal::unpacket_traits<P>::size];
+  Eigen::internal::pstore(lanes, p);
+  T sum = 0;
+  for (const T lane : lanes) sum += lane;
+  return sum;
+}
+
 /// x_i <- exp(x_i - shift) over n contiguous values, exactly 0 where x_i = -inf; returns their
 /// sum. The sum's order depends on n alone (lane-wise over whole packets from x_0, the lanes in
 /// order, then the tail), not on the alignment of x, so a row sums to the same bits wherever
@@ -75,10 +87,7 @@ T exp_shifted_sum_inplace(T* x, Index n, T shift) {
     simd::pstoreu(x + i, e);
     lane_sums = simd::padd(lane_sums, e);
   }
-  alignas(P) T lanes[kLanes<T>];
-  simd::pstore(lanes, lane_sums);
-  T sum = 0;
-  for (const T lane : lanes) sum += lane;
+  T sum = sum_of_lanes(lane_sums);
   for (; i < n; ++i) {
     x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(x[i] - shift);
     sum += x[i];
