@@ -9,7 +9,8 @@
 # With --bench (what `make bench` passes) it also installs gnuplot for the report's plot; that
 # one is optional: when it cannot be installed the script says so and still succeeds.
 # With --clang (what .ci/run passes) it also installs clang with LLVM's OpenMP (libomp-dev, which
-# carries the Archer tool ThreadSanitizer needs) and the sanitizer and libFuzzer runtimes.
+# carries the Archer tool ThreadSanitizer needs) and the sanitizer and libFuzzer runtimes, and
+# ccache, which .ci/run puts in front of the compilers (CMAKE_CXX_COMPILER_LAUNCHER).
 set -euo pipefail
 
 readonly min_cmake=3.21
@@ -50,7 +51,7 @@ have_command make || missing+=(make)
 
 if have_command dpkg-query; then
   packages=(libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev)
-  $clang && packages+=(clang libomp-dev libclang-rt-dev)
+  $clang && packages+=(clang libomp-dev libclang-rt-dev ccache)
   for package in "${packages[@]}"; do
     have_package "$package" || missing+=("$package")
   done
