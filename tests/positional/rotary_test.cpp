@@ -2,6 +2,7 @@
 // Rotary position embedding against a scalar cos/sin reference written here, its algebraic
 // properties, the scalings against their published formulas, and the layout permutation.
 #include "support/expect.hpp"
+#include "support/rope_reference.hpp"
 
 #include <attend/positional/rotary.hpp>
 
@@ -10,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -85,20 +87,24 @@ struct RotaryReference {
   Matrix<Real> bound;
 };
 
+// With an attention factor m (YaRN), cos and sin are multiplied by m, as HF transformers and ggml do:
+// the rotated features are scaled by m, the others are not.
 template <class T>
 RotaryReference<T> scalar_rotary(const Matrix<T>& x, Index head_dim, Index rotary_dim, RotaryLayout layout,
-                                 const std::vector<Index>& positions, const std::vector<Real>& theta) {
+                                 const std::vector<Index>& positions, const std::vector<Real>& theta,
+                                 Real attention_factor = 1) {
   RotaryReference<T> ref{x.template cast<Real>(), Matrix<Real>::Constant(x.rows(), x.cols(), 0)};
   for (Index r = 0; r < x.rows(); ++r)
     for (Index head = 0; head < x.cols(); head += head_dim)
       for (Index i = 0; i < rotary_dim / 2; ++i) {
         const Real angle = Real(positions[static_cast<std::size_t>(r)]) * theta[static_cast<std::size_t>(i)];
-        const Real c = std::cos(angle), s = std::sin(angle);
+        const Real c = attention_factor * std::cos(angle), s = attention_factor * std::sin(angle);
         const Index ia = head + first_of(layout, i), ib = head + second_of(layout, i, rotary_dim);
         const Real a = ref.value(r, ia), b = ref.value(r, ib);
         ref.value(r, ia) = a * c - b * s;
         ref.value(r, ib) = b * c + a * s;
-        const Real bound = (std::fabs(a) + std::fabs(b)) * (2 * eps<T>() + 4 * eps<double>() * (1 + std::fabs(angle)));
+        const Real bound = (std::fabs(a) + std::fabs(b)) * attention_factor *
+                           (2 * eps<T>() + 4 * eps<double>() * (1 + std::fabs(angle)));
         ref.bound(r, ia) = ref.bound(r, ib) = bound;
       }
   return ref;
@@ -371,9 +377,10 @@ TYPED_TEST(RotaryTest, EmptyInputsAreNoOps) {
 // ---- Frequency scaling: expected theta_i written from the published formulas. ----
 
 // Checks frequencies() against `expected` and that apply() turns pair i at position p by
-// p * expected_i: a row with a_i = 1, b_i = 0 becomes (cos, sin).
+// p * expected_i and scales it by the attention factor m: a row with a_i = 1, b_i = 0 becomes
+// (m cos, m sin).
 template <class T>
-void expect_frequencies(const RotaryEmbedding<T>& rope, const std::vector<Real>& expected) {
+void expect_frequencies(const RotaryEmbedding<T>& rope, const std::vector<Real>& expected, Real attention_factor = 1) {
   ASSERT_EQ(rope.frequencies().size(), static_cast<Index>(expected.size()));
   for (std::size_t i = 0; i < expected.size(); ++i)
     EXPECT_LE(std::fabs(Real(rope.frequencies()(static_cast<Index>(i))) - expected[i]), 1e-14L * expected[i]) << "pair " << i;
@@ -383,9 +390,11 @@ void expect_frequencies(const RotaryEmbedding<T>& rope, const std::vector<Real>&
   rope.apply(x, position);
   for (Index i = 0; i < r / 2; ++i) {
     const Real angle = Real(position) * expected[static_cast<std::size_t>(i)];
-    const Real bound = 2 * eps<T>() + 1e-10L;
-    EXPECT_LE(std::fabs(Real(x(0, first_of(rope.layout(), i))) - std::cos(angle)), bound) << "pair " << i;
-    EXPECT_LE(std::fabs(Real(x(0, second_of(rope.layout(), i, r))) - std::sin(angle)), bound) << "pair " << i;
+    const Real bound = (2 * eps<T>() + 1e-10L) * attention_factor;
+    EXPECT_LE(std::fabs(Real(x(0, first_of(rope.layout(), i))) - attention_factor * std::cos(angle)), bound)
+        << "pair " << i;
+    EXPECT_LE(std::fabs(Real(x(0, second_of(rope.layout(), i, r))) - attention_factor * std::sin(angle)), bound)
+        << "pair " << i;
   }
 }
 
@@ -442,7 +451,8 @@ TYPED_TEST(RotaryTest, YarnScalingRampsBetweenInterpolationAndExtrapolation) {
     const Real ramp = std::min(Real(1), std::max(Real(0), (Real(i) - 10) / 13));  // 0: extrapolate, 1: interpolate
     expected[i] = theta[i] / s * ramp + theta[i] * (1 - ramp);
   }
-  expect_frequencies(rope, expected);
+  // apply() multiplies cos and sin by the attention factor m = 0.1 ln(s) + 1 (eq. 22).
+  expect_frequencies(rope, expected, 0.1L * std::log(s) + 1);
   // Spot checks: fast pairs keep theta, slow pairs are divided by s.
   EXPECT_NEAR(rope.frequencies()(5), double(theta[5]), 1e-15);
   EXPECT_NEAR(rope.frequencies()(30), double(theta[30] / 4), 1e-15);
@@ -465,8 +475,66 @@ TYPED_TEST(RotaryTest, YarnCustomBetasMoveTheRamp) {
     const Real ramp = std::min(Real(1), std::max(Real(0), (Real(i) - lo) / (hi - lo)));
     expected[i] = theta[i] / s * ramp + theta[i] * (1 - ramp);
   }
-  expect_frequencies(rope, expected);
+  expect_frequencies(rope, expected, 0.1L * std::log(s) + 1);
   EXPECT_NEAR(rope.attention_factor(), 0.1 * std::log(16.0) + 1, 1e-15);
+}
+
+// YaRN against Hugging Face transformers (support/rope_reference.hpp, written from
+// `_compute_yarn_parameters` and `apply_rotary_pos_emb`), with partial rotary: the first r
+// features turn by inv_freq with cos and sin multiplied by the attention factor m, features
+// r..d-1 pass through unscaled. So the logits of rotated features scale by m^2 and the others
+// do not, which no attention scale reproduces. Positions below and past the cos/sin cache.
+TYPED_TEST(RotaryTest, YarnMatchesHuggingFaceWithPartialRotary) {
+  using T = TypeParam;
+  TRACE_SEED();
+  auto rng = seeded_rng();
+  struct Case {
+    Index head_dim, rotary_dim;
+    double base;
+    attend::test::HfYarnConfig yarn;
+  };
+  const std::vector<Index> positions = {0, 1, 17, 4095, 4096, 9000, 32767, 70001};
+  for (const Case& c :
+       {Case{64, 32, 10000, {4, 2048, 32, 1, std::nullopt}}, Case{80, 20, 500000, {16, 8192, 64, 2, std::nullopt}},
+        Case{64, 64, 10000, {8, 4096, 32, 1, std::nullopt}}})
+    for (const RotaryLayout layout : {RotaryLayout::HalfSplit, RotaryLayout::Interleaved}) {
+      SCOPED_TRACE(std::string(name_of(layout)) + ", head_dim " + std::to_string(c.head_dim) + ", rotary_dim " +
+                   std::to_string(c.rotary_dim) + ", factor " + std::to_string(double(c.yarn.factor)));
+      const attend::test::HfYarnParameters hf = attend::test::hf_yarn_parameters(c.rotary_dim, c.base, c.yarn);
+      const RotaryEmbedding<T> rope(c.head_dim,
+                                    scaled(RotaryScaling::yarn(double(c.yarn.factor), c.yarn.original_max_position,
+                                                               double(c.yarn.beta_fast), double(c.yarn.beta_slow)),
+                                           c.rotary_dim, c.base, layout));
+      const Matrix<T> x = random_matrix<T>(rng, static_cast<Index>(positions.size()), 3 * c.head_dim);
+      Matrix<T> y = x;
+      rope.apply(y, to_positions(positions));
+      EXPECT_TRUE(
+          matches(y, scalar_rotary(x, c.head_dim, c.rotary_dim, layout, positions, hf.inv_freq, hf.attention_factor)));
+      EXPECT_NEAR(rope.attention_factor(), double(hf.attention_factor), 1e-15);
+    }
+}
+
+// HF's `attention_factor`, when given, replaces 0.1 ln(s) + 1.
+TYPED_TEST(RotaryTest, YarnTakesAGivenAttentionFactor) {
+  using T = TypeParam;
+  TRACE_SEED();
+  auto rng = seeded_rng();
+  const Index head_dim = 48, rotary_dim = 24;
+  const std::vector<Index> positions = {0, 5, 5000};
+  for (const long double given : {1.0L, 0.75L, 1.5L}) {
+    SCOPED_TRACE("attention_factor " + std::to_string(double(given)));
+    const attend::test::HfYarnParameters hf =
+        attend::test::hf_yarn_parameters(rotary_dim, 10000, {8, 4096, 32, 1, given});
+    EXPECT_EQ(hf.attention_factor, given);
+    const RotaryEmbedding<T> rope(head_dim, scaled(RotaryScaling::yarn(8, 4096, 32, 1, double(given)), rotary_dim,
+                                                   10000, RotaryLayout::HalfSplit));
+    EXPECT_EQ(rope.attention_factor(), double(given));
+    const Matrix<T> x = random_matrix<T>(rng, 3, head_dim);
+    Matrix<T> y = x;
+    rope.apply(y, to_positions(positions));
+    EXPECT_TRUE(
+        matches(y, scalar_rotary(x, head_dim, rotary_dim, RotaryLayout::HalfSplit, positions, hf.inv_freq, given)));
+  }
 }
 
 TYPED_TEST(RotaryTest, Llama3ScalingByWavelength) {
@@ -582,6 +650,35 @@ TYPED_TEST(RotaryTest, RejectsBadDimensions) {
   expect_invalid([&] { rope.apply(y, two); }, {"2 positions", "(3 x 16)"});
 }
 
+// Row r sits at start_position + r: a start whose last row would pass INT64_MAX is rejected
+// (the sum overflowed before), and the cache is untouched; the last valid positions work.
+TYPED_TEST(RotaryTest, RejectsStartPositionsWhoseRowsOverflow) {
+  using T = TypeParam;
+  const Index max = std::numeric_limits<Index>::max();
+  const RotaryEmbedding<T> rope(8);
+  const Matrix<T> x = Matrix<T>::Ones(3, 16);
+  Matrix<T> y = x;
+  expect_invalid([&] { rope.apply(y, max - 1); },
+                 {"start_position 9223372036854775806", "3 rows", "9223372036854775807"});
+  expect_invalid([&] { rope.apply(y, max); }, {"start_position 9223372036854775807", "3 rows"});
+  EXPECT_EQ(y, x);
+  rope.apply(y, max - 2);  // rows at max - 2, max - 1, max
+  Matrix<T> by_positions = x;
+  rope.apply(by_positions, to_positions({max - 2, max - 1, max}));
+  EXPECT_EQ(y, by_positions);
+  Matrix<T> one_row = x.topRows(1), none = x.topRows(0);
+  rope.apply(one_row, max);
+  rope.apply(none, max);
+  EXPECT_EQ(one_row, by_positions.bottomRows(1));
+  Matrix<T> at_min = x;  // rows at INT64_MIN, INT64_MIN + 1, ...: no overflow
+  rope.apply(at_min, std::numeric_limits<Index>::min());
+  Matrix<T> at_min_by_positions = x;
+  rope.apply(at_min_by_positions,
+             to_positions({std::numeric_limits<Index>::min(), std::numeric_limits<Index>::min() + 1,
+                           std::numeric_limits<Index>::min() + 2}));
+  EXPECT_EQ(at_min, at_min_by_positions);
+}
+
 TYPED_TEST(RotaryTest, RejectsBadParameters) {
   using T = TypeParam;
   const auto with = [](const RotaryScaling& s) { return scaled(s, 8, 10000, RotaryLayout::HalfSplit); };
@@ -592,6 +689,10 @@ TYPED_TEST(RotaryTest, RejectsBadParameters) {
   expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::yarn(4, 4096, 1, 32))); },
                  {"beta_fast 1", "beta_slow 32"});
   expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::yarn(4, 0))); }, {"original_max_position", "got 0"});
+  expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::yarn(4, 4096, 32, 1, 0.0))); },
+                 {"attention_factor", "got 0"});
+  expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::yarn(4, 4096, 32, 1, std::nan("")))); },
+                 {"attention_factor", "nan"});
   expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::llama3(8, 8192, 4, 1))); },
                  {"low_freq_factor 4", "high_freq_factor 1"});
   RotaryOptions bad_base;

@@ -21,20 +21,25 @@
 /// - NtkAware: base' = base * s^(r / (r - 2)) in place of base.
 /// - Yarn: per pair, a ramp between theta_i (extrapolation, fast-turning pairs) and theta_i / s
 ///   (interpolation, slow pairs); see `RotaryScaling::yarn`. Also an attention factor
-///   0.1 ln(s) + 1 that `apply` does NOT apply; see `RotaryEmbedding::attention_factor`.
+///   m = 0.1 ln(s) + 1 that multiplies cos and sin (as HF transformers and ggml do), so the
+///   rotated features come out scaled by m and their logits by m^2, while features r..d-1 are
+///   not scaled; see `RotaryEmbedding::attention_factor`.
 /// - Llama3: by wavelength lambda_i = 2 pi / theta_i against the original context N:
 ///   lambda_i < N / high_freq_factor keeps theta_i, lambda_i > N / low_freq_factor uses theta_i / s,
 ///   and in between mixes (1 - g) theta_i / s + g theta_i with g = (N / lambda_i - low) / (high - low).
 ///
-/// Angles p * theta_i and their cosines and sines are computed in double, then rounded to T, so
-/// float results stay within a few roundings of the exact rotation at any practical position.
+/// Angles p * theta_i and their cosines and sines (times m) are computed in double, then rounded
+/// to T, so float results stay within a few roundings of the exact rotation at any practical
+/// position.
 #pragma once
 
+#include "../detail/checks.hpp"
 #include "../detail/parallel.hpp"
 #include "../types.hpp"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -59,12 +64,13 @@ enum class RotaryScalingType {
 /// type does not use are ignored.
 struct RotaryScaling {
   RotaryScalingType type = RotaryScalingType::None;
-  double factor = 1.0;                ///< context extension factor s >= 1 (every type but None)
-  Index original_max_position = 8192;  ///< pretraining context N (Yarn, Llama3)
-  double beta_fast = 32.0;            ///< Yarn: pairs turning more than this over N extrapolate
-  double beta_slow = 1.0;             ///< Yarn: pairs turning less than this over N interpolate
-  double low_freq_factor = 1.0;       ///< Llama3: wavelengths above N / low interpolate
-  double high_freq_factor = 4.0;      ///< Llama3: wavelengths below N / high extrapolate
+  double factor = 1.0;                     ///< context extension factor s >= 1 (every type but None)
+  Index original_max_position = 8192;      ///< pretraining context N (Yarn, Llama3)
+  double beta_fast = 32.0;                 ///< Yarn: pairs turning more than this over N extrapolate
+  double beta_slow = 1.0;                  ///< Yarn: pairs turning less than this over N interpolate
+  double low_freq_factor = 1.0;            ///< Llama3: wavelengths above N / low interpolate
+  double high_freq_factor = 4.0;           ///< Llama3: wavelengths below N / high extrapolate
+  std::optional<double> attention_factor;  ///< Yarn: m > 0; unset means 0.1 ln(factor) + 1
 
   /// No scaling.
   static RotaryScaling none() { return {}; }
@@ -88,14 +94,17 @@ struct RotaryScaling {
   /// c(b) = r ln(N / (2 pi b)) / (2 ln base) the pair index that turns b times over N,
   /// lo = max(floor(c(beta_fast)), 0), hi = min(ceil(c(beta_slow)), r - 1) (hi += 0.001 if equal),
   /// ramp_i = clamp((i - lo) / (hi - lo), 0, 1), the frequency is
-  ///     theta_i' = (theta_i / s) ramp_i + theta_i (1 - ramp_i).
-  static RotaryScaling yarn(double factor, Index original_max_position, double beta_fast = 32.0,
-                            double beta_slow = 1.0) {
+  ///     theta_i' = (theta_i / s) ramp_i + theta_i (1 - ramp_i),
+  /// and cos and sin are multiplied by the attention factor m (HF's `attention_factor`; unset
+  /// means 0.1 ln(s) + 1, eq. 22 of the paper).
+  static RotaryScaling yarn(double factor, Index original_max_position, double beta_fast = 32.0, double beta_slow = 1.0,
+                            std::optional<double> attention_factor = std::nullopt) {
     RotaryScaling s = linear(factor);
     s.type = RotaryScalingType::Yarn;
     s.original_max_position = original_max_position;
     s.beta_fast = beta_fast;
     s.beta_slow = beta_slow;
+    s.attention_factor = attention_factor;
     return s;
   }
 
@@ -157,19 +166,23 @@ inline void check_rotary_dims(Index head_dim, Index rotary_dim) {
 inline void check_rotary_scaling(const RotaryScaling& s) {
   if (s.type == RotaryScalingType::None) return;
   ATTEND_CHECK(std::isfinite(s.factor) && s.factor >= 1,
-               "rotary scaling factor must be finite and >= 1, got " + std::to_string(s.factor));
+               "rotary scaling factor must be finite and >= 1, got " + detail::number_string(s.factor));
   if (s.type == RotaryScalingType::Yarn || s.type == RotaryScalingType::Llama3)
     ATTEND_CHECK(s.original_max_position >= 1, "rotary scaling original_max_position must be at least 1, got " +
                                                     std::to_string(s.original_max_position));
-  if (s.type == RotaryScalingType::Yarn)
+  if (s.type == RotaryScalingType::Yarn) {
     ATTEND_CHECK(s.beta_slow > 0 && s.beta_fast >= s.beta_slow && std::isfinite(s.beta_fast),
-                 "YaRN needs finite beta_fast >= beta_slow > 0, got beta_fast " + std::to_string(s.beta_fast) +
-                     " and beta_slow " + std::to_string(s.beta_slow));
+                 "YaRN needs finite beta_fast >= beta_slow > 0, got beta_fast " + detail::number_string(s.beta_fast) +
+                     " and beta_slow " + detail::number_string(s.beta_slow));
+    ATTEND_CHECK(
+        !s.attention_factor || (std::isfinite(*s.attention_factor) && *s.attention_factor > 0),
+        "YaRN attention_factor must be finite and positive, got " + number_string(s.attention_factor.value_or(0)));
+  }
   if (s.type == RotaryScalingType::Llama3)
     ATTEND_CHECK(s.low_freq_factor > 0 && s.high_freq_factor > s.low_freq_factor && std::isfinite(s.high_freq_factor),
                  "Llama-3 scaling needs finite high_freq_factor > low_freq_factor > 0, got low_freq_factor " +
-                     std::to_string(s.low_freq_factor) + " and high_freq_factor " +
-                     std::to_string(s.high_freq_factor));
+                     detail::number_string(s.low_freq_factor) + " and high_freq_factor " +
+                     detail::number_string(s.high_freq_factor));
 }
 
 /// YaRN: theta_i' = (theta_i / s) ramp_i + theta_i (1 - ramp_i), see RotaryScaling::yarn.
@@ -231,17 +244,24 @@ inline Vector<double> rotary_frequencies(Index rotary_dim, double base, const Ro
   }
 }
 
-/// cos(p theta_i) and sin(p theta_i), angle in double, rounded to T.
+/// The attention factor m that multiplies cos and sin: YaRN's, else 1.
+inline double rotary_attention_factor(const RotaryScaling& s) {
+  if (s.type != RotaryScalingType::Yarn) return 1.0;
+  return s.attention_factor.value_or(0.1 * std::log(s.factor) + 1);
+}
+
+/// m cos(p theta_i) and m sin(p theta_i), angle and product in double, rounded to T.
 template <class T>
-void rotary_cos_sin(Index position, const Vector<double>& theta, T* cos, T* sin) {
+void rotary_cos_sin(Index position, const Vector<double>& theta, double attention_factor, T* cos, T* sin) {
   for (Index i = 0; i < theta.size(); ++i) {
     const double angle = static_cast<double>(position) * theta(i);
-    cos[i] = static_cast<T>(std::cos(angle));
-    sin[i] = static_cast<T>(std::sin(angle));
+    cos[i] = static_cast<T>(attention_factor * std::cos(angle));
+    sin[i] = static_cast<T>(attention_factor * std::sin(angle));
   }
 }
 
-/// Rotates the `pairs` pairs of one head in place: (a, b) <- (a cos - b sin, b cos + a sin).
+/// Rotates the `pairs` pairs of one head in place: (a, b) <- (a cos - b sin, b cos + a sin), with
+/// cos and sin already multiplied by the attention factor.
 template <class Pairs, class T>
 void rotate_head(T* x, const T* cos, const T* sin, Index pairs) {
   for (Index i = 0; i < pairs; ++i) {
@@ -278,13 +298,12 @@ class RotaryEmbedding {
       : head_dim_(head_dim), rotary_dim_(options.rotary_dim.value_or(head_dim)), layout_(options.layout) {
     detail::check_rotary_dims(head_dim_, rotary_dim_);
     ATTEND_CHECK(std::isfinite(options.base) && options.base > 1,
-                 "rotary base must be finite and greater than 1, got " + std::to_string(options.base));
+                 "rotary base must be finite and greater than 1, got " + detail::number_string(options.base));
     ATTEND_CHECK(options.cache_length >= 0,
                  "rotary cache_length must be non-negative, got " + std::to_string(options.cache_length));
     detail::check_rotary_scaling(options.scaling);
     theta_ = detail::rotary_frequencies(rotary_dim_, options.base, options.scaling);
-    attention_factor_ = options.scaling.type == RotaryScalingType::Yarn ? 0.1 * std::log(options.scaling.factor) + 1
-                                                                         : 1.0;
+    attention_factor_ = detail::rotary_attention_factor(options.scaling);
     extend_cache(options.cache_length);
   }
 
@@ -297,26 +316,34 @@ class RotaryEmbedding {
   /// theta_i, i in [0, rotary_dim / 2): the angle of pair i per unit of position, after scaling.
   const Vector<double>& frequencies() const { return theta_; }
 
-  /// YaRN's attention factor m = 0.1 ln(s) + 1 (1 for every other scaling). `apply` never
-  /// scales by it. HF transformers folds it into cos and sin, which multiplies both rotated q and
-  /// k by m and so the logits by m^2; to do the same, multiply the attention scale by m^2
-  /// (e.g. `AttentionOptions::scale = m * m / sqrt(head_dim)`). This equals HF exactly for full
-  /// rotary; with partial rotary HF scales only the rotated features.
+  /// YaRN's attention factor m (0.1 ln(s) + 1 unless given; 1 for every other scaling). `apply`
+  /// multiplies cos and sin by it, as HF transformers and ggml do: the rotated features of q and
+  /// k come out scaled by m, so their part of each logit by m^2, and features r..d-1 are not
+  /// scaled. Leave the attention scale at its default 1 / sqrt(head_dim); MultiHeadAttention and
+  /// decode_step need nothing more.
   double attention_factor() const { return attention_factor_; }
 
   /// Precomputes cos/sin for positions [0, length) (no-op if already cached). Not thread-safe.
   void extend_cache(Index length) {
     const Index old_length = cos_.rows();
     if (length <= old_length) return;
+    detail::check_array_size<T>(length, theta_.size(), "rotary cos/sin cache (cache_length x rotary_dim / 2)");
     cos_.conservativeResize(length, theta_.size());  // (length, r/2)
     sin_.conservativeResize(length, theta_.size());
-    for (Index p = old_length; p < length; ++p) detail::rotary_cos_sin(p, theta_, &cos_(p, 0), &sin_(p, 0));
+    for (Index p = old_length; p < length; ++p)
+      detail::rotary_cos_sin(p, theta_, attention_factor_, &cos_(p, 0), &sin_(p, 0));
   }
 
   /// Rotates every head of `x` in place, row r at position start_position + r. In place by
   /// design: `x` is the only matrix read or written (each pair is read before it is written).
   /// \param x (L, H * head_dim), heads as column blocks; any block of a row-major matrix works.
+  /// \throws invalid_argument when the last position start_position + L - 1 exceeds Index's range.
   void apply(MatrixRef<T> x, Index start_position = 0) const {
+    const Index last_row = std::max<Index>(x.rows() - 1, 0);
+    ATTEND_CHECK(start_position <= std::numeric_limits<Index>::max() - last_row,
+                 "rotary start_position " + std::to_string(start_position) + " with " + std::to_string(x.rows()) +
+                     " rows: the last position start_position + " + std::to_string(last_row) +
+                     " exceeds the largest Index " + std::to_string(std::numeric_limits<Index>::max()));
     rotate_rows(x, [start_position](Index r) { return start_position + r; });
   }
 
@@ -348,7 +375,7 @@ class RotaryEmbedding {
           cos = cos_.row(position).data();
           sin = sin_.row(position).data();
         } else {
-          detail::rotary_cos_sin(position, theta_, uncached.row(0).data(), uncached.row(1).data());
+          detail::rotary_cos_sin(position, theta_, attention_factor_, uncached.row(0).data(), uncached.row(1).data());
         }
         T* row = x.row(r).data();
         for (Index h = 0; h < heads; ++h) detail::rotate_head<Pairs>(row + h * head_dim_, cos, sin, pairs);
