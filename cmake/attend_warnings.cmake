@@ -17,7 +17,8 @@ function(attend_configure_target target)
       # GoogleTest's TYPED_TEST_SUITE(Suite, Types) leaves its variadic argument empty (C++17 pedantic).
       target_compile_options(${target} PRIVATE -Wno-gnu-zero-variadic-macro-arguments)
     endif()
-    if(ATTEND_NATIVE_ARCH)
+    # Not when cross-compiling: "native" would name the build machine, not the target.
+    if(ATTEND_NATIVE_ARCH AND NOT CMAKE_CROSSCOMPILING)
       target_compile_options(${target} PRIVATE -march=native)
     endif()
   endif()

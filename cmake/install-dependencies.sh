@@ -11,6 +11,8 @@
 # With --clang (what .ci/run passes) it also installs clang with LLVM's OpenMP (libomp-dev, which
 # carries the Archer tool ThreadSanitizer needs) and the sanitizer and libFuzzer runtimes, and
 # ccache, which .ci/run puts in front of the compilers (CMAKE_CXX_COMPILER_LAUNCHER).
+# With --aarch64 (the preset "aarch64") it also installs the aarch64 cross compiler, QEMU's
+# user-mode emulator that runs its executables, and GoogleTest's sources (built for the target).
 set -euo pipefail
 
 readonly min_cmake=3.21
@@ -18,11 +20,13 @@ missing=()
 optional=()
 bench=false
 clang=false
+aarch64=false
 for arg in "$@"; do
   case $arg in
     --bench) bench=true ;;
     --clang) clang=true ;;
-    *) echo "usage: bash cmake/install-dependencies.sh [--bench] [--clang]" >&2; exit 2 ;;
+    --aarch64) aarch64=true ;;
+    *) echo "usage: bash cmake/install-dependencies.sh [--bench] [--clang] [--aarch64]" >&2; exit 2 ;;
   esac
 done
 
@@ -52,6 +56,7 @@ have_command make || missing+=(make)
 if have_command dpkg-query; then
   packages=(libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev)
   $clang && packages+=(clang libomp-dev libclang-rt-dev ccache)
+  $aarch64 && packages+=(g++-aarch64-linux-gnu qemu-user googletest)
   for package in "${packages[@]}"; do
     have_package "$package" || missing+=("$package")
   done
