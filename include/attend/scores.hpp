@@ -8,6 +8,7 @@
 /// is a new policy, not a new kernel.
 #pragma once
 
+#include "detail/parallel.hpp"
 #include "types.hpp"
 
 namespace attend::detail {
@@ -19,7 +20,8 @@ struct ScaledDot {
 
   template <class Q, class K, class S>
   void operator()(const Q& q, const K& k, S&& s) const {  // q (Bq, Dk), k (Bk, Dk), s (Bq, Bk)
-    s.noalias() = scale * (q * k.transpose());
+    serial_product(s, q, k.transpose());
+    s *= scale;
   }
 };
 

@@ -51,7 +51,7 @@ void materialized_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
           case TileKind::Full: break;
         }
         softmax_rows_inplace<T>(s, lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse);
-        out.middleRows(q0, rows).noalias() = s * v_seen;
+        serial_product(out.middleRows(q0, rows), s, v_seen);
       });
 }
 

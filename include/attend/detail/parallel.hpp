@@ -1,17 +1,26 @@
 // SPDX-License-Identifier: MIT
 /// \file detail/parallel.hpp
-/// \brief The one place attend uses OpenMP: a parallel loop with per-thread scratch, and
-/// matrix products split over it.
+/// \brief The one place attend uses OpenMP: a parallel loop with per-thread scratch that carries
+/// exceptions out of its region, and matrix products whose bits never depend on threading.
 ///
-/// Eigen parallelizes a large product by itself only outside a parallel region, and then
-/// blocks its depth by the thread count, so the product's bits depend on that count. Every
-/// product attend forms therefore runs inside one of these loops (where Eigen's stays serial),
-/// on blocks whose sizes do not depend on the thread count.
+/// Eigen 3.4 threads a large product by itself (internal::parallelize_gemm) whenever it runs in
+/// a team of one thread, which attend's own region gets under OMP_THREAD_LIMIT=1, a dynamic
+/// team or a nested region, and then blocks the product's depth for Eigen::nbThreads() (set by
+/// Eigen::setNbThreads, else OpenMP's max threads). So every product attend forms goes through
+/// serial_product, which Eigen computes serially with the blocking of one thread whatever those
+/// settings are, on blocks whose sizes depend only on the shapes.
 #pragma once
 
 #include "../config.hpp"
 
 #include <algorithm>
+#include <optional>
+#include <type_traits>
+
+#ifndef ATTEND_NO_EXCEPTIONS
+#include <atomic>
+#include <exception>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -19,23 +28,72 @@
 
 namespace attend::detail {
 
+/// The first exception thrown by the tasks of a parallel loop, kept to be rethrown after it:
+/// an exception must not leave an OpenMP region (that calls std::terminate). Without exceptions
+/// it only runs the tasks.
+class FirstException {
+ public:
+  /// Runs task(), recording what it throws when it is the first task of the loop to throw.
+  template <class Task>
+  void run(Task&& task) noexcept {
+#ifdef ATTEND_NO_EXCEPTIONS
+    task();
+#else
+    try {
+      task();
+    } catch (...) {
+      if (!thrown_.exchange(true)) first_ = std::current_exception();
+    }
+#endif
+  }
+
+  /// Whether a task has thrown (the remaining tasks are then skipped).
+  bool thrown() const {
+#ifdef ATTEND_NO_EXCEPTIONS
+    return false;
+#else
+    return thrown_.load(std::memory_order_relaxed);
+#endif
+  }
+
+  /// Rethrows the recorded exception, if any; call after the region.
+  void rethrow() const {
+#ifndef ATTEND_NO_EXCEPTIONS
+    if (first_) std::rethrow_exception(first_);
+#endif
+  }
+
+ private:
+#ifndef ATTEND_NO_EXCEPTIONS
+  std::atomic<bool> thrown_{false};
+  std::exception_ptr first_;  // written once, by the thread that set thrown_
+#endif
+};
+
 /// Calls body(i, scratch) for i in [0, count), in parallel when OpenMP is enabled. Each thread
-/// builds its scratch once with make_scratch(). The loop always runs inside a parallel region,
-/// so Eigen's own GEMM threading (which stays serial inside one) is never nested in it. Called
-/// inside an active parallel region (an enclosing loop of attend's, or the caller's), it runs
-/// serially in the calling thread: a nested region would get one thread, and inside a team of
-/// one Eigen would parallelize its products again, blocked for the outer thread count.
+/// builds its scratch once with make_scratch(). Called inside an active parallel region (an
+/// enclosing loop of attend's, or the caller's), it runs serially in the calling thread.
+///
+/// An exception thrown by make_scratch or body (std::bad_alloc included) reaches the caller:
+/// the first one is carried out of the region and rethrown after it, the iterations not yet
+/// started are skipped, and what the loop writes is then unspecified (the basic guarantee).
 template <class MakeScratch, class Body>
 void parallel_for_with_scratch(Index count, MakeScratch&& make_scratch, Body&& body) {
   if (count <= 0) return;
 #ifdef _OPENMP
   if (!omp_in_parallel()) {
+    FirstException failure;
 #pragma omp parallel
     {
-      auto scratch = make_scratch();
+      std::optional<std::decay_t<decltype(make_scratch())>> scratch;
+      failure.run([&] { scratch.emplace(make_scratch()); });
+      // Every thread reaches the loop, as a worksharing loop requires, even without scratch.
 #pragma omp for schedule(dynamic, 1)
-      for (Index i = 0; i < count; ++i) body(i, scratch);
+      for (Index i = 0; i < count; ++i) {
+        if (!failure.thrown()) failure.run([&] { body(i, *scratch); });
+      }
     }
+    failure.rethrow();
     return;
   }
 #endif
@@ -43,21 +101,46 @@ void parallel_for_with_scratch(Index count, MakeScratch&& make_scratch, Body&& b
   for (Index i = 0; i < count; ++i) body(i, scratch);
 }
 
+/// Rows of the destination per Eigen product in serial_product: Eigen never threads a product
+/// whose destination has at most 32 rows at compile time (the condition of parallelize_gemm in
+/// Eigen/src/Core/products/GeneralMatrixMatrix.h), and blocks it for one thread.
+inline constexpr int kSerialProductRows = 32;
+
+/// dst = lhs rhs, computed serially with a blocking that depends only on the shapes, whatever
+/// Eigen::setNbThreads, omp_set_num_threads, OMP_THREAD_LIMIT, OMP_DYNAMIC or the nesting:
+/// blocks of kSerialProductRows rows of dst, each one Eigen product into a view whose rows are
+/// bounded by kSerialProductRows at compile time. dst must not alias lhs or rhs.
+template <class Dst, class Lhs, class Rhs>
+void serial_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
+  using D = std::decay_t<Dst>;
+  constexpr int order = D::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+  using Rows =
+      Eigen::Matrix<typename D::Scalar, Eigen::Dynamic, Eigen::Dynamic, order, kSerialProductRows, Eigen::Dynamic>;
+  using Stride = Eigen::Stride<Eigen::Dynamic, D::InnerStrideAtCompileTime>;
+  const Index rows = dst.rows(), cols = dst.cols();
+  if (cols == 0) return;  // (no coefficient to address)
+  for (Index r0 = 0; r0 < rows; r0 += kSerialProductRows) {
+    const Index n = std::min<Index>(kSerialProductRows, rows - r0);
+    Eigen::Map<Rows, Eigen::Unaligned, Stride> block(&dst.coeffRef(r0, 0), n, cols,
+                                                     Stride(dst.outerStride(), dst.innerStride()));
+    block.noalias() = lhs.middleRows(r0, n) * rhs;
+  }
+}
+
 /// Rows of the output per task of parallel_product: fixed, so the result never depends on the
 /// thread count.
 inline constexpr Index kProductRows = 64;
 
-/// dst = lhs rhs, in parallel over blocks of kProductRows rows of dst (each a serial Eigen
-/// product). dst must not alias lhs or rhs.
+/// dst = lhs rhs, in parallel over blocks of kProductRows rows of dst (each a serial_product).
+/// dst must not alias lhs or rhs.
 template <class Dst, class Lhs, class Rhs>
 void parallel_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
   const Index rows = dst.rows();
-  parallel_for_with_scratch(
-      (rows + kProductRows - 1) / kProductRows, [] { return 0; },
-      [&](Index block, int&) {
-        const Index r0 = block * kProductRows, n = std::min(kProductRows, rows - r0);
-        dst.middleRows(r0, n).noalias() = lhs.middleRows(r0, n) * rhs;
-      });
+  parallel_for_with_scratch((rows + kProductRows - 1) / kProductRows, [] { return 0; },
+                            [&](Index block, int&) {
+                              const Index r0 = block * kProductRows, n = std::min(kProductRows, rows - r0);
+                              serial_product(dst.middleRows(r0, n), lhs.middleRows(r0, n), rhs);
+                            });
 }
 
 }  // namespace attend::detail
