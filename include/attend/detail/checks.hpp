@@ -6,7 +6,9 @@
 #include "../types.hpp"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -39,6 +41,22 @@ void check_shape(const M& m, Index rows, Index cols, const char* what) {
   ATTEND_CHECK(m.rows() == rows && m.cols() == cols,
                std::string(what) + " " + shape_of(m) + " must be (" + std::to_string(rows) + " x " +
                    std::to_string(cols) + ")");
+}
+
+/// Rejects an array of rows x cols elements of T (rows, cols >= 0) whose size in bytes exceeds
+/// PTRDIFF_MAX, the largest object C++ allows (pointer differences, Eigen's and malloc's limit):
+/// no such array can exist, so its size is an invalid argument rather than a failed allocation.
+/// Checked without forming the product. A smaller array that does not fit in memory still
+/// throws std::bad_alloc when it is allocated, as std::vector does.
+/// \param what names the array and its dimensions, e.g. "KV cache keys (capacity x kv_heads * head_dim)"
+template <class T>
+void check_array_size(Index rows, Index cols, const char* what) {
+  constexpr std::ptrdiff_t kMaxBytes = std::numeric_limits<std::ptrdiff_t>::max();
+  constexpr Index kMaxElements = Index(kMaxBytes / std::ptrdiff_t(sizeof(T)));
+  ATTEND_CHECK(cols == 0 || rows <= kMaxElements / cols, std::string(what) + " of (" + std::to_string(rows) + " x " +
+                                                             std::to_string(cols) + ") " + scalar_name<T>() +
+                                                             "s exceeds PTRDIFF_MAX = " + std::to_string(kMaxBytes) +
+                                                             " bytes, the largest array size");
 }
 
 /// The memory of a dense view: element (i, j) occupies the `bytes` bytes at
