@@ -26,3 +26,8 @@
 #include "attention/dot_family.hpp"
 #include "attention/local_window.hpp"
 #include "attention/top_k.hpp"
+
+// Users of attend::precompiled (which defines this) call its compiled cores (extern_templates.hpp).
+#ifdef ATTEND_EXTERN_TEMPLATES
+#include "extern_templates.hpp"
+#endif

@@ -166,8 +166,9 @@ void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, 
 }
 
 /// y = x W^T + b, the nn.Linear convention (W is (out_features, in_features); b may be empty).
-template <class T, class D>
-Matrix<T> linear(const Eigen::MatrixBase<D>& x, const Matrix<T>& weight, const Vector<T>& bias, const char* what) {
+/// x is a view, so that every input expression shares one instantiation (extern_templates.hpp).
+template <class T>
+Matrix<T> linear(const ConstMatrixRef<T>& x, const Matrix<T>& weight, const Vector<T>& bias, const char* what) {
   ATTEND_CHECK(x.cols() == weight.cols(), std::string(what) + " input " + shape_of(x) + " does not match " + what +
                                               "_weight " + shape_of(weight) + " (input width = weight columns)");
   Matrix<T> y(x.rows(), weight.rows());

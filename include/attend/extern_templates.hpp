@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: MIT
+/// \file extern_templates.hpp
+/// \brief Compile attend's common instantiations once: `extern template` declarations of the
+/// heavy cores for float and double, defined in the library attend::precompiled.
+///
+/// A translation unit that includes <attend/attend.hpp> and makes one call instantiates the
+/// whole engine (tile kernels, softmax, Eigen's matrix products): about 4 s of g++ -O2. With
+/// these declarations it instantiates only the thin public wrappers (shape checks, views) and
+/// calls the cores compiled once in attend::precompiled: about 1 s, near the cost of parsing
+/// Eigen/Core (benchmarks/compile_time.sh measures both). Results are bitwise those of the
+/// header-only build (tests/precompiled checks it).
+///
+/// Use (CMake): `target_link_libraries(app PRIVATE attend::precompiled)`. The target defines
+/// ATTEND_EXTERN_TEMPLATES for its users, which makes <attend/attend.hpp> include this header.
+/// Elsewhere: compile src/precompiled.cpp (it defines ATTEND_INSTANTIATE_PRECOMPILED and includes
+/// this header) into your program with the flags of the rest of it, and define
+/// ATTEND_EXTERN_TEMPLATES (or include this header) where you use attend.
+///
+/// What is precompiled, for T in {float, double} (ATTEND_PRECOMPILED_CORES lists it once for
+/// both the declarations and the definitions, so the two cannot differ):
+/// - the blocked and materialized paths with the scaled dot-product score, for the bound forms
+///   of NoMask, Causal, Window, KeyPadding (a band), BooleanMask and AdditiveMask<T>: every
+///   scaled_dot_product_attention* and multi-head call with those masks;
+/// - the projection `detail::linear<T>` of MultiHeadAttention, the one-token decode step
+///   `decode_step_into` over Matrix<T> inputs (decode_step with a layer), and the classes
+///   MultiHeadAttention<T>, RotaryEmbedding<T> and KVCache<T>.
+/// Other entry points, scalars and masks (e.g. `a & b`) compile from the headers as before.
+///
+/// ### The pitfall: the library and its users must be compiled with the same flags
+/// An instantiation compiled with `-march=native` contains AVX-512 code and assumes Eigen's
+/// 64-byte alignment; a user compiled without it allocates with 16-byte alignment, and the
+/// linker keeps one copy of each inline Eigen function that both compiled (an ODR violation:
+/// wrong results, misaligned loads or illegal instructions). The same holds for -mfma, the
+/// exceptions setting and EIGEN_* configuration macros. So attend::precompiled passes its
+/// options on to whoever links it (ATTEND_PRECOMPILED_OPTIONS, PUBLIC), and this header refers to
+/// a symbol whose name records the vector ISA, FMA, Eigen's alignment and exceptions
+/// (e.g. `attend_precompiled_built_with_avx512_fma_align64_exceptions`): a user compiled
+/// otherwise fails to link, naming what it expected, instead of running mismatched code.
+#pragma once
+
+#include "attend.hpp"
+
+// Vector instruction set, FMA, alignment and exceptions: what must match between the library
+// and its users (see "The pitfall" above).
+#if defined(EIGEN_VECTORIZE_AVX512)
+#define ATTEND_PRECOMPILED_ISA avx512
+#elif defined(EIGEN_VECTORIZE_AVX2)
+#define ATTEND_PRECOMPILED_ISA avx2
+#elif defined(EIGEN_VECTORIZE_AVX)
+#define ATTEND_PRECOMPILED_ISA avx
+#elif defined(EIGEN_VECTORIZE_SSE4_2)
+#define ATTEND_PRECOMPILED_ISA sse4_2
+#elif defined(EIGEN_VECTORIZE_SSE2)
+#define ATTEND_PRECOMPILED_ISA sse2
+#elif defined(EIGEN_VECTORIZE_NEON)
+#define ATTEND_PRECOMPILED_ISA neon
+#else
+#define ATTEND_PRECOMPILED_ISA scalar
+#endif
+#if defined(EIGEN_VECTORIZE_FMA)
+#define ATTEND_PRECOMPILED_FMA fma
+#else
+#define ATTEND_PRECOMPILED_FMA nofma
+#endif
+#if defined(ATTEND_NO_EXCEPTIONS)
+#define ATTEND_PRECOMPILED_EXCEPTIONS noexceptions
+#else
+#define ATTEND_PRECOMPILED_EXCEPTIONS exceptions
+#endif
+#define ATTEND_PRECOMPILED_CONCAT_(isa, fma, align, exc) \
+  attend_precompiled_built_with_##isa##_##fma##_align##align##_##exc
+#define ATTEND_PRECOMPILED_CONCAT(isa, fma, align, exc) ATTEND_PRECOMPILED_CONCAT_(isa, fma, align, exc)
+/// The name of the symbol that records the build configuration of attend::precompiled.
+#define ATTEND_PRECOMPILED_BUILD_TAG                                                               \
+  ATTEND_PRECOMPILED_CONCAT(ATTEND_PRECOMPILED_ISA, ATTEND_PRECOMPILED_FMA, EIGEN_MAX_ALIGN_BYTES, \
+                            ATTEND_PRECOMPILED_EXCEPTIONS)
+
+/// The precompiled instantiations for scalar T; PREFIX is `extern template` (declarations) or
+/// `template` (definitions, in src/precompiled.cpp). Expanded inside namespace attend.
+#define ATTEND_PRECOMPILED_CORES(PREFIX, T)                                                                      \
+  ATTEND_PRECOMPILED_PATHS(PREFIX, T, detail::AllVisible)                                                        \
+  ATTEND_PRECOMPILED_PATHS(PREFIX, T, detail::Band)                                                              \
+  ATTEND_PRECOMPILED_PATHS(PREFIX, T, detail::DenseBoolean)                                                      \
+  ATTEND_PRECOMPILED_PATHS(PREFIX, T, detail::DenseBias<T>)                                                      \
+  PREFIX Matrix<T> detail::linear<T>(const ConstMatrixRef<T>&, const Matrix<T>&, const Vector<T>&, const char*); \
+  PREFIX void decode_step_into<T, Matrix<T>, Matrix<T>, Matrix<T>>(                                              \
+      KVCache<T>&, const Eigen::MatrixBase<Matrix<T>>&, const Eigen::MatrixBase<Matrix<T>>&,                     \
+      const Eigen::MatrixBase<Matrix<T>>&, Index, MatrixRef<T>, const AttentionOptions&);                        \
+  PREFIX class MultiHeadAttention<T>;                                                                            \
+  PREFIX class RotaryEmbedding<T>;                                                                               \
+  PREFIX class KVCache<T>;
+
+/// The blocked and materialized paths of the scaled dot-product score for one bound mask.
+#define ATTEND_PRECOMPILED_PATHS(PREFIX, T, BOUND)                                                               \
+  PREFIX void detail::blocked_attention<T, detail::ScaledDot<T>, BOUND>(                                         \
+      const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::ScaledDot<T>&, \
+      const BOUND&, detail::TileShape, MatrixRef<T>, VectorRef<T>);                                              \
+  PREFIX void detail::materialized_attention<T, detail::ScaledDot<T>, BOUND>(                                    \
+      const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::ScaledDot<T>&, \
+      const BOUND&, MatrixRef<T>, VectorRef<T>, MatrixRef<T>);
+
+#if defined(ATTEND_INSTANTIATE_PRECOMPILED)
+#define ATTEND_PRECOMPILED_PREFIX template
+#else
+#define ATTEND_PRECOMPILED_PREFIX extern template
+#endif
+
+namespace attend {
+ATTEND_PRECOMPILED_CORES(ATTEND_PRECOMPILED_PREFIX, float)
+ATTEND_PRECOMPILED_CORES(ATTEND_PRECOMPILED_PREFIX, double)
+}  // namespace attend
+
+#if defined(ATTEND_INSTANTIATE_PRECOMPILED)
+/// Defined by the library only: its build configuration, as a name.
+extern "C" const int ATTEND_PRECOMPILED_BUILD_TAG = 1;
+#else
+extern "C" const int ATTEND_PRECOMPILED_BUILD_TAG;
+namespace attend::detail {
+/// Refers to the library's configuration symbol from every user, so that a user compiled with
+/// other flags fails to link (undefined reference naming the configuration it expected).
+/// (GCC and clang; MSVC builds have no such check.)
+#if defined(__GNUC__)
+[[maybe_unused, gnu::used]] static const int* const precompiled_build_check = &ATTEND_PRECOMPILED_BUILD_TAG;
+#endif
+}  // namespace attend::detail
+#endif
