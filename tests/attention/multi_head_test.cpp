@@ -2,6 +2,7 @@
 // Multi-head self and cross attention with projections, GQA/MQA, need_weights and the batch API,
 // against a long-double reference written here from the definition (project, per-head reference
 // attention, concatenate, out-project), which is what torch.nn.MultiheadAttention computes.
+#include <attend/attention/kv_cache.hpp>
 #include <attend/attention/multi_head.hpp>
 
 #include "support/expect.hpp"
@@ -92,6 +93,38 @@ TYPED_TEST(MultiHeadTest, RotaryRotatesQueriesAndKeysByPosition) {
         EXPECT_GT(max_abs_error(out.bottomRows(len - 1), plain.bottomRows(len - 1)), 1e-2);
       }
     }
+  }
+}
+
+// YaRN with partial rotary against Hugging Face transformers (cos and sin multiplied by the
+// attention factor m, only the first rotary_dim features rotated, attention scale 1/sqrt(d)),
+// through forward and through decode_step token by token, with the default options: the layer
+// applies m itself. With partial rotary no attention scale gives this: m^2 multiplies only the
+// rotated features' part of each logit.
+TYPED_TEST(MultiHeadTest, YarnRotaryMatchesHuggingFaceWithPartialRotary) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 40;
+  const Shape s{4, 2, 16, 16, 48, 48, 48, 48, true};
+  const HfYarnConfig yarn{16, 8, 32, 1, std::nullopt};  // m = 0.1 ln 16 + 1 = 1.277; N = 8 < len
+  const HfYarnConfig yarn_without_factor{16, 8, 32, 1, 1.0L};
+  for (const Index rotary_dim : {8, 16}) {
+    SCOPED_TRACE("rotary_dim=" + std::to_string(rotary_dim));
+    const RotarySpec rotary{s.d, rotary_dim, RotaryLayout::HalfSplit, 100.0, yarn};
+    MultiHeadAttention<T> mha(s.heads, random_weights<T>(s, rng), s.kv_heads);
+    mha.set_rotary(RotaryEmbedding<T>(s.d, rotary.options()));
+    const Matrix<T> x = rng.normal<T>(len, s.eq);
+    const BoolMatrix visible = causal_visibility(len, len, Alignment::TopLeft);
+    const Expected<T> ex = expected_mha<T>(s, mha.weights(), x, x, x, visible, &rotary);
+    // The factor moves the result well beyond the tolerance (so this test sees it).
+    const RotarySpec unscaled{s.d, rotary_dim, RotaryLayout::HalfSplit, 100.0, yarn_without_factor};
+    EXPECT_GT(max_abs_error(ex.output, expected_mha<T>(s, mha.weights(), x, x, x, visible, &unscaled).output), 1e-2);
+    for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 16, 8)})
+      EXPECT_TRUE(within_tolerance<T>(mha.forward(x, Causal(), o).output, ex.output, ex.base_output));
+    KVCache<T> cache(mha, len);
+    Matrix<T> decoded(len, s.eout);
+    for (Index t = 0; t < len; ++t) decoded.row(t) = decode_step(mha, cache, x.row(t));
+    EXPECT_TRUE(within_tolerance<T>(decoded, ex.output, ex.base_output)) << "decode_step";
   }
 }
 

@@ -10,8 +10,10 @@
 #include "baseline.hpp"
 #include "random.hpp"
 #include "reference.hpp"
+#include "rope_reference.hpp"
 
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,33 +49,47 @@ Matrix<S> project(const X& x, const Matrix<T>& w, const Vector<T>& b) {
   return y;
 }
 
-/// A rotary configuration without frequency scaling, written out for the reference.
+/// A rotary configuration, unscaled or with YaRN as HF transformers computes it, written out
+/// for the reference.
 struct RotarySpec {
   Index head_dim, rotary_dim;
   RotaryLayout layout;
   double base;
+  std::optional<HfYarnConfig> yarn = std::nullopt;
 
   RotaryOptions options() const {
     RotaryOptions o;
     o.rotary_dim = rotary_dim;
     o.layout = layout;
     o.base = base;
+    if (yarn) {
+      const std::optional<double> m =
+          yarn->attention_factor ? std::optional<double>(double(*yarn->attention_factor)) : std::nullopt;
+      o.scaling = RotaryScaling::yarn(double(yarn->factor), yarn->original_max_position, double(yarn->beta_fast),
+                                      double(yarn->beta_slow), m);
+    }
     return o;
   }
 };
 
 /// Rotates every head of x in the scalar S, row r at position r: pair i turns by the angle
-/// r theta_i, theta_i = base^(-2i / rotary_dim), computed here in long double (and the cosine
-/// and sine rounded to S), pairing features as the layout says.
+/// r theta_i, theta_i = base^(-2i / rotary_dim) (HF's YaRN inv_freq with `yarn`), computed here
+/// in long double (and the cosine and sine, times YaRN's attention factor, rounded to S),
+/// pairing features as the layout says; features rotary_dim.. pass unchanged.
 template <class S>
 void rotate(Matrix<S>& x, const RotarySpec& spec) {
   const Index pairs = spec.rotary_dim / 2;
   const bool half_split = spec.layout == RotaryLayout::HalfSplit;
+  const std::optional<HfYarnParameters> yarn =
+      spec.yarn ? std::optional<HfYarnParameters>(hf_yarn_parameters(spec.rotary_dim, spec.base, *spec.yarn))
+                : std::nullopt;
+  const Real m = yarn ? yarn->attention_factor : Real(1);
   for (Index r = 0; r < x.rows(); ++r)
     for (Index h0 = 0; h0 < x.cols(); h0 += spec.head_dim)
       for (Index i = 0; i < pairs; ++i) {
-        const Real theta = std::pow(Real(spec.base), -Real(2 * i) / Real(spec.rotary_dim));
-        const S c = S(std::cos(Real(r) * theta)), s = S(std::sin(Real(r) * theta));
+        const Real theta = yarn ? yarn->inv_freq[std::size_t(i)]
+                                : std::pow(Real(spec.base), -Real(2 * i) / Real(spec.rotary_dim));
+        const S c = S(m * std::cos(Real(r) * theta)), s = S(m * std::sin(Real(r) * theta));
         const Index a = h0 + (half_split ? i : 2 * i), b = h0 + (half_split ? i + pairs : 2 * i + 1);
         const S xa = x(r, a), xb = x(r, b);
         x(r, a) = xa * c - xb * s;

@@ -5,7 +5,7 @@
 // attention factor that multiplies cos and sin.
 #pragma once
 
-#include <attend/types.hpp>
+#include "reference.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -17,21 +17,20 @@ namespace attend::test {
 /// rope_scaling = {"rope_type": "yarn", "factor": ..., "original_max_position_embeddings": ...,
 /// "beta_fast": ..., "beta_slow": ..., "attention_factor": ... (optional)}.
 struct HfYarnConfig {
-  long double factor;
+  Real factor;
   Index original_max_position;
-  long double beta_fast = 32;
-  long double beta_slow = 1;
-  std::optional<long double> attention_factor;
+  Real beta_fast = 32;
+  Real beta_slow = 1;
+  std::optional<Real> attention_factor;
 };
 
 /// `_compute_yarn_parameters`' (inv_freq, attention_factor) for `dim` rotated features.
 struct HfYarnParameters {
-  std::vector<long double> inv_freq;  // (dim / 2)
-  long double attention_factor;
+  std::vector<Real> inv_freq;  // (dim / 2)
+  Real attention_factor;
 };
 
-inline HfYarnParameters hf_yarn_parameters(Index dim, long double base, const HfYarnConfig& c) {
-  using Real = long double;
+inline HfYarnParameters hf_yarn_parameters(Index dim, Real base, const HfYarnConfig& c) {
   const Real pi = 3.141592653589793238462643383279502884L;
   // get_mscale(factor) = 0.1 ln(factor) + 1 (1 for factor <= 1), unless given.
   const Real attention_factor = c.attention_factor ? *c.attention_factor
@@ -49,7 +48,7 @@ inline HfYarnParameters hf_yarn_parameters(Index dim, long double base, const Hf
   for (std::size_t i = 0; i < p.inv_freq.size(); ++i) {
     const Real pos_freq = std::pow(base, Real(2 * i) / Real(dim));  // base^(arange(0, dim, 2) / dim)
     const Real extrapolation = 1 / pos_freq, interpolation = 1 / (c.factor * pos_freq);
-    const Real ramp = std::clamp((Real(i) - low) / (high - low), Real(0), Real(1));
+    const Real ramp = std::clamp((Real(i) - low) / (high - low), Real(0), Real(1));  // linear_ramp_factor
     const Real extrapolation_factor = 1 - ramp;
     p.inv_freq[i] = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor;
   }

@@ -305,6 +305,9 @@ class MultiHeadAttention {
   const MultiHeadWeights<T>& weights() const { return w_; }
 
   /// Rotates the heads of Q and K with `rope` from now on (its head_dim must be head_dim()).
+  /// A YaRN embedding also scales the rotated features by its attention factor m (cos and sin
+  /// times m, as HF transformers and ggml), in forward, forward_batch and decode_step alike:
+  /// keep the default attention scale.
   /// \throws attend::invalid_argument naming both head widths when they differ.
   MultiHeadAttention& set_rotary(RotaryEmbedding<T> rope) {
     ATTEND_CHECK(rope.head_dim() == layout_.key_dim, "rotary embedding of head_dim=" + std::to_string(rope.head_dim()) +
