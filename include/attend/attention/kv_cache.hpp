@@ -34,6 +34,11 @@ struct KVCacheOptions {
   Index value_head_dim = 0;   ///< d_v; 0 = head_dim
 };
 
+namespace detail {
+template <class T>
+class UndoableAppend;
+}  // namespace detail
+
 /// The K/V rows of one layer (see the file comment).
 template <class T>
 class KVCache {
@@ -113,6 +118,8 @@ class KVCache {
   void clear() { begin_ = size_ = position_ = 0; }
 
  private:
+  friend class detail::UndoableAppend<T>;
+
   void move_to_front(Matrix<T>& buffer) const {  // rows are contiguous: one overlapping move
     const Index w = buffer.cols();
     std::copy(buffer.data() + begin_ * w, buffer.data() + (begin_ + size_) * w, buffer.data());
@@ -124,6 +131,53 @@ class KVCache {
   Index begin_ = 0, size_ = 0, position_ = 0;
 };
 
+namespace detail {
+
+/// cache.append(k_rows, v_rows), undone when this object is destroyed before commit(): what
+/// gives decode_step its strong guarantee when the attention after the append throws
+/// (std::bad_alloc included). It keeps the cache's state from before, and a copy of the rows
+/// held then when the append moves the kept rows to the front, which may overwrite them (the
+/// copy is taken before the cache changes; otherwise the append only writes past the rows held).
+template <class T>
+class UndoableAppend {
+ public:
+  template <class DK, class DV>
+  UndoableAppend(KVCache<T>& cache, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows)
+      : cache_(cache), begin_(cache.begin_), size_(cache.size_), position_(cache.position_) {
+    moves_ = k_rows.rows() > cache.capacity() - (cache.begin_ + cache.size_);
+    if (moves_) {
+      keys_ = cache.keys();
+      values_ = cache.values();
+    }
+    cache.append(k_rows, v_rows);
+  }
+  UndoableAppend(const UndoableAppend&) = delete;
+  UndoableAppend& operator=(const UndoableAppend&) = delete;
+
+  ~UndoableAppend() {
+    if (committed_) return;
+    cache_.begin_ = begin_;
+    cache_.size_ = size_;
+    cache_.position_ = position_;
+    if (moves_) {
+      cache_.keys_.middleRows(begin_, size_) = keys_;
+      cache_.values_.middleRows(begin_, size_) = values_;
+    }
+  }
+
+  /// Keeps the append.
+  void commit() { committed_ = true; }
+
+ private:
+  KVCache<T>& cache_;
+  Index begin_, size_, position_;  // the cache's state before the append
+  bool moves_ = false;
+  bool committed_ = false;
+  Matrix<T> keys_, values_;  // (size, .) the rows held before a moving append
+};
+
+}  // namespace detail
+
 /// One decoding step: appends the new tokens' K/V rows to `cache`, then attends from their
 /// queries over the cache with bottom-right causal alignment (and the cache's window), so new
 /// token i sees every earlier token and the new tokens up to itself. One new token goes through
@@ -134,7 +188,8 @@ class KVCache {
 /// \param k_new (n, H_kv d) their keys, v_new (n, H_kv d_v) their values
 /// \param out   (n, H d_v), not sharing memory with q, k_new or v_new
 /// \throws attend::invalid_argument on mismatched shapes, H not divisible by H_kv, overflow, or
-///         `out` aliasing an input (the cache is then unchanged).
+///         `out` aliasing an input; std::bad_alloc when memory runs out. The cache is then
+///         unchanged, whatever throws and wherever (the append is undone).
 template <class T, class DQ, class DK, class DV>
 void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
@@ -154,7 +209,7 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
   detail::check_no_alias(out, "output", k_new, "input k_new");
   detail::check_no_alias(out, "output", v_new, "input v_new");
   detail::resolve_scale<T>(options, cache.head_dim());  // throws on a bad scale before the cache changes
-  cache.append(k_new, v_new);
+  detail::UndoableAppend<T> appended(cache, k_new, v_new);  // undone if the attention throws
   if (q.rows() == 1) {  // after a one-row append, every kept key is visible
     decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, options);
   } else {
@@ -162,6 +217,7 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
     multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out,
                               Window(left, 0, Alignment::BottomRight), options);
   }
+  appended.commit();
 }
 
 /// Returns the outputs (n, H d_v) of a decoding step. See decode_step_into.
@@ -184,7 +240,8 @@ Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
 /// \param x     (n, E_q) the new tokens
 /// \return (n, E_out)
 /// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's,
-///         on a wrong input width, or on overflow (the cache is then unchanged).
+///         on a wrong input width, or on overflow; std::bad_alloc when memory runs out (the
+///         cache is then unchanged).
 template <class T, class DX>
 Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
                       const AttentionOptions& options = {}) {
