@@ -14,6 +14,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -693,6 +694,9 @@ TYPED_TEST(RotaryTest, RejectsBadParameters) {
                  {"attention_factor", "got 0"});
   expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::yarn(4, 4096, 32, 1, std::nan("")))); },
                  {"attention_factor", "nan"});
+  if (std::is_same_v<T, float>)  // m cos and m sin must be finite in T
+    expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::yarn(4, 4096, 32, 1, 1e39))); },
+                   {"attention_factor 1e+39", "float"});
   expect_invalid([&] { RotaryEmbedding<T>(8, with(RotaryScaling::llama3(8, 8192, 4, 1))); },
                  {"low_freq_factor 4", "high_freq_factor 1"});
   RotaryOptions bad_base;

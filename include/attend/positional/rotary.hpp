@@ -293,7 +293,8 @@ template <class T>
 class RotaryEmbedding {
  public:
   /// \throws invalid_argument for an odd rotary_dim, rotary_dim > head_dim, base <= 1, a negative
-  ///         cache length, or bad scaling parameters (factor < 1, beta_fast < beta_slow, ...).
+  ///         cache length, or bad scaling parameters (factor < 1, beta_fast < beta_slow, a YaRN
+  ///         attention factor that is not positive and finite in T, ...).
   explicit RotaryEmbedding(Index head_dim, const RotaryOptions& options = {})
       : head_dim_(head_dim), rotary_dim_(options.rotary_dim.value_or(head_dim)), layout_(options.layout) {
     detail::check_rotary_dims(head_dim_, rotary_dim_);
@@ -304,6 +305,9 @@ class RotaryEmbedding {
     detail::check_rotary_scaling(options.scaling);
     theta_ = detail::rotary_frequencies(rotary_dim_, options.base, options.scaling);
     attention_factor_ = detail::rotary_attention_factor(options.scaling);
+    ATTEND_CHECK(attention_factor_ <= double(std::numeric_limits<T>::max()),
+                 "YaRN attention_factor " + detail::number_string(attention_factor_) + " is not a finite " +
+                     detail::scalar_name<T>());
     extend_cache(options.cache_length);
   }
 
