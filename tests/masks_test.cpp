@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: MIT
 // Mask policies against the reference boolean masks: on random and on tiled (query, key) tiles,
 // classify() never calls a tile Empty that has a visible entry nor Full one that has a hidden
-// entry, keys() contains every visible key, and apply() hides exactly the hidden entries and adds
-// the bias to the others.
+// entry, keys() contains every visible key, and apply_mask() hides exactly the hidden entries,
+// whatever score they held, and adds the bias to the others. Compositions `a & b` of every pair
+// of built-in masks and biases, in both orders, hide what either operand hides whatever the other
+// adds there.
 #include "support/masks.hpp"
 #include "support/random.hpp"
 
@@ -25,7 +27,8 @@ class MaskPolicyTest : public ::testing::Test {};
 using Scalars = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(MaskPolicyTest, Scalars);
 
-/// Checks the bound policy on the tile [q0, q1) x [k0, k1) against the reference.
+/// Checks the bound policy on the tile [q0, q1) x [k0, k1) against the reference. The scores of
+/// hidden entries hold +inf, NaN and -inf in turn, as a score kernel may leave them.
 template <class T, class Bound>
 void check_tile(const Bound& bound, const MaskCase& c, Index q0, Index q1, Index k0, Index k1, Rng& rng) {
   SCOPED_TRACE("tile rows [" + std::to_string(q0) + ", " + std::to_string(q1) + ") keys [" + std::to_string(k0) +
@@ -44,10 +47,15 @@ void check_tile(const Bound& bound, const MaskCase& c, Index q0, Index q1, Index
       ASSERT_TRUE(!c.visible(i, j) || (keys.begin <= j && j < keys.end))
           << "visible key " << j << " of row " << i << " outside keys() [" << keys.begin << ", " << keys.end << ")";
 
-  // apply() on a block of a larger scratch matrix, as the kernels call it.
+  // apply_mask() on a block of a larger scratch matrix, as the kernels call it.
   Matrix<T> scratch = rng.normal<T>(q1 - q0 + 3, k1 - k0 + 5);
+  const T planted[] = {std::numeric_limits<T>::infinity(), std::numeric_limits<T>::quiet_NaN(),
+                       -std::numeric_limits<T>::infinity()};
+  for (Index r = 0; r < q1 - q0; ++r)
+    for (Index s = 0; s < k1 - k0; ++s)
+      if (!visible(r, s)) scratch(r, s) = planted[(r + s) % 3];
   const Matrix<T> before = scratch;
-  bound.apply(scratch.topLeftCorner(q1 - q0, k1 - k0), q0, k0);
+  attend::detail::apply_mask(bound, scratch.topLeftCorner(q1 - q0, k1 - k0), q0, k0);
   for (Index r = 0; r < scratch.rows(); ++r)
     for (Index s = 0; s < scratch.cols(); ++s) {
       if (r >= q1 - q0 || s >= k1 - k0) {
@@ -56,9 +64,21 @@ void check_tile(const Bound& bound, const MaskCase& c, Index q0, Index q1, Index
       }
       if (!visible(r, s)) {
         ASSERT_EQ(scratch(r, s), -std::numeric_limits<T>::infinity()) << "hidden entry (" << q0 + r << ", " << k0 + s << ")";
-      } else {
+      } else if (c.largest_bias == 0) {  // at most one bias: added once, exactly
         const T expected = c.bias ? T(before(r, s) + T((*c.bias)(q0 + r, k0 + s))) : before(r, s);
-        ASSERT_EQ(scratch(r, s), expected) << "visible entry (" << q0 + r << ", " << k0 + s << ")";
+        if (std::isnan(expected))
+          ASSERT_TRUE(std::isnan(scratch(r, s))) << "visible entry (" << q0 + r << ", " << k0 + s << ")";
+        else
+          ASSERT_EQ(scratch(r, s), expected) << "visible entry (" << q0 + r << ", " << k0 + s << ")";
+      } else {  // two biases: two roundings, in an order the test does not fix
+        const Real expected = Real(before(r, s)) + (*c.bias)(q0 + r, k0 + s);
+        const Real slack =
+            2 * Real(std::numeric_limits<T>::epsilon()) * (std::fabs(Real(before(r, s))) + 2 * c.largest_bias);
+        if (std::isnan(expected))
+          ASSERT_TRUE(std::isnan(scratch(r, s))) << "visible entry (" << q0 + r << ", " << k0 + s << ")";
+        else
+          ASSERT_LE(std::fabs(Real(scratch(r, s)) - expected), slack)
+              << "visible entry (" << q0 + r << ", " << k0 + s << "): " << scratch(r, s) << " vs " << expected;
       }
     }
 }
@@ -89,6 +109,40 @@ TYPED_TEST(MaskPolicyTest, ClassifyKeysAndApplyAgreeWithReference) {
             }
       });
     }
+}
+
+// Every pair of built-in masks and biases, both ways round, with +inf, NaN and -inf planted in
+// each operand's data where the other hides the key (and a NaN at one key both let through, which
+// must stay NaN): the intersection's reference throughout.
+TYPED_TEST(MaskPolicyTest, IntersectionHidesWhateverTheOtherOperandHolds) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const std::vector<OperandKind> kinds = all_operand_kinds();
+  const std::vector<std::pair<Index, Index>> shapes{{5, 13}, {13, 13}, {16, 40}};
+  const std::vector<std::pair<Index, Index>> tilings{{1, 1}, {7, 5}, {16, 16}};
+  for (std::size_t a = 0; a < kinds.size(); ++a)
+    for (std::size_t b = a; b < kinds.size(); ++b)
+      for (std::size_t n = 0; n < shapes.size(); ++n) {
+        const Index lq = shapes[n].first, lk = shapes[n].second;
+        const Alignment alignment = (a + b + n) % 2 == 0 ? Alignment::TopLeft : Alignment::BottomRight;
+        with_mask_pair<T>(kinds[a], kinds[b], lq, lk, alignment, true, rng, [&](const auto& mask, const MaskCase& c) {
+          SCOPED_TRACE(c.description + " Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk));
+          const auto bound = mask.bind(lq, lk);
+          for (int t = 0; t < 20; ++t) {
+            const Index q0 = rng.uniform(0, lq - 1), q1 = rng.uniform(q0 + 1, lq);
+            const Index k0 = rng.uniform(0, lk - 1), k1 = rng.uniform(k0 + 1, lk);
+            check_tile<T>(bound, c, q0, q1, k0, k1, rng);
+            if (::testing::Test::HasFatalFailure()) return;
+          }
+          for (const auto& [bq, bk] : tilings)
+            for (Index q0 = 0; q0 < lq; q0 += bq)
+              for (Index k0 = 0; k0 < lk; k0 += bk) {
+                check_tile<T>(bound, c, q0, std::min(q0 + bq, lq), k0, std::min(k0 + bk, lk), rng);
+                if (::testing::Test::HasFatalFailure()) return;
+              }
+        });
+        if (::testing::Test::HasFatalFailure()) return;
+      }
 }
 
 // The classification is useful, not only safe: bands call tiles outside them Empty and tiles

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -25,7 +26,8 @@
 namespace attend {
 namespace detail {
 
-/// Adds bias.at<T>(j - a_i) to s_ij, with a_i = i + offset; hides no key.
+/// Adds bias.at<T>(j - a_i) to s_ij, with a_i = i + offset; like a dense additive mask, it
+/// hides a key only where its bias is -inf.
 template <class Bias>
 struct PositionBias {
   Index num_keys;
@@ -36,11 +38,22 @@ struct PositionBias {
   KeyRange keys(Index, Index) const { return {0, num_keys}; }
 
   template <class Scores>
-  void apply(Scores&& s, Index q0, Index k0) const {
+  void add_bias(Scores&& s, Index q0, Index k0) const {
     using T = typename std::decay_t<Scores>::Scalar;
     for (Index r = 0; r < s.rows(); ++r) {
       const Index d0 = k0 - (q0 + r + offset);  // relative position of the tile's first key
       for (Index c = 0; c < s.cols(); ++c) s(r, c) += bias.template at<T>(d0 + c);
+    }
+  }
+
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
+    using T = typename std::decay_t<Scores>::Scalar;
+    for (Index r = 0; r < s.rows(); ++r) {
+      const Index d0 = k0 - (q0 + r + offset);
+      for (Index c = 0; c < s.cols(); ++c)
+        if (bias.template at<T>(d0 + c) == -std::numeric_limits<T>::infinity())
+          s(r, c) = -std::numeric_limits<T>::infinity();
     }
   }
 };

@@ -3,17 +3,22 @@
 /// \brief Mask policies: which keys each query may attend to.
 ///
 /// A mask is a small value that describes visibility. Kernels call `mask.bind(Lq, Lk)`, which
-/// validates it against the problem and returns a *bound policy* with three operations over a
+/// validates it against the problem and returns a *bound policy* with four operations over a
 /// tile of query rows [q0, q1) and key columns [k0, k1):
 ///  - `classify(q0, q1, k0, k1)`: `TileKind::Empty` (skip the tile), `Full` (no per-element
-///    work) or `Partial` (call `apply`);
+///    work) or `Partial` (call `detail::apply_mask`);
 ///  - `keys(q0, q1)`: a `KeyRange` holding every key that any of the rows may see, so kernels
 ///    never visit the rest (a window costs O(L w), not O(L^2));
-///  - `apply(scores, q0, k0)`: per element, sets invisible scores to -inf or adds a bias.
+///  - `add_bias(scores, q0, k0)`: adds the policy's bias, if it has one, to every score;
+///  - `hide(scores, q0, k0)`: sets the scores of the keys the policy hides to -inf.
+/// Kernels call `detail::apply_mask`, which runs the two phases in that order.
 ///
-/// Masks compose: `a & b` sees a key only when both do. Conventions: boolean masks use
-/// true = may attend (PyTorch SDPA); windows use -1 for unbounded; a query that sees no key
-/// gets a zero output row and log-sum-exp -inf.
+/// Masks compose: `a & b` sees a key only when both do, and adds both biases to it. Every bias
+/// is added before any key is hidden, so a key that either operand hides is hidden whatever the
+/// other adds there (+inf and NaN included), and `a & b` gives the results of `b & a`. A bias
+/// of -inf hides its key. Conventions: boolean masks use true = may attend (PyTorch SDPA);
+/// windows use -1 for unbounded; a query that sees no key gets a zero output row and
+/// log-sum-exp -inf.
 #pragma once
 
 #include "options.hpp"
@@ -49,7 +54,9 @@ struct AllVisible {
   TileKind classify(Index, Index, Index, Index) const { return TileKind::Full; }
   KeyRange keys(Index, Index) const { return {0, num_keys}; }
   template <class Scores>
-  void apply(Scores&&, Index, Index) const {}
+  void add_bias(Scores&&, Index, Index) const {}
+  template <class Scores>
+  void hide(Scores&&, Index, Index) const {}
 };
 
 /// Key j is visible to query i iff lo(i) <= j < hi(i), where both bounds move one key per
@@ -82,7 +89,10 @@ struct Band {
   }
 
   template <class Scores>
-  void apply(Scores&& s, Index q0, Index k0) const {
+  void add_bias(Scores&&, Index, Index) const {}
+
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
     using T = typename std::decay_t<Scores>::Scalar;
     const Index cols = s.cols();
     for (Index r = 0; r < s.rows(); ++r) {
@@ -130,7 +140,9 @@ struct DenseBoolean {
   TileKind classify(Index, Index, Index, Index) const { return TileKind::Partial; }
   KeyRange keys(Index, Index) const { return {0, visible.cols}; }
   template <class Scores>
-  void apply(Scores&& s, Index q0, Index k0) const {
+  void add_bias(Scores&&, Index, Index) const {}
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
     using T = typename std::decay_t<Scores>::Scalar;
     for (Index r = 0; r < s.rows(); ++r)
       for (Index c = 0; c < s.cols(); ++c)
@@ -138,18 +150,26 @@ struct DenseBoolean {
   }
 };
 
-/// Dense additive bias: s_ij += bias_ij; -inf hides a key.
+/// Dense additive bias: s_ij += bias_ij; a bias of -inf hides its key.
 template <class T>
 struct DenseBias {
   StridedView<T> bias;
   TileKind classify(Index, Index, Index, Index) const { return TileKind::Partial; }
   KeyRange keys(Index, Index) const { return {0, bias.cols}; }
   template <class Scores>
-  void apply(Scores&& s, Index q0, Index k0) const {
+  void add_bias(Scores&& s, Index q0, Index k0) const {
     static_assert(std::is_same_v<typename std::decay_t<Scores>::Scalar, T>,
                   "attend: the additive mask must have the scalar type of the scores");
     for (Index r = 0; r < s.rows(); ++r)
       for (Index c = 0; c < s.cols(); ++c) s(r, c) += bias(q0 + r, k0 + c);
+  }
+  // Runs after every bias is added: where bias_ij = -inf the sum is NaN if +inf or NaN was
+  // added there too, and the key is hidden all the same.
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
+    for (Index r = 0; r < s.rows(); ++r)
+      for (Index c = 0; c < s.cols(); ++c)
+        if (bias(q0 + r, k0 + c) == -std::numeric_limits<T>::infinity()) s(r, c) = -std::numeric_limits<T>::infinity();
   }
 };
 
@@ -169,13 +189,29 @@ struct BothVisible {
     const Index begin = std::max(a.begin, b.begin), end = std::min(a.end, b.end);
     return begin < end ? KeyRange{begin, end} : KeyRange{0, 0};
   }
+  // An operand that calls the tile Full neither adds nor hides anything in it.
   template <class Scores>
-  void apply(Scores&& s, Index q0, Index k0) const {
+  void add_bias(Scores&& s, Index q0, Index k0) const {
     const Index q1 = q0 + s.rows(), k1 = k0 + s.cols();
-    if (first.classify(q0, q1, k0, k1) != TileKind::Full) first.apply(s, q0, k0);
-    if (second.classify(q0, q1, k0, k1) != TileKind::Full) second.apply(s, q0, k0);
+    if (first.classify(q0, q1, k0, k1) != TileKind::Full) first.add_bias(s, q0, k0);
+    if (second.classify(q0, q1, k0, k1) != TileKind::Full) second.add_bias(s, q0, k0);
+  }
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
+    const Index q1 = q0 + s.rows(), k1 = k0 + s.cols();
+    if (first.classify(q0, q1, k0, k1) != TileKind::Full) first.hide(s, q0, k0);
+    if (second.classify(q0, q1, k0, k1) != TileKind::Full) second.hide(s, q0, k0);
   }
 };
+
+/// Applies a bound policy to a tile of scores whose first element is (q0, k0): every bias
+/// first, then -inf at every hidden key, so that what a policy hides stays hidden whatever is
+/// added there (by another operand of `&`, or by a bias of +inf or NaN).
+template <class BoundMask, class Scores>
+void apply_mask(const BoundMask& mask, Scores&& s, Index q0, Index k0) {
+  mask.add_bias(s, q0, k0);
+  mask.hide(s, q0, k0);
+}
 
 }  // namespace detail
 

@@ -6,10 +6,12 @@
 #include "random.hpp"
 #include "reference.hpp"
 
+#include <attend/biases.hpp>
 #include <attend/masks.hpp>
 #include <attend/options.hpp>
 #include <attend/types.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -92,6 +94,7 @@ struct MaskCase {
   BoolMatrix visible;               // (Lq, Lk) true = may attend (after -inf bias entries)
   std::optional<RealMatrix> bias;   // (Lq, Lk) additive bias, if any
   bool empty_rows_intended = false;  // the mask may hide every key of most rows by construction
+  Real largest_bias = 0;             // largest finite |bias| of one operand, when two add biases
 };
 
 /// The oneDNN-style guard against vacuous tests: at least half of the rows see some key, unless
@@ -226,6 +229,208 @@ void with_mask(const MaskSpec& spec, Index lq, Index lk, Rng& rng, F&& f) {
       return;
     }
   }
+}
+
+/// The built-in masks and biases, as operands of `a & b`.
+enum class OperandKind { None, Causal, Window, KeyPadding, Boolean, Additive, Alibi, RelativePosition };
+
+inline std::vector<OperandKind> all_operand_kinds() {
+  return {OperandKind::None,    OperandKind::Causal,   OperandKind::Window, OperandKind::KeyPadding,
+          OperandKind::Boolean, OperandKind::Additive, OperandKind::Alibi,  OperandKind::RelativePosition};
+}
+
+/// One operand of a composed mask, drawn before the mask is built so that each operand can plant
+/// values where the other hides keys. Dense operands view `boolean`, `additive` or `table`.
+template <class T>
+struct Operand {
+  OperandKind kind = OperandKind::None;
+  std::string description;
+  BoolMatrix visible;              // (Lq, Lk) keys this operand lets through
+  std::optional<RealMatrix> bias;  // (Lq, Lk) what it adds to the scores, if anything
+  Alignment alignment = Alignment::TopLeft;
+  Index left = -1, right = -1;  // Window
+  Index valid_length = 0;       // KeyPadding
+  double slope = 0;             // Alibi
+  BoolMatrix boolean;           // Boolean (Lq, Lk)
+  Matrix<T> additive;           // Additive (Lq, Lk)
+  Vector<T> table;              // RelativePosition (32 buckets, bidirectional, max distance 16)
+  Matrix<Index> bucket;         // RelativePosition: bucket of (i, j)
+};
+
+namespace detail_masks {
+
+inline constexpr Index kBuckets = 32, kMaxDistance = 16;
+
+/// The values planted where the other operand hides a key, in turn.
+template <class T>
+T planted_value(Index n) {
+  const T values[] = {std::numeric_limits<T>::infinity(), std::numeric_limits<T>::quiet_NaN(),
+                      -std::numeric_limits<T>::infinity()};
+  return values[n % 3];
+}
+
+}  // namespace detail_masks
+
+/// Draws an operand of `kind` for an (Lq, Lk) problem: windows of sides in [1, Lk), padding of at
+/// least half the keys, booleans with p = 0.7, additive randn * 3 with 20% -inf, ALiBi slopes in
+/// (0, 1), T5 tables of randn * 3.
+template <class T>
+Operand<T> draw_operand(OperandKind kind, Index lq, Index lk, Alignment a, Rng& rng) {
+  using namespace detail_masks;
+  Operand<T> o;
+  o.kind = kind;
+  o.alignment = a;
+  o.visible = all_visible(lq, lk);
+  switch (kind) {
+    case OperandKind::None: o.description = "NoMask"; break;
+    case OperandKind::Causal:
+      o.description = "Causal(" + alignment_name(a) + ")";
+      o.visible = causal_visibility(lq, lk, a);
+      break;
+    case OperandKind::Window:
+      o.left = rng.uniform(1, std::max<Index>(lk - 1, 1));
+      o.right = rng.uniform(1, std::max<Index>(lk - 1, 1));
+      o.description = window_name(o.left, o.right, a);
+      o.visible = window_visibility(lq, lk, o.left, o.right, a);
+      break;
+    case OperandKind::KeyPadding:
+      o.valid_length = rng.uniform((lk + 1) / 2, lk);
+      o.description = "KeyPadding(" + std::to_string(o.valid_length) + ")";
+      o.visible = padding_visibility(lq, lk, o.valid_length);
+      break;
+    case OperandKind::Boolean:
+      o.boolean = rng.bernoulli(lq, lk, 0.7);
+      o.description = "BooleanMask(p=0.7)";
+      o.visible = o.boolean;
+      break;
+    case OperandKind::Additive:
+      o.additive = rng.normal<T>(lq, lk, 3.0);
+      for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j)
+          if (rng.bernoulli(0.2)) o.additive(i, j) = -std::numeric_limits<T>::infinity();
+      o.description = "AdditiveMask(randn*3, -inf)";
+      o.visible = finite_entries(o.additive);
+      o.bias = o.additive.template cast<Real>();
+      break;
+    case OperandKind::Alibi: {
+      o.slope = std::ldexp(double(rng.uniform(1, 255)), -8);  // exact in float
+      o.description = "Alibi(" + std::to_string(o.slope) + ", " + alignment_name(a) + ")";
+      RealMatrix bias(lq, lk);
+      for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j) bias(i, j) = -Real(o.slope) * Real(std::abs(j - aligned_key(i, lq, lk, a)));
+      o.bias = bias;
+      break;
+    }
+    case OperandKind::RelativePosition: {
+      o.table = rng.normal<T>(kBuckets, 1, 3.0);
+      o.description = "RelativePositionBias(" + alignment_name(a) + ")";
+      o.bucket.resize(lq, lk);
+      for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j)
+          o.bucket(i, j) = relative_position_bucket(j - aligned_key(i, lq, lk, a), true, kBuckets, kMaxDistance);
+      break;
+    }
+  }
+  return o;
+}
+
+/// The reference bias of a T5 operand, from its table (after any planting).
+template <class T>
+RealMatrix relative_position_reference(const Operand<T>& o) {
+  RealMatrix bias(o.bucket.rows(), o.bucket.cols());
+  for (Index i = 0; i < bias.rows(); ++i)
+    for (Index j = 0; j < bias.cols(); ++j) bias(i, j) = Real(o.table(o.bucket(i, j)));
+  return bias;
+}
+
+/// Plants +inf, NaN and -inf in turn into the data of `o` where only `hidden` keys read them: every
+/// hidden entry of an additive mask, and every bucket of a T5 table that only hidden keys fall in.
+template <class T>
+void plant_where_hidden(Operand<T>& o, const BoolMatrix& hidden) {
+  using namespace detail_masks;
+  Index n = 0;
+  if (o.kind == OperandKind::Additive) {
+    for (Index i = 0; i < hidden.rows(); ++i)
+      for (Index j = 0; j < hidden.cols(); ++j)
+        if (hidden(i, j)) o.additive(i, j) = planted_value<T>(n++);
+    o.bias = o.additive.template cast<Real>();
+  } else if (o.kind == OperandKind::RelativePosition) {
+    std::vector<bool> read_by_visible(static_cast<std::size_t>(kBuckets), false), read(read_by_visible);
+    for (Index i = 0; i < hidden.rows(); ++i)
+      for (Index j = 0; j < hidden.cols(); ++j) {
+        read[std::size_t(o.bucket(i, j))] = true;
+        if (!hidden(i, j)) read_by_visible[std::size_t(o.bucket(i, j))] = true;
+      }
+    for (Index b = 0; b < kBuckets; ++b)
+      if (read[std::size_t(b)] && !read_by_visible[std::size_t(b)]) o.table(b) = planted_value<T>(n++);
+    o.bias = relative_position_reference(o);
+  }
+}
+
+/// Calls f(mask) with the library's policy for `o` (dense ones view the data of `o`).
+template <class T, class F>
+void with_operand_mask(const Operand<T>& o, F&& f) {
+  switch (o.kind) {
+    case OperandKind::None: f(NoMask{}); return;
+    case OperandKind::Causal: f(Causal(o.alignment)); return;
+    case OperandKind::Window: f(Window(o.left, o.right, o.alignment)); return;
+    case OperandKind::KeyPadding: f(KeyPadding(o.valid_length)); return;
+    case OperandKind::Boolean: f(BooleanMask(o.boolean)); return;
+    case OperandKind::Additive: f(AdditiveMask(o.additive)); return;
+    case OperandKind::Alibi: f(Alibi(o.slope, o.alignment)); return;
+    case OperandKind::RelativePosition:
+      f(RelativePositionBias(o.table, true, detail_masks::kMaxDistance, o.alignment));
+      return;
+  }
+}
+
+/// Draws operands of kinds `a` and `b` (with one alignment), plants +inf, NaN and -inf in each
+/// where only the other hides keys, and calls f(mask, mask_case) with `A & B` and then with `B & A`:
+/// both have the reference of the intersection (the keys both let through, the sum of the biases),
+/// which the planted values never reach. When `nan_at_visible` and an operand is additive, one key
+/// that both let through holds NaN as well, so one row's reference is NaN.
+template <class T, class F>
+void with_mask_pair(OperandKind a, OperandKind b, Index lq, Index lk, Alignment alignment, bool nan_at_visible,
+                    Rng& rng, F&& f) {
+  Operand<T> first = draw_operand<T>(a, lq, lk, alignment, rng), second = draw_operand<T>(b, lq, lk, alignment, rng);
+  const BoolMatrix visible = first.visible.array() && second.visible.array();
+  // Each operand keeps hiding what it hides itself (two additive masks may share a -inf key).
+  const BoolMatrix only_second_hides = first.visible.array() && !second.visible.array();
+  const BoolMatrix only_first_hides = second.visible.array() && !first.visible.array();
+  plant_where_hidden(first, only_second_hides);
+  plant_where_hidden(second, only_first_hides);
+  if (nan_at_visible)
+    for (Operand<T>* o : {&first, &second}) {
+      if (o->kind != OperandKind::Additive || !visible.any()) continue;
+      Index i = 0, j = 0;
+      do {
+        i = rng.uniform(0, lq - 1);
+        j = rng.uniform(0, lk - 1);
+      } while (!visible(i, j));
+      o->additive(i, j) = std::numeric_limits<T>::quiet_NaN();
+      (*o->bias)(i, j) = std::numeric_limits<Real>::quiet_NaN();
+      break;
+    }
+  std::optional<RealMatrix> bias = first.bias;
+  Real largest_bias = 0;
+  if (second.bias && bias) {
+    for (const RealMatrix* m : {&*first.bias, &*second.bias})
+      for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j)
+          if (std::isfinite((*m)(i, j))) largest_bias = std::max(largest_bias, std::fabs((*m)(i, j)));
+    bias = RealMatrix(*bias + *second.bias);
+  } else if (second.bias) {
+    bias = second.bias;
+  }
+  MaskCase c{first.description + " & " + second.description, visible, bias, false, largest_bias};
+  with_operand_mask(first, [&](const auto& mask_a) {
+    with_operand_mask(second, [&](const auto& mask_b) {
+      f(mask_a & mask_b, c);
+      MaskCase reversed = c;
+      reversed.description = second.description + " & " + first.description;
+      f(mask_b & mask_a, reversed);
+    });
+  });
 }
 
 }  // namespace attend::test

@@ -119,7 +119,7 @@ void blocked_query_tile(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, 
                     seen_by);
     else
       score(q.middleRows(q0, rows), k.middleRows(k0, cols), st.transpose());
-    if (kind == TileKind::Partial) mask.apply(st.transpose(), q0, k0);
+    if (kind == TileKind::Partial) apply_mask(mask, st.transpose(), q0, k0);
     online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha());
     value_tile<T>(st.data(), stride, v.middleRows(k0, cols), scratch.alpha(), acc, seen_by);
   }

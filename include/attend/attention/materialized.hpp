@@ -47,7 +47,7 @@ void materialized_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         score(q.middleRows(q0, rows), k_seen, s);
         switch (mask.classify(q0, q0 + rows, keys.begin, keys.end)) {
           case TileKind::Empty: s.setConstant(-std::numeric_limits<T>::infinity()); break;
-          case TileKind::Partial: mask.apply(s, q0, keys.begin); break;
+          case TileKind::Partial: apply_mask(mask, s, q0, keys.begin); break;
           case TileKind::Full: break;
         }
         softmax_rows_inplace<T>(s, lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse);

@@ -60,7 +60,10 @@ struct SelectedKeysPolicy {
   }
 
   template <class Scores>
-  void apply(Scores&& s, Index q0, Index k0) const {
+  void add_bias(Scores&&, Index, Index) const {}
+
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
     using T = typename std::decay_t<Scores>::Scalar;
     for (Index r = 0; r < s.rows(); ++r) {
       const Index* end = row_end(q0 + r);
@@ -135,7 +138,7 @@ KeySelection select_top_keys(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>
           if (kind == TileKind::Empty) continue;
           auto s = scratch.scores.topLeftCorner(rows, cols);  // (rows, cols)
           score(q.middleRows(q0, rows), k.middleRows(k0, cols), s);
-          if (kind == TileKind::Partial) mask.apply(s, q0, k0);
+          if (kind == TileKind::Partial) apply_mask(mask, s, q0, k0);
           for (Index r = 0; r < rows; ++r) {
             ScoredKey<T>* best = scratch.best.data() + r * keep;
             Index& count = scratch.counts[std::size_t(r)];
