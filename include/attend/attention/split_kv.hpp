@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -141,18 +142,18 @@ void dot_block(const T* q, Index q_stride, const T* key, Index key_stride, Index
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   constexpr Index W = kLanes<T>;
-  P acc[B * J];  // acc[b J + i]: lane-wise partial sums of <q_b, key_i>
+  P acc[std::size_t(B * J)];  // acc[b J + i]: lane-wise partial sums of <q_b, key_i>
   for (P& a : acc) a = simd::pset1<P>(T(0));
   Index c = 0;
   for (; c + W <= d; c += W) {
-    P keys[J];
+    P keys[std::size_t(J)];
     for (int i = 0; i < J; ++i) keys[i] = simd::ploadu<P>(key + i * key_stride + c);
     for (int b = 0; b < B; ++b) {
       const P query = simd::ploadu<P>(q + b * q_stride + c);
       for (int i = 0; i < J; ++i) acc[b * J + i] = simd::pmadd(query, keys[i], acc[b * J + i]);
     }
   }
-  T sums[B * J];
+  T sums[std::size_t(B * J)];
   lane_sums<T, B * J>(acc, sums);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < J; ++i) {
@@ -169,12 +170,12 @@ template <int B, int J, class T>
 void accumulate_block(const T* p, Index p_stride, const T* value, Index value_stride, Index dv, T* out,
                       Index out_stride) {
   constexpr Index kWidth = Lanes<T>::SizeAtCompileTime;
-  T w[B][J];
+  T w[std::size_t(B)][std::size_t(J)];
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < J; ++i) w[b][i] = p[b * p_stride + i];
   Index c = 0;
   for (; c + kWidth <= dv; c += kWidth) {
-    Lanes<T> values[J];
+    Lanes<T> values[std::size_t(J)];
     for (int i = 0; i < J; ++i) values[i] = Eigen::Map<const Lanes<T>>(value + i * value_stride + c);
     for (int b = 0; b < B; ++b) {
       Eigen::Map<Lanes<T>> acc(out + b * out_stride + c);

@@ -101,29 +101,62 @@ void parallel_for_with_scratch(Index count, MakeScratch&& make_scratch, Body&& b
   for (Index i = 0; i < count; ++i) body(i, scratch);
 }
 
-/// Rows of the destination per Eigen product in serial_product: Eigen never threads a product
-/// whose destination has at most 32 rows at compile time (the condition of parallelize_gemm in
-/// Eigen/src/Core/products/GeneralMatrixMatrix.h), and blocks it for one thread.
+/// Eigen never threads a product whose destination has at most this many rows at compile time
+/// (the condition of internal::parallelize_gemm, Eigen/src/Core/products/GeneralMatrixMatrix.h).
 inline constexpr int kSerialProductRows = 32;
 
+/// dst = lhs rhs by Eigen's GEMM kernel called directly, serially and blocked for one thread:
+/// what Eigen's product does without threads (generic_product_impl<..., GemmProduct>::
+/// scaleAndAddTo in GeneralMatrixMatrix.h), minus parallelize_gemm. dst has at least one
+/// coefficient and lhs at least one column.
+template <class Dst, class Lhs, class Rhs>
+void serial_gemm(Dst& dst, const Lhs& a_lhs, const Rhs& a_rhs) {
+  namespace ei = Eigen::internal;
+  using Scalar = typename Dst::Scalar;
+  using LhsTraits = ei::blas_traits<Lhs>;
+  using RhsTraits = ei::blas_traits<Rhs>;
+  using ActualLhs = typename LhsTraits::DirectLinearAccessType;  // Lhs, or its evaluation
+  using ActualRhs = typename RhsTraits::DirectLinearAccessType;
+  using PlainLhs = typename ei::remove_all<ActualLhs>::type;
+  using PlainRhs = typename ei::remove_all<ActualRhs>::type;
+  constexpr auto order = [](bool row_major) { return row_major ? Eigen::RowMajor : Eigen::ColMajor; };
+  using Gemm =
+      ei::general_matrix_matrix_product<Index, Scalar, order(PlainLhs::IsRowMajor), bool(LhsTraits::NeedToConjugate),
+                                        Scalar, order(PlainRhs::IsRowMajor), bool(RhsTraits::NeedToConjugate),
+                                        order(Dst::IsRowMajor), Dst::InnerStrideAtCompileTime>;
+  using Blocking =
+      ei::gemm_blocking_space<order(Dst::IsRowMajor), Scalar, Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::Dynamic>;
+  typename ei::add_const_on_value_type<ActualLhs>::type lhs = LhsTraits::extract(a_lhs);
+  typename ei::add_const_on_value_type<ActualRhs>::type rhs = RhsTraits::extract(a_rhs);
+  const Scalar alpha = ei::combine_scalar_factors<Scalar>(a_lhs, a_rhs);
+  Blocking blocking(dst.rows(), dst.cols(), lhs.cols(), 1, true);
+  dst.setZero();
+  ei::gemm_functor<Scalar, Index, Gemm, PlainLhs, PlainRhs, Dst, Blocking>(lhs, rhs, dst, alpha, blocking)(
+      0, dst.rows(), 0, dst.cols());
+}
+
 /// dst = lhs rhs, computed serially with a blocking that depends only on the shapes, whatever
-/// Eigen::setNbThreads, omp_set_num_threads, OMP_THREAD_LIMIT, OMP_DYNAMIC or the nesting:
-/// blocks of kSerialProductRows rows of dst, each one Eigen product into a view whose rows are
-/// bounded by kSerialProductRows at compile time. dst must not alias lhs or rhs.
+/// Eigen::setNbThreads, omp_set_num_threads, OMP_THREAD_LIMIT, OMP_DYNAMIC or the nesting.
+/// Up to kSerialProductRows rows, Eigen's own product (coefficient-based, GEMV or GEMM) into a
+/// view whose rows are bounded at compile time; beyond, its GEMM kernel called serially.
+/// dst must not alias lhs or rhs.
 template <class Dst, class Lhs, class Rhs>
 void serial_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
   using D = std::decay_t<Dst>;
-  constexpr int order = D::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
-  using Rows =
-      Eigen::Matrix<typename D::Scalar, Eigen::Dynamic, Eigen::Dynamic, order, kSerialProductRows, Eigen::Dynamic>;
-  using Stride = Eigen::Stride<Eigen::Dynamic, D::InnerStrideAtCompileTime>;
   const Index rows = dst.rows(), cols = dst.cols();
-  if (cols == 0) return;  // (no coefficient to address)
-  for (Index r0 = 0; r0 < rows; r0 += kSerialProductRows) {
-    const Index n = std::min<Index>(kSerialProductRows, rows - r0);
-    Eigen::Map<Rows, Eigen::Unaligned, Stride> block(&dst.coeffRef(r0, 0), n, cols,
-                                                     Stride(dst.outerStride(), dst.innerStride()));
-    block.noalias() = lhs.middleRows(r0, n) * rhs;
+  if (rows == 0 || cols == 0) return;
+  if (lhs.cols() == 0) {
+    dst.setZero();
+  } else if (rows > kSerialProductRows) {
+    serial_gemm(dst, lhs.derived(), rhs.derived());
+  } else {
+    using Bounded =
+        Eigen::Matrix<typename D::Scalar, Eigen::Dynamic, Eigen::Dynamic,
+                      D::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor, kSerialProductRows, Eigen::Dynamic>;
+    using Stride = Eigen::Stride<Eigen::Dynamic, D::InnerStrideAtCompileTime>;
+    Eigen::Map<Bounded, Eigen::Unaligned, Stride>(&dst.coeffRef(0, 0), rows, cols,
+                                                  Stride(dst.outerStride(), dst.innerStride()))
+        .noalias() = lhs * rhs;
   }
 }
 

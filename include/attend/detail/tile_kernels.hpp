@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 
 ATTEND_PACKET_WARNINGS_PUSH
@@ -46,13 +47,13 @@ void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
     for (Index c = 0; c < depth; c += kLine) prefetch_at(k, (2 * MR + r) * k_stride + c);
-  P acc[MR][NV];
+  P acc[std::size_t(MR)][std::size_t(NV)];
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
     ATTEND_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = simd::pset1<P>(T(0));
   for (Index c = 0; c < depth; ++c) {
-    P q[NV];
+    P q[std::size_t(NV)];
     ATTEND_UNROLL
     for (int v = 0; v < NV; ++v) q[v] = simd::pload<P>(qt + c * qt_stride + v * W);
     ATTEND_UNROLL
@@ -143,7 +144,7 @@ void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_s
                  Index acc_stride) {
   namespace simd = Eigen::internal;
   constexpr Index W = simd::unpacket_traits<Vec>::size;
-  Vec o[MR][NV];
+  Vec o[std::size_t(MR)][std::size_t(NV)];
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r) {
     const Vec a = simd::pset1<Vec>(alpha[r]);
@@ -153,7 +154,7 @@ void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_s
   for (Index j = 0; j < keys; ++j) {
     ATTEND_UNROLL
     for (int c = 0; c < NV; ++c) prefetch_at(v, (j + kValuePrefetch) * v_stride + c * W);  // see score_block
-    Vec x[NV];
+    Vec x[std::size_t(NV)];
     ATTEND_UNROLL
     for (int c = 0; c < NV; ++c) x[c] = simd::ploadu<Vec>(v + j * v_stride + c * W);
     ATTEND_UNROLL
