@@ -18,9 +18,10 @@
 ///
 /// What is precompiled, for T in {float, double} (ATTEND_PRECOMPILED_CORES lists it once for
 /// both the declarations and the definitions, so the two cannot differ):
-/// - the blocked and materialized paths with the scaled dot-product score, for the bound forms
-///   of NoMask, Causal, Window, KeyPadding (a band), BooleanMask and AdditiveMask<T>: every
-///   scaled_dot_product_attention* and multi-head call with those masks;
+/// - the scaled dot-product score's checks and path choice (`detail::attention_into`) for
+///   NoMask, Causal, Window, KeyPadding, BooleanMask and AdditiveMask<T>, and its blocked and
+///   materialized paths for their bound forms: every scaled_dot_product_attention* and
+///   multi-head call with those masks;
 /// - the projection `detail::linear<T>` of MultiHeadAttention, the one-token decode step
 ///   `decode_step_into` over Matrix<T> inputs (decode_step with a layer), and the classes
 ///   MultiHeadAttention<T>, RotaryEmbedding<T> and KVCache<T>.
@@ -82,6 +83,12 @@
   ATTEND_PRECOMPILED_PATHS(PREFIX, T, detail::Band)                                                              \
   ATTEND_PRECOMPILED_PATHS(PREFIX, T, detail::DenseBoolean)                                                      \
   ATTEND_PRECOMPILED_PATHS(PREFIX, T, detail::DenseBias<T>)                                                      \
+  ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, NoMask)                                                                 \
+  ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, Causal)                                                                 \
+  ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, Window)                                                                 \
+  ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, KeyPadding)                                                             \
+  ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, BooleanMask)                                                            \
+  ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, AdditiveMask<T>)                                                        \
   PREFIX Matrix<T> detail::linear<T>(const ConstMatrixRef<T>&, const Matrix<T>&, const Vector<T>&, const char*); \
   PREFIX void decode_step_into<T, Matrix<T>, Matrix<T>, Matrix<T>>(                                              \
       KVCache<T>&, const Eigen::MatrixBase<Matrix<T>>&, const Eigen::MatrixBase<Matrix<T>>&,                     \
@@ -98,6 +105,12 @@
   PREFIX void detail::materialized_attention<T, detail::ScaledDot<T>, BOUND>(                                    \
       const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::ScaledDot<T>&, \
       const BOUND&, MatrixRef<T>, VectorRef<T>, MatrixRef<T>);
+
+/// The checks and path choice of the scaled dot-product score for one mask.
+#define ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, MASK)                                                             \
+  PREFIX void detail::attention_into<T, detail::ScaledDot<T>, MASK>(                                             \
+      const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::ScaledDot<T>&, \
+      const MASK&, const AttentionOptions&, MatrixRef<T>, VectorRef<T>);
 
 #if defined(ATTEND_INSTANTIATE_PRECOMPILED)
 #define ATTEND_PRECOMPILED_PREFIX template

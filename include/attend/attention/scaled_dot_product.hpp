@@ -76,7 +76,7 @@ void scaled_dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eig
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   detail::attention_into<T>(q_ref, k_ref, v_ref, detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())},
-                            mask, options, out, lse);
+                            mask.derived(), options, out, lse);  // (the instantiation extern_templates.hpp names)
 }
 
 /// Returns softmax(scale * Q K^T + mask) V, shape (Lq, Dv). See scaled_dot_product_attention_into.
