@@ -10,9 +10,14 @@ int main() {
   using attend::Index;
   using attend::Matrix;
   const Index width = 64, heads = 4, length = 32;
-  const attend::MultiHeadWeights<float> weights{
-      Matrix<float>::Random(width, width), Matrix<float>::Random(width, width), Matrix<float>::Random(width, width),
-      Matrix<float>::Random(width, width), {}, {}, {}, {}};
+  const attend::MultiHeadWeights<float> weights{Matrix<float>::Random(width, width),
+                                                Matrix<float>::Random(width, width),
+                                                Matrix<float>::Random(width, width),
+                                                Matrix<float>::Random(width, width),
+                                                {},
+                                                {},
+                                                {},
+                                                {}};
   attend::MultiHeadAttention<float> layer(heads, weights);
   layer.set_rotary(attend::RotaryEmbedding<float>(width / heads));
   const Matrix<float> x = Matrix<float>::Random(length, width);
