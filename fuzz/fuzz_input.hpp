@@ -22,7 +22,24 @@
 namespace attend::fuzz {
 
 /// The public entry point a run exercises.
-enum class Entry { Sdpa, Dot, Bilinear, Cosine, SoftCap, TopK, LocalWindow, Additive, Batched, Decode, kCount };
+enum class Entry {
+  Sdpa,
+  Dot,
+  Bilinear,
+  Cosine,
+  SoftCap,
+  TopK,
+  LocalWindow,
+  Additive,
+  Batched,
+  Decode,
+  MultiHead,    // MultiHeadAttention::forward with projections, GQA, rotary, weights; decode_step(layer)
+  Merge,        // merge_partial_into / merge_partials of split-KV partials
+  DecodeSplit,  // decode_attention_into: one query row, keys in splits of block_k
+  Rotary,       // RotaryEmbedding::apply with every layout and scaling
+  Sinusoidal,   // add_sinusoidal_encoding, sinusoidal_encoding
+  kCount
+};
 
 enum class MaskKind {
   None, Causal, Window, KeyPadding, Boolean, Additive,
@@ -37,6 +54,18 @@ enum class Perturb { None, KeyDim, ValueRows, MaskShape, OutShape, LseSize, kCou
 enum class Layout { Contiguous, NanPadded, ColumnMajor, Unaligned, kCount };
 
 enum class ValueMode { Raw, Small, SmallWithSpecials, Scaled, kCount };
+
+/// A rotary embedding's configuration; `layout` -1 = none.
+struct Rope {
+  int layout = -1;       // RotaryLayout, or -1 for no rotary embedding
+  Index rotary_dim = 0;  // 0: head_dim (unset); may be odd or too large (invalid)
+  int scaling = 0;       // RotaryScalingType
+  double factor = 1;     // scaling factor (may be < 1 or non-finite: invalid)
+  Index original_max_position = 8192;
+  double beta_fast = 32, beta_slow = 1, low_freq_factor = 1, high_freq_factor = 4;
+  Index cache_length = 0;           // may be negative (invalid)
+  bool explicit_positions = false;  // Rotary: apply(x, positions) instead of a start position
+};
 
 struct Config {
   bool use_double = false;
@@ -57,7 +86,15 @@ struct Config {
   double param = 1;  // cosine temperature or soft cap
   Index top_k = 1;
   Index heads = 1, batch = 1;  // batched layout; decode: kv heads and query heads per kv head
-  std::vector<Index> chunks;   // decode: tokens appended per step
+  std::vector<Index> chunks;   // decode: tokens appended per step; merge: key chunk lengths
+  int threads = 1;             // OpenMP threads of the run (results must not depend on it)
+  int eigen_threads = 1;       // Eigen::setNbThreads of the run
+  Rope rope;                   // rotary embedding (MultiHead, Rotary)
+  Index position = 0;          // Rotary start_position, Sinusoidal position_offset
+  double base = 10000;         // Rotary and Sinusoidal base
+  int need_weights = 0;        // MultiHead: NeedWeights
+  Index e_k = 0, e_v = 0, e_out = 0;  // MultiHead: key, value and output widths
+  int biases = 0;                     // MultiHead: bit b set = projection b (q, k, v, out) has a bias
 };
 
 template <class E>
@@ -129,6 +166,55 @@ inline Config draw_config(FuzzedDataProvider& in) {
   if (c.entry == Entry::Decode) {
     const int steps = in.ConsumeIntegralInRange<int>(1, 8);
     for (int s = 0; s < steps; ++s) c.chunks.push_back(in.ConsumeIntegralInRange<Index>(0, 9));
+  }
+  // Fields added with the MultiHead .. Sinusoidal entries; seeds of the older entries end before
+  // them and get the defaults (FuzzedDataProvider returns the minimum once the input runs out).
+  c.threads = 1 + in.ConsumeIntegralInRange<int>(0, 3);
+  c.eigen_threads = 1 + in.ConsumeIntegralInRange<int>(0, 1);
+  if (c.entry == Entry::Merge) {
+    const int chunks = in.ConsumeIntegralInRange<int>(1, 6);
+    for (int s = 0; s < chunks; ++s) c.chunks.push_back(in.ConsumeIntegralInRange<Index>(0, 24));
+  }
+  if (c.entry == Entry::MultiHead || c.entry == Entry::Rotary) {
+    Rope& r = c.rope;
+    r.layout = in.ConsumeIntegralInRange<int>(-1, 1);
+    r.rotary_dim = in.ConsumeIntegralInRange<Index>(0, 18);
+    r.scaling = in.ConsumeIntegralInRange<int>(0, 4);
+    switch (in.ConsumeIntegralInRange<int>(0, 7)) {
+      case 0: r.factor = 0.5; break;  // invalid below 1
+      case 1: r.factor = std::numeric_limits<double>::infinity(); break;
+      case 2: r.factor = 1; break;
+      default: r.factor = 1 + in.ConsumeIntegralInRange<int>(0, 255) / 8.0;
+    }
+    r.original_max_position = in.ConsumeIntegralInRange<Index>(-1, 64) * 64;
+    r.beta_fast = in.ConsumeIntegralInRange<int>(-1, 64);
+    r.beta_slow = in.ConsumeIntegralInRange<int>(0, 8) / 4.0;
+    r.low_freq_factor = in.ConsumeIntegralInRange<int>(0, 8) / 2.0;
+    r.high_freq_factor = in.ConsumeIntegralInRange<int>(0, 16) / 2.0;
+    r.cache_length = in.ConsumeIntegralInRange<Index>(-1, 80);
+    r.explicit_positions = in.ConsumeBool();
+  }
+  if (c.entry == Entry::Rotary || c.entry == Entry::Sinusoidal) {
+    switch (in.ConsumeIntegralInRange<int>(0, 3)) {
+      case 0: c.position = in.ConsumeIntegralInRange<Index>(0, 100); break;
+      case 1: c.position = -in.ConsumeIntegralInRange<Index>(0, 100); break;
+      case 2: c.position = in.ConsumeIntegralInRange<Index>(0, 1 << 20) * 997; break;
+      default: c.position = in.ConsumeIntegral<std::int64_t>(); break;  // INT64 extremes included
+    }
+    switch (in.ConsumeIntegralInRange<int>(0, 5)) {
+      case 0: c.base = 0.5; break;  // valid for sinusoidal (> 0), invalid for rotary (<= 1)
+      case 1: c.base = 1; break;
+      case 2: c.base = std::numeric_limits<double>::quiet_NaN(); break;
+      case 3: c.base = 500000; break;
+      default: c.base = 10000; break;
+    }
+  }
+  if (c.entry == Entry::MultiHead) {
+    c.need_weights = in.ConsumeIntegralInRange<int>(0, 2);
+    c.e_k = in.ConsumeIntegralInRange<Index>(0, 12);
+    c.e_v = in.ConsumeIntegralInRange<Index>(0, 12);
+    c.e_out = in.ConsumeIntegralInRange<Index>(0, 12);
+    c.biases = in.ConsumeIntegralInRange<int>(0, 15);
   }
   return c;
 }

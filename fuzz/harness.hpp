@@ -11,10 +11,16 @@
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <cstdint>
+#include <cstring>
 #include <exception>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace attend::fuzz {
 
@@ -33,6 +39,53 @@ void expect(bool invalid, const std::string& what, F&& call) {
   }
   if (threw && !invalid) fail(what + ": threw for a valid configuration: " + message);
   if (!threw && invalid) fail(what + ": accepted an invalid configuration");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads: every result must be bitwise the same under any OpenMP and Eigen thread setting.
+
+inline void set_threads(int omp_threads, int eigen_threads) {
+#ifdef _OPENMP
+  omp_set_num_threads(omp_threads);
+#endif
+  Eigen::setNbThreads(eigen_threads);
+}
+
+template <class M>
+bool same_bits(const M& a, const M& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  for (Index i = 0; i < a.rows(); ++i)
+    for (Index j = 0; j < a.cols(); ++j) {
+      const auto x = a(i, j), y = b(i, j);
+      if (std::memcmp(&x, &y, sizeof x) != 0) return false;
+    }
+  return true;
+}
+
+template <class T>
+bool same_bits(const MultiHeadResult<T>& a, const MultiHeadResult<T>& b) {
+  if (!same_bits(a.output, b.output) || a.weights.size() != b.weights.size()) return false;
+  for (std::size_t h = 0; h < a.weights.size(); ++h)
+    if (!same_bits(a.weights[h], b.weights[h])) return false;
+  return true;
+}
+
+/// Returns call() under the run's thread settings; when they are not one thread, calls it again
+/// with one OpenMP and one Eigen thread and fails unless the two results are bitwise equal.
+template <class F>
+auto thread_invariant(const Config& c, const std::string& what, F&& call) {
+  set_threads(c.threads, c.eigen_threads);
+  auto result = call();
+  if (c.threads > 1 || c.eigen_threads > 1) {
+    set_threads(1, 1);
+    const auto serial = call();
+    set_threads(c.threads, c.eigen_threads);
+    if (!same_bits(result, serial))
+      fail(what + ": the result with " + std::to_string(c.threads) + " OpenMP and " + std::to_string(c.eigen_threads) +
+           " Eigen threads differs from the one-thread result");
+    ++check_counts.invariant;
+  }
+  return result;
 }
 
 /// An output block inside a NaN-filled buffer: catches writes outside it, and entries the
@@ -237,7 +290,7 @@ void run_forms(const Case<T>& cs, const V& v, Call&& call, CallInto&& call_into)
     const std::string what = cs.name + " (" + name_of(algorithm) + ")";
     const bool invalid = cs.invalid || block_invalid(c);
     expect(invalid, what, [&] {
-      const Matrix<T> out = call(o);
+      const Matrix<T> out = thread_invariant(c, what, [&] { return Matrix<T>(call(o)); });
       if (cs.problem) check_problem<T>(what, *cs.problem, v, out);
     });
     const bool bad_out = c.perturb == Perturb::OutShape, bad_lse = c.perturb == Perturb::LseSize;
@@ -490,7 +543,10 @@ void run_batched(const Config& c, ValueSource<T>& src) {
       for (Algorithm algorithm : kAlgorithms) {
         const AttentionOptions o = options_of(c, algorithm);
         const std::string what = std::string("batched_attention (") + name_of(algorithm) + ")";
-        expect(invalid, what, [&] { check(what, batched_attention(qq, kk, vv, layout, m, o)); });
+        expect(invalid, what, [&] {
+          check(what,
+                thread_invariant(c, what, [&] { return Matrix<T>(batched_attention(qq, kk, vv, layout, m, o)); }));
+        });
         const bool bad_out = c.perturb == Perturb::OutShape;
         GuardedOutput<T> out(q.rows() + (bad_out ? 1 : 0), v.cols());
         expect(invalid || bad_out, what + " into", [&] {
@@ -556,12 +612,443 @@ void run_decode(const Config& c, ValueSource<T>& src) {
   }
 }
 
+/// a + b, saturated to Index's range (positions near INT64_MAX without overflow in the harness).
+inline Index saturated_add(Index a, Index b) {
+  constexpr Index hi = std::numeric_limits<Index>::max(), lo = std::numeric_limits<Index>::min();
+  if (b > 0 && a > hi - b) return hi;
+  if (b < 0 && a < lo - b) return lo;
+  return a + b;
+}
+
+/// Positions first .. first + n - 1 overflow Index.
+inline bool positions_overflow(Index first, Index n) {
+  return n > 0 && first > std::numeric_limits<Index>::max() - (n - 1);
+}
+
+/// The query, key and value head counts of the MultiHead and DecodeSplit entries: H_kv =
+/// `heads` (1..3) and G = `batch` (1..3) query heads per kv head; `heads` = 0 asks for H_kv = H.
+struct Heads {
+  Index heads, kv_heads, kv_argument;
+};
+inline Heads heads_of(const Config& c) {
+  const Index group = std::max<Index>(c.batch, 1);
+  if (c.heads == 0) return {group, group, 0};
+  return {c.heads * group, c.heads, c.heads};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+
+/// RotaryEmbedding's documented preconditions.
+inline bool rope_invalid(const Rope& r, Index head_dim, double base) {
+  const Index rotary_dim = r.rotary_dim == 0 ? head_dim : r.rotary_dim;
+  if (head_dim < 1 || rotary_dim < 2 || rotary_dim % 2 != 0 || rotary_dim > head_dim) return true;
+  if (!(std::isfinite(base) && base > 1) || r.cache_length < 0) return true;
+  if (r.scaling == int(RotaryScalingType::None)) return false;
+  if (!(std::isfinite(r.factor) && r.factor >= 1)) return true;
+  const bool yarn = r.scaling == int(RotaryScalingType::Yarn), llama3 = r.scaling == int(RotaryScalingType::Llama3);
+  if ((yarn || llama3) && r.original_max_position < 1) return true;
+  if (yarn && !(r.beta_slow > 0 && r.beta_fast >= r.beta_slow && std::isfinite(r.beta_fast))) return true;
+  if (llama3 && !(r.low_freq_factor > 0 && r.high_freq_factor > r.low_freq_factor && std::isfinite(r.high_freq_factor)))
+    return true;
+  return false;
+}
+
+inline RotaryOptions rope_options(const Rope& r, double base) {
+  RotaryOptions o;
+  if (r.rotary_dim != 0) o.rotary_dim = r.rotary_dim;
+  o.base = base;
+  o.layout = r.layout == 1 ? RotaryLayout::Interleaved : RotaryLayout::HalfSplit;
+  o.cache_length = r.cache_length;
+  switch (RotaryScalingType(r.scaling)) {
+    case RotaryScalingType::Linear: o.scaling = RotaryScaling::linear(r.factor); break;
+    case RotaryScalingType::NtkAware: o.scaling = RotaryScaling::ntk_aware(r.factor); break;
+    case RotaryScalingType::Yarn:
+      o.scaling = RotaryScaling::yarn(r.factor, r.original_max_position, r.beta_fast, r.beta_slow);
+      break;
+    case RotaryScalingType::Llama3:
+      o.scaling = RotaryScaling::llama3(r.factor, r.original_max_position, r.low_freq_factor, r.high_freq_factor);
+      break;
+    default: break;
+  }
+  return o;
+}
+
+/// YaRN's attention factor m multiplies cos and sin (HF transformers, ggml): the rotated
+/// features come out scaled by m, the others not.
+inline constexpr bool kYarnFactorInRotation = true;
+
+inline RopeSpec rope_spec(const Rope& r, Index head_dim, double base) {
+  RopeSpec s;
+  s.head_dim = head_dim;
+  s.rotary_dim = r.rotary_dim == 0 ? head_dim : r.rotary_dim;
+  s.interleaved = r.layout == 1;
+  s.scaling = r.scaling;
+  s.base = Real(base);
+  s.factor = Real(r.factor);
+  s.original_max_position = r.original_max_position;
+  s.beta_fast = r.beta_fast;
+  s.beta_slow = r.beta_slow;
+  s.low_freq_factor = Real(r.low_freq_factor);
+  s.high_freq_factor = Real(r.high_freq_factor);
+  s.factor_in_rotation = kYarnFactorInRotation;
+  return s;
+}
+
+/// RotaryEmbedding::apply on a block of a NaN-filled buffer, at a start position or at
+/// explicit positions; checked against the exact rotation, features past rotary_dim unchanged,
+/// and cached and uncached positions bitwise equal.
+template <class T>
+void run_rotary(const Config& c, ValueSource<T>& src) {
+  const Index head_dim = c.dk / 4, heads = std::max<Index>(c.heads, 1) * std::max<Index>(c.batch, 1);
+  const Index cols = heads * head_dim + (c.perturb == Perturb::KeyDim ? 1 : 0), rows = c.lq;
+  const Matrix<T> x = src.matrix(rows, cols);
+  const bool ctor_invalid = rope_invalid(c.rope, head_dim, c.base);
+  std::optional<RotaryEmbedding<T>> rope, uncached;
+  expect(ctor_invalid, "RotaryEmbedding", [&] { rope.emplace(head_dim, rope_options(c.rope, c.base)); });
+  if (!rope) return;
+  RotaryOptions no_cache = rope_options(c.rope, c.base);
+  no_cache.cache_length = 0;
+  uncached.emplace(head_dim, no_cache);
+  std::vector<Index> positions(static_cast<std::size_t>(rows));
+  Vector<Index> position_ids(rows + (c.perturb == Perturb::ValueRows ? 1 : 0));
+  for (Index r = 0; r < position_ids.size(); ++r)
+    position_ids(r) =
+        c.rope.explicit_positions ? saturated_add(c.position, r % 2 ? -r : 3 * r) : saturated_add(c.position, r);
+  for (Index r = 0; r < rows; ++r) positions[std::size_t(r)] = position_ids(r);
+  bool invalid = head_dim == 0 || cols % head_dim != 0;
+  invalid =
+      invalid || (c.rope.explicit_positions ? c.perturb == Perturb::ValueRows : positions_overflow(c.position, rows));
+  const std::string what = std::string("RotaryEmbedding::apply (") +
+                           (c.rope.explicit_positions ? "positions" : "start " + std::to_string(c.position)) + ")";
+  const auto apply = [&](const RotaryEmbedding<T>& embedding, GuardedOutput<T>& out) {
+    out.ref() = x;
+    if (c.rope.explicit_positions)
+      embedding.apply(out.ref(), position_ids);
+    else
+      embedding.apply(out.ref(), c.position);
+    out.check_guards(what);
+  };
+  GuardedOutput<T> cached_out(rows, cols), uncached_out(rows, cols);
+  expect(invalid, what, [&] { apply(*rope, cached_out); });
+  if (invalid) return;
+  apply(*uncached, uncached_out);
+  if (!same_bits(cached_out.value(), uncached_out.value())) fail(what + ": cached and uncached positions differ");
+  const Matrix<T> got = cached_out.value();
+  const RopeSpec spec = rope_spec(c.rope, head_dim, c.base);
+  check_approx(what, rotate_of<T>(exact_of(x), spec, positions), got);
+  for (Index r = 0; r < rows; ++r)
+    for (Index h = 0; h < heads; ++h)
+      for (Index j = spec.rotary_dim; j < head_dim; ++j) {
+        const T a = got(r, h * head_dim + j), b = x(r, h * head_dim + j);
+        if (std::memcmp(&a, &b, sizeof a) != 0)
+          fail(what + ": feature " + std::to_string(j) + " past rotary_dim " + std::to_string(spec.rotary_dim) +
+               " changed");
+      }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sinusoidal encoding
+
+template <class T>
+void run_sinusoidal(const Config& c, ValueSource<T>& src) {
+  const Index rows = c.lq, width = c.dk;
+  const Matrix<T> x = src.matrix(rows, width);
+  // Any offset is valid: positions are summed in double, past INT64_MAX without overflow.
+  const bool base_invalid = !(std::isfinite(c.base) && c.base > 0);
+  const std::string what = "add_sinusoidal_encoding (offset " + std::to_string(c.position) + ")";
+  GuardedOutput<T> out(rows, width);
+  out.ref() = x;
+  expect(base_invalid, what, [&] {
+    add_sinusoidal_encoding<T>(out.ref(), c.position, c.base);
+    out.check_guards(what);
+    check_approx(what, sinusoidal_of<T>(exact_of(x), c.position, Real(c.base)), out.value());
+  });
+  const Index length = c.perturb == Perturb::ValueRows ? -1 : rows, cols = c.perturb == Perturb::KeyDim ? -1 : width;
+  expect(base_invalid || length < 0 || cols < 0, "sinusoidal_encoding", [&] {
+    const Matrix<T> table = sinusoidal_encoding<T>(length, cols, c.position, c.base);
+    check_approx("sinusoidal_encoding",
+                 sinusoidal_of<T>(exact_of(Matrix<T>(Matrix<T>::Zero(rows, width))), c.position, Real(c.base)), table);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multi-head attention with projections
+
+/// The exact weights of a problem (row model p_j) and their bound, as check_problem's.
+template <class T>
+Approx weights_of(const Problem& pr) {
+  const Index lq = pr.score.rows(), lk = pr.score.cols();
+  Approx w{RealMatrix::Zero(lq, lk), RealMatrix::Constant(lq, lk, unchecked()), true};
+  const Real e = eps<T>(), tiny = Real(std::numeric_limits<T>::min());
+  for (Index i = 0; i < lq; ++i) {
+    if (pr.zero[i] && !pr.nan[i]) w.error.row(i).setZero();
+    if (!pr.exact[i]) continue;
+    const RowModel rm = row_model<T>(pr, i);
+    if (!rm.any) w.error.row(i).setZero();
+    if (!rm.any || !rm.bounded) continue;
+    for (Index j = 0; j < lk; ++j) {
+      w.value(i, j) = rm.p[std::size_t(j)];
+      w.error(i, j) = 2 * (rm.p_err[std::size_t(j)] + (Real(rm.n) + 16) * e * rm.p[std::size_t(j)] + 4 * tiny);
+    }
+  }
+  return w;
+}
+
+template <class T>
+void run_multi_head(const Config& c, ValueSource<T>& src) {
+  const Heads hc = heads_of(c);
+  const Index h = hc.heads, kv = hc.kv_heads, d = c.dk / 4, dv = c.dv / 4;
+  const Index e_q = c.d2, e_k = c.e_k, e_v = c.e_v, e_out = c.e_out;
+  const auto bias = [&](int bit, Index size) {
+    return (c.biases >> bit) & 1 ? Vector<T>(src.matrix(size, 1)) : Vector<T>();
+  };
+  MultiHeadWeights<T> w;
+  w.q_proj_weight = src.matrix(h * d, e_q);
+  w.k_proj_weight = src.matrix(kv * d, e_k);
+  w.v_proj_weight = src.matrix(kv * dv, e_v);
+  w.out_proj_weight = src.matrix(e_out, h * dv);
+  w.q_proj_bias = bias(0, h * d);
+  w.k_proj_bias = bias(1, kv * d);
+  w.v_proj_bias = bias(2, kv * dv);
+  const bool bad_bias = c.perturb == Perturb::OutShape;
+  w.out_proj_bias = bad_bias ? Vector<T>(src.matrix(e_out + 1, 1)) : bias(3, e_out);
+  const Matrix<T> query = src.matrix(c.lq, e_q), key = src.matrix(c.lk, e_k + (c.perturb == Perturb::KeyDim ? 1 : 0)),
+                  value = src.matrix(c.lk + (c.perturb == Perturb::ValueRows ? 1 : 0), e_v, true);
+  const MaskData<T> mask = make_mask(c, src, c.lq, c.lk);
+
+  std::optional<MultiHeadAttention<T>> layer;
+  expect(d == 0 || dv == 0 || bad_bias, "MultiHeadAttention", [&] { layer.emplace(h, w, hc.kv_argument); });
+  if (!layer) return;
+  bool rotated = false;
+  if (c.rope.layout >= 0) {
+    const double base = 10000;
+    const Index rope_dim = d + (c.perturb == Perturb::LseSize ? 2 : 0);
+    std::optional<RotaryEmbedding<T>> rope;
+    expect(rope_invalid(c.rope, rope_dim, base), "RotaryEmbedding",
+           [&] { rope.emplace(rope_dim, rope_options(c.rope, base)); });
+    if (rope) expect(rope_dim != d, "MultiHeadAttention::set_rotary", [&] { layer->set_rotary(*rope); });
+    rotated = rope && rope_dim == d;
+  }
+
+  const bool invalid = c.perturb == Perturb::KeyDim || c.perturb == Perturb::ValueRows || mask.invalid ||
+                       block_invalid(c) || scale_invalid<T>(c);
+  // The exact layer, head by head.
+  Approx heads{RealMatrix::Zero(c.lq, h * dv), RealMatrix::Zero(c.lq, h * dv), true};
+  std::vector<Approx> weights;
+  Approx out;
+  if (!invalid) {
+    Approx q = linear_of(exact_of(query), w.q_proj_weight, w.q_proj_bias),
+           k = linear_of(exact_of(key), w.k_proj_weight, w.k_proj_bias),
+           v = linear_of(exact_of(value), w.v_proj_weight, w.v_proj_bias);
+    if (rotated) {
+      const RopeSpec spec = rope_spec(c.rope, d, 10000);
+      std::vector<Index> q_pos(static_cast<std::size_t>(c.lq)), k_pos(static_cast<std::size_t>(c.lk));
+      for (Index i = 0; i < c.lq; ++i) q_pos[std::size_t(i)] = i;
+      for (Index j = 0; j < c.lk; ++j) k_pos[std::size_t(j)] = j;
+      q = rotate_of<T>(q, spec, q_pos);
+      k = rotate_of<T>(k, spec, k_pos);
+    }
+    const auto cols = [](const Approx& a, Index first, Index n) {
+      return Approx{a.value.middleCols(first, n), a.error.middleCols(first, n), a.finite};
+    };
+    heads.finite = q.finite && k.finite && v.finite;
+    for (Index head = 0; head < h; ++head) {
+      const Index g = head / (h / kv);
+      const Approx qh = cols(q, head * d, d), kh = cols(k, g * d, d), vh = cols(v, g * dv, dv);
+      const Problem p = make_problem<T>(dot_scores_of<T>(qh, kh, default_scale<T>(c, d)), mask.structural,
+                                        has_bias(mask.kind) ? &mask.bias : nullptr, v.finite, qh.value, kh.value);
+      const Approx o = attention_of<T>(p, vh);
+      heads.value.middleCols(head * dv, dv) = o.value;
+      heads.error.middleCols(head * dv, dv) = o.error;
+      weights.push_back(weights_of<T>(p));
+    }
+    out = linear_of(heads, w.out_proj_weight, w.out_proj_bias);
+  }
+  const auto check_weights = [&](const std::string& what, const MultiHeadResult<T>& r, NeedWeights need) {
+    const std::size_t expected = need == NeedWeights::None ? 0 : need == NeedWeights::PerHead ? std::size_t(h) : 1;
+    if (r.weights.size() != expected) fail(what + ": " + std::to_string(r.weights.size()) + " weight matrices");
+    if (need == NeedWeights::PerHead)
+      for (std::size_t head = 0; head < expected; ++head)
+        check_approx(what + " weights", weights[head], r.weights[head]);
+    if (need == NeedWeights::Averaged && heads.finite) {
+      Approx mean{RealMatrix::Zero(c.lq, c.lk), RealMatrix::Zero(c.lq, c.lk), true};
+      for (const Approx& wh : weights) {
+        mean.value += wh.value / Real(h);
+        mean.error += wh.error / Real(h);
+      }
+      mean.error.array() += (Real(h) + 2) * eps<T>() * mean.value.array();
+      check_approx(what + " averaged weights", mean, r.weights[0]);
+    }
+  };
+  // Plain inputs only (the layer reads them once, through its projections): strided ones would
+  // double the build's instantiations of the layer.
+  with_mask(mask, [&](const auto& m) {
+    for (Algorithm algorithm : kAlgorithms) {
+      MultiHeadOptions o;
+      static_cast<AttentionOptions&>(o) = options_of(c, algorithm);
+      o.need_weights = NeedWeights(c.need_weights);
+      const std::string what =
+          std::string("MultiHeadAttention::forward (") + name_of(algorithm) + (rotated ? ", rotary" : "") + ")";
+      expect(invalid, what, [&] {
+        const MultiHeadResult<T> r = thread_invariant(c, what, [&] { return layer->forward(query, key, value, m, o); });
+        if (heads.finite) check_approx(what, out, r.output);
+        check_weights(what, r, o.need_weights);
+      });
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-KV: the decode split and the public log-sum-exp merge
+
+/// infer_head_layout's rule: d = q_cols / H, H_kv = k_cols / d, d_v = v_cols / H_kv.
+inline bool head_layout_valid(Index q_cols, Index k_cols, Index v_cols, Index heads) {
+  if (heads < 1 || q_cols <= 0 || q_cols % heads != 0) return false;
+  const Index d = q_cols / heads;
+  if (k_cols <= 0 || k_cols % d != 0) return false;
+  const Index kv = k_cols / d;
+  return heads % kv == 0 && v_cols % kv == 0;
+}
+
+template <class T>
+void run_decode_split(const Config& c, ValueSource<T>& src) {
+  const Heads hc = heads_of(c);
+  const Index h = hc.heads, lk = c.lk * (1 + c.d2 / 2);
+  const Matrix<T> q = src.matrix(1, h * c.dk),
+                  k = src.matrix(lk, hc.kv_heads * c.dk + (c.perturb == Perturb::KeyDim ? 1 : 0)),
+                  v = src.matrix(lk + (c.perturb == Perturb::ValueRows ? 1 : 0), hc.kv_heads * c.dv, true);
+  const bool layout_ok = head_layout_valid(q.cols(), k.cols(), v.cols(), h);
+  const bool bad_out = c.perturb == Perturb::OutShape, bad_lse = c.perturb == Perturb::LseSize;
+  const bool invalid = !layout_ok || k.rows() != v.rows() || c.block_k < 0 || scale_invalid<T>(c) || bad_out || bad_lse;
+  const Index d = layout_ok ? q.cols() / h : 0, kv = layout_ok ? k.cols() / d : 1, dv = layout_ok ? v.cols() / kv : 0;
+  const Index lse_size = bad_lse ? h + 1 : c.dense_column_major ? h : 0;
+  const std::string what = "decode_attention_into (H=" + std::to_string(h) + ", Lk=" + std::to_string(lk) +
+                           ", block_k=" + std::to_string(c.block_k) + ")";
+  with_layout<T>(c.layout, q, k, v, [&](const auto& qq, const auto& kk, const auto& vv) {
+    expect(invalid, what, [&] {
+      GuardedOutput<T> out(1 + (bad_out ? 1 : 0), h * dv);
+      Vector<T> lse = Vector<T>::Constant(lse_size, std::numeric_limits<T>::quiet_NaN());
+      const Matrix<T> result = thread_invariant(c, what, [&] {
+        decode_attention_into(qq, kk, vv, h, out.ref(), options_of(c, Algorithm::Auto), VectorRef<T>(lse));
+        Matrix<T> both(1, h * dv + lse_size);  // the output, then the lse
+        both.leftCols(h * dv) = out.value();
+        both.rightCols(lse_size) = lse.transpose();
+        return both;
+      });
+      out.check_guards(what);
+      const BoolMatrix visible = BoolMatrix::Constant(1, lk, true);
+      for (Index head = 0; head < h; ++head) {
+        const Index g = head / (h / kv);
+        const Matrix<T> qh = block_of(q, 0, head * d, 1, d), kh = block_of(k, 0, g * d, lk, d),
+                        vh = block_of(v, 0, g * dv, lk, dv);
+        const Problem p =
+            make_problem<T>(dot_scores<T>(qh, kh, default_scale<T>(c, d)), visible, nullptr, all_finite(vh), qh, kh);
+        check_problem<T>(what + " head " + std::to_string(head), p, vh, block_of(result, 0, head * dv, 1, dv),
+                         lse_size != 0 ? lse.data() + head : nullptr);
+      }
+    });
+  });
+}
+
+/// Attention over chunks of the keys (each through scaled_dot_product_attention_with_lse with
+/// the chunk's columns of the mask), merged by merge_partials (left to right) and by
+/// merge_partial_into (right to left); both must match attention over all keys.
+template <class T>
+void run_merge(const Config& c, ValueSource<T>& src) {
+  const Matrix<T> q = src.matrix(c.lq, c.dk), k = src.matrix(c.lk, c.dk), v = src.matrix(c.lk, c.dv, true);
+  Config mc = c;
+  mc.perturb = Perturb::None;
+  const MaskData<T> mask = make_mask(mc, src, c.lq, c.lk);
+  const bool with_bias = has_bias(mask.kind);
+  std::vector<Index> starts, lengths;
+  Index start = 0;
+  for (std::size_t s = 0; s < c.chunks.size(); ++s) {
+    const Index n = s + 1 == c.chunks.size() ? c.lk - start : std::min(c.chunks[s], c.lk - start);
+    starts.push_back(start);
+    lengths.push_back(n);
+    start += n;
+  }
+  const bool invalid = c.dk == 0 || block_invalid(c) || scale_invalid<T>(c);
+  std::vector<AttentionResult<T>> partials;
+  for (std::size_t s = 0; s < starts.size(); ++s) {
+    const Index s0 = starts[s], n = lengths[s];
+    const Matrix<T> kc = block_of(k, s0, 0, n, c.dk), vc = block_of(v, s0, 0, n, c.dv);
+    const BoolMatrix visible = block_of(mask.structural, 0, s0, c.lq, n);
+    const Matrix<T> bias = with_bias ? block_of(mask.bias, 0, s0, c.lq, n) : Matrix<T>();
+    const AttentionOptions o = options_of(c, s % 2 ? Algorithm::Blocked : Algorithm::Materialized);
+    const std::string what = "scaled_dot_product_attention_with_lse of chunk " + std::to_string(s);
+    expect(invalid, what, [&] {
+      if (with_bias)
+        partials.push_back(
+            scaled_dot_product_attention_with_lse(q, kc, vc, BooleanMask(visible) & AdditiveMask(bias), o));
+      else
+        partials.push_back(scaled_dot_product_attention_with_lse(q, kc, vc, BooleanMask(visible), o));
+    });
+    if (invalid) return;
+  }
+  // The problem over all keys; each chunk's lse error shifts its keys' scores in the merge.
+  Problem pr = make_problem<T>(dot_scores<T>(q, k, default_scale<T>(c, c.dk)), mask.structural,
+                               with_bias ? &mask.bias : nullptr, all_finite(v), q, k);
+  const Real e = eps<T>();
+  for (Index i = 0; i < c.lq; ++i) {
+    if (!pr.exact[std::size_t(i)]) continue;
+    Real extra = 0;
+    for (std::size_t s = 0; s < starts.size(); ++s) {
+      Problem chunk{
+          pr.score.block(i, starts[s], 1, lengths[s]), pr.error.block(i, starts[s], 1, lengths[s]), {1}, {0}, {0}};
+      const RowModel rm = row_model<T>(chunk, 0);
+      if (!rm.any) continue;
+      if (!rm.bounded) pr.exact[std::size_t(i)] = 0;
+      extra += 2 * (-std::log1p(-rm.d_d) + (Real(rm.n) + 16) * e + 2 * e * (std::fabs(rm.m) + std::fabs(rm.lse))) +
+               8 * e * (std::fabs(rm.lse) + 1);
+    }
+    for (Index j = 0; j < c.lk; ++j) pr.error(i, j) += extra;
+  }
+  const std::string merged_what = "merge_partials of " + std::to_string(partials.size()) + " chunks";
+  const AttentionResult<T> merged = merge_partials(partials);
+  check_problem<T>(merged_what, pr, v, merged.output, merged.lse.data());
+  AttentionResult<T> folded = partials.back();
+  for (std::size_t s = partials.size() - 1; s-- > 0;)
+    merge_partial_into<T>(folded.output, folded.lse, partials[s].output, partials[s].lse);
+  check_problem<T>("merge_partial_into, right to left", pr, v, folded.output, folded.lse.data());
+  // Invalid merges.
+  const Matrix<T> taller = Matrix<T>::Zero(c.lq + 1, c.dv);
+  const Vector<T> longer = Vector<T>::Zero(c.lq + 1);
+  AttentionResult<T> target = partials[0];
+  switch (c.perturb) {
+    case Perturb::OutShape:
+      expect(true, "merge_partial_into (taller partial)",
+             [&] { merge_partial_into<T>(target.output, target.lse, taller, target.lse); });
+      break;
+    case Perturb::LseSize:
+      expect(true, "merge_partial_into (longer lse)",
+             [&] { merge_partial_into<T>(target.output, target.lse, target.output, longer); });
+      break;
+    case Perturb::KeyDim:  // (empty views share no memory)
+      if (target.output.size() != 0)
+        expect(true, "merge_partial_into (aliasing)",
+               [&] { merge_partial_into<T>(target.output, target.lse, target.output, partials[0].lse); });
+      break;
+    case Perturb::ValueRows:
+      expect(true, "merge_partials (none)", [&] { merge_partials(std::vector<AttentionResult<T>>{}); });
+      break;
+    default: break;
+  }
+}
+
 template <class T>
 void run(const Config& c, FuzzedDataProvider& in) {
   ValueSource<T> src(in, c.values, c.exponent);
+  set_threads(c.threads, c.eigen_threads);
   switch (c.entry) {
     case Entry::Batched: return run_batched<T>(c, src);
     case Entry::Decode: return run_decode<T>(c, src);
+    case Entry::MultiHead: return run_multi_head<T>(c, src);
+    case Entry::Merge: return run_merge<T>(c, src);
+    case Entry::DecodeSplit: return run_decode_split<T>(c, src);
+    case Entry::Rotary: return run_rotary<T>(c, src);
+    case Entry::Sinusoidal: return run_sinusoidal<T>(c, src);
     default: return run_single_head<T>(c, src);
   }
 }

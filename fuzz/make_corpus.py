@@ -10,7 +10,9 @@ Run from anywhere: python3 fuzz/make_corpus.py
 import os
 import random
 
-ENTRIES = ["sdpa", "dot", "bilinear", "cosine", "soft_cap", "top_k", "local_window", "additive", "batched", "decode"]
+ENTRIES = ["sdpa", "dot", "bilinear", "cosine", "soft_cap", "top_k", "local_window", "additive", "batched", "decode",
+           "multi_head", "merge", "decode_split", "rotary", "sinusoidal"]
+SCALINGS = ["none", "linear", "ntk_aware", "yarn", "llama3"]
 MASKS = ["none", "causal", "window", "key_padding", "boolean", "additive",
          "window_and_boolean", "causal_and_additive", "padding_and_window", "boolean_and_additive"]
 LAYOUTS = ["contiguous", "nan_padded", "column_major", "unaligned"]
@@ -22,11 +24,17 @@ def encode(cfg):
     out = []
 
     def rng(lo, hi, v):
-        assert lo <= v <= hi and hi - lo < 256
-        out.append(v - lo)
+        """ConsumeIntegralInRange: as many bytes as the range needs, most significant first."""
+        assert lo <= v <= hi
+        span, offset, value = hi - lo, 0, v - lo
+        width = 0
+        while offset < 64 and (span >> offset) > 0:
+            offset += 8
+            width += 1
+        out.extend(value.to_bytes(width, "big"))
 
     rng(0, 1, cfg.get("double", 0))
-    rng(0, 9, ENTRIES.index(cfg["entry"]))
+    rng(0, len(ENTRIES) - 1, ENTRIES.index(cfg["entry"]))
     for key in ("lq", "lk", "dk", "dv"):
         rng(0, 64, cfg[key])
     rng(0, 16, cfg.get("d2", 4))
@@ -70,6 +78,44 @@ def encode(cfg):
         rng(1, 8, len(chunks))
         for c in chunks:
             rng(0, 9, c)
+    entry = cfg["entry"]
+    rng(0, 3, cfg.get("threads", 1) - 1)
+    rng(0, 1, cfg.get("eigen_threads", 1) - 1)
+    if entry == "merge":
+        chunks = cfg.get("chunks", [3, 0, 4, 2])
+        rng(1, 6, len(chunks))
+        for c in chunks:
+            rng(0, 24, c)
+    if entry in ("multi_head", "rotary"):
+        rng(-1, 1, cfg.get("rope", -1))  # -1 none, 0 half-split, 1 interleaved
+        rng(0, 18, cfg.get("rotary_dim", 0))
+        rng(0, 4, SCALINGS.index(cfg.get("scaling", "none")))
+        factor = cfg.get("factor", 16)  # 0: 0.5, 1: inf, 2: 1, else 1 + factor / 8
+        rng(0, 7, min(factor, 3))
+        if factor >= 3:
+            rng(0, 255, factor)
+        rng(-1, 64, cfg.get("original_max_position", 2048) // 64)
+        rng(-1, 64, cfg.get("beta_fast", 32))
+        rng(0, 8, cfg.get("beta_slow", 4))  # / 4
+        rng(0, 8, cfg.get("low_freq_factor", 2))  # / 2
+        rng(0, 16, cfg.get("high_freq_factor", 8))  # / 2
+        rng(-1, 80, cfg.get("cache_length", 16))
+        rng(0, 1, cfg.get("explicit_positions", 0))
+    if entry in ("rotary", "sinusoidal"):
+        kind, position = cfg.get("position", (0, 3))
+        rng(0, 3, kind)
+        if kind in (0, 1):
+            rng(0, 100, position)
+        elif kind == 2:
+            rng(0, 1 << 20, position)
+        else:
+            rng(-(1 << 63), (1 << 63) - 1, position)
+        rng(0, 5, cfg.get("base", 5))  # 0: 0.5, 1: 1, 2: NaN, 3: 500000, else 10000
+    if entry == "multi_head":
+        rng(0, 2, cfg.get("need_weights", 0))
+        for key in ("e_k", "e_v", "e_out"):
+            rng(0, 12, cfg.get(key, 5))
+        rng(0, 15, cfg.get("biases", 15))
     return bytes(out)
 
 
@@ -103,6 +149,66 @@ def configs():
     yield dict(base, entry="decode", left=4, lk=6, chunks=[2, 1, 1, 3, 1], name="decode-window")
     yield dict(base, entry="cosine", scale=0, param=0, name="cosine-bad-temperature")
     yield dict(base, entry="soft_cap", scale=6, name="soft_cap-scaled")
+    # Layers, split-KV, positional encodings, threads.
+    mh = dict(base, entry="multi_head", dk=8, dv=12, d2=6, heads=2, batch=2, threads=2)
+    yield dict(mh, name="multi_head-gqa")
+    yield dict(mh, heads=0, batch=3, eigen_threads=2, name="multi_head-mha-eigen-threads")
+    yield dict(mh, heads=1, batch=3, biases=0, name="multi_head-mqa-no-bias")
+    for weights, what in ((1, "per-head"), (2, "averaged")):
+        yield dict(mh, need_weights=weights, mask="causal_and_additive", name=f"multi_head-weights-{what}")
+    for layout in (0, 1):
+        for scaling in SCALINGS:
+            yield dict(mh, rope=layout, scaling=scaling, mask="causal", threads=3,
+                       name=f"multi_head-rotary-{'interleaved' if layout else 'half'}-{scaling}")
+    yield dict(mh, dk=24, rope=0, rotary_dim=4, scaling="yarn", name="multi_head-partial-rotary-yarn")
+    yield dict(mh, lq=12, lk=12, dk=4, mask="window", rope=1, name="multi_head-window-rotary")
+    yield dict(mh, d2=0, e_k=0, e_v=0, e_out=0, name="multi_head-zero-widths")
+    for p, what in enumerate(["key_width", "value_rows", "mask_shape", "out_bias", "rope_head_dim"], start=1):
+        yield dict(mh, rope=0, mask="boolean", perturb=p, name=f"multi_head-bad-{what}")
+    yield dict(mh, dk=3, name="multi_head-bad-head-dim")
+    yield dict(base, entry="merge", mask="boolean_and_additive", name="merge-dense-mask")
+    yield dict(base, entry="merge", mask="causal", chunks=[0, 2, 2, 2, 1, 9], threads=2, name="merge-causal-chunks")
+    yield dict(base, entry="merge", double=1, mask="window", chunks=[9], name="merge-one-chunk")
+    yield dict(base, entry="merge", lq=20, lk=40, dk=8, dv=5, bq=3, bk=4, chunks=[7, 13, 1], values="scaled",
+               exponent=3, name="merge-large-logits")
+    for p, what in enumerate(["alias", "none", "", "taller", "longer_lse"], start=1):
+        if what:
+            yield dict(base, entry="merge", perturb=p, name=f"merge-bad-{what}")
+    ds = dict(base, entry="decode_split", lk=9, dk=8, dv=5, heads=2, batch=2, dense_column_major=1, threads=2)
+    yield dict(ds, name="decode_split-gqa-lse")
+    yield dict(ds, d2=16, lk=64, block_k=0, name="decode_split-default-splits")
+    yield dict(ds, lk=33, bk=1, heads=1, batch=3, name="decode_split-mqa-split-1")
+    yield dict(ds, lk=0, name="decode_split-no-keys")
+    yield dict(ds, dk=16, dv=16, double=1, eigen_threads=2, threads=4, bk=3, name="decode_split-double-threads")
+    for p, what in enumerate(["key_width", "value_rows", "", "out_shape", "lse_size"], start=1):
+        if what:
+            yield dict(ds, perturb=p, name=f"decode_split-bad-{what}")
+    yield dict(ds, block_k=1, name="decode_split-bad-block")
+    ro = dict(base, entry="rotary", lq=6, dk=24, heads=2, batch=1, rope=0)
+    for layout in (0, 1):
+        for scaling in SCALINGS:
+            yield dict(ro, rope=layout, scaling=scaling, rotary_dim=4 if scaling == "yarn" else 0,
+                       name=f"rotary-{'interleaved' if layout else 'half'}-{scaling}")
+    yield dict(ro, explicit_positions=1, position=(1, 40), name="rotary-positions")
+    yield dict(ro, position=(2, 5000), cache_length=3, name="rotary-far-positions")
+    yield dict(ro, position=(3, (1 << 63) - 3), name="rotary-position-near-max")
+    yield dict(ro, explicit_positions=1, position=(3, -(1 << 63)), name="rotary-positions-extreme")
+    yield dict(ro, factor=0, scaling="linear", name="rotary-bad-factor")
+    yield dict(ro, scaling="yarn", beta_fast=0, name="rotary-bad-betas")
+    yield dict(ro, scaling="llama3", low_freq_factor=4, high_freq_factor=2, name="rotary-bad-llama3")
+    yield dict(ro, rotary_dim=5, name="rotary-odd-dim")
+    yield dict(ro, base=1, name="rotary-bad-base")
+    yield dict(ro, cache_length=-1, name="rotary-bad-cache")
+    yield dict(ro, perturb=1, name="rotary-bad-width")
+    yield dict(ro, perturb=2, explicit_positions=1, name="rotary-bad-positions")
+    si = dict(base, entry="sinusoidal", lq=5, dk=7)
+    yield dict(si, name="sinusoidal-odd-width")
+    yield dict(si, position=(1, 30), base=0, name="sinusoidal-negative-offset")
+    yield dict(si, position=(2, 100000), base=3, name="sinusoidal-far")
+    yield dict(si, position=(3, (1 << 63) - 2), name="sinusoidal-offset-near-max")
+    yield dict(si, base=2, name="sinusoidal-bad-base")
+    yield dict(si, perturb=1, name="sinusoidal-bad-width")
+    yield dict(si, perturb=2, name="sinusoidal-bad-length")
 
 
 def main():

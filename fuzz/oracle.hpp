@@ -42,10 +42,17 @@ inline constexpr Real kNegInf = -std::numeric_limits<Real>::infinity();
 /// to show that the oracle is not vacuous.
 struct CheckCounts {
   long exact = 0, bounded = 0, zero = 0, nan = 0;
+  long layer = 0;      // rows of layers, encodings and merges compared within their bound
+  long invariant = 0;  // results compared bitwise across thread settings
   ~CheckCounts() {
-    if (std::getenv("ATTEND_FUZZ_STATS"))
+    if (std::getenv("ATTEND_FUZZ_STATS")) {
       std::fprintf(stderr, "attention_fuzzer: rows checked: %ld exact (%ld within the a-priori bound), %ld zero, %ld NaN\n",
                    exact, bounded, zero, nan);
+      std::fprintf(
+          stderr,
+          "attention_fuzzer: %ld layer/encoding rows within their bound, %ld results bitwise thread-invariant\n", layer,
+          invariant);
+    }
   }
 };
 inline CheckCounts check_counts;
@@ -433,6 +440,247 @@ void check_problem(const std::string& what, const Problem& pr, const V& v, const
                ", row max " + num(rm.m) + ")");
       }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers: values with an error bound carried through projections, rotations and attention.
+
+/// A matrix computed in T next to its exact value: |computed - value| <= error entrywise. An
+/// infinite (or NaN) error means "not checked" (a row whose bound is not meaningful).
+struct Approx {
+  RealMatrix value;
+  RealMatrix error;
+  bool finite = true;  // every input finite and nothing near overflow
+};
+
+inline Real unchecked() { return std::numeric_limits<Real>::infinity(); }
+
+/// Exact inputs of T: error 0.
+template <class M>
+Approx exact_of(const M& m) {
+  return {m.template cast<Real>(), RealMatrix::Zero(m.rows(), m.cols()), all_finite(m)};
+}
+
+/// y = x W^T + b (nn.Linear) computed in T from x known within x.error: the input error passes
+/// through |W|, the products and sums round relatively (E + 4 roundings), and underflowing
+/// products lose at most a denormal each.
+template <class T>
+Approx linear_of(const Approx& x, const Matrix<T>& w, const Vector<T>& b) {
+  const RealMatrix wr = w.template cast<Real>(), w_abs = wr.cwiseAbs();
+  const Index e = x.value.cols();
+  Approx y{x.value * wr.transpose(), x.error * w_abs.transpose(), x.finite && all_finite(w) && all_finite(b)};
+  // Bound on |x^| |W|^T over the checked entries (an unchecked one makes its outputs unchecked).
+  const RealMatrix x_err = x.error.unaryExpr([](Real err) { return err < unchecked() ? err : Real(0); });
+  RealMatrix magnitude = (x.value.cwiseAbs() + x_err) * w_abs.transpose();
+  if (b.size() != 0) {
+    y.value.rowwise() += b.template cast<Real>().transpose();
+    magnitude.rowwise() += b.template cast<Real>().cwiseAbs().transpose();
+  }
+  const Real max = Real(std::numeric_limits<T>::max()), tiny = Real(std::numeric_limits<T>::denorm_min());
+  if (magnitude.size() != 0 && !(magnitude.maxCoeff() <= max / 4)) y.finite = false;
+  y.error += (eps<T>() * Real(e + 4)) * magnitude;
+  y.error.array() += Real(e + 4) * tiny;
+  return y;
+}
+
+/// Scores scale <q_i, k_j> of rows known within their errors (projected, rotated): the input
+/// errors pass through the other operand, the product rounds as in dot_scores.
+template <class T>
+Scores dot_scores_of(const Approx& q, const Approx& k, T scale) {
+  Scores s = dot_scores<T>(q.value, k.value, scale);
+  s.finite = s.finite && q.finite && k.finite;
+  const Real sc = std::fabs(Real(scale));
+  const RealMatrix q_abs = q.value.cwiseAbs(), k_abs = k.value.cwiseAbs();
+  // |<q^, k^> - <q, k>| <= dq |k| + |q| dk + dq dk; the rounding of <q^, k^> on |q^| |k^|.
+  s.error += sc * (q.error * k_abs.transpose() + q_abs * k.error.transpose() + q.error * k.error.transpose());
+  s.error += (eps<T>() * Real(q.value.cols() + 4) * sc) *
+             (q.error * k.error.transpose() + q.error * k_abs.transpose() + q_abs * k.error.transpose());
+  s.error = s.error.unaryExpr([](Real err) { return std::isnan(err) ? unchecked() : err; });  // 0 * inf
+  return s;
+}
+
+/// The exact attention output of problem `pr` over values `v` known within v.error, with the
+/// a-priori bound of check_problem plus what V's error adds (sum_j p^_j dv_j). Rows the bound
+/// does not cover (not exact, NaN, not bounded) get an infinite error.
+template <class T>
+Approx attention_of(const Problem& pr, const Approx& v) {
+  const Index lq = pr.score.rows(), lk = pr.score.cols(), dv = v.value.cols();
+  Approx o{RealMatrix::Zero(lq, dv), RealMatrix::Constant(lq, dv, unchecked()), v.finite};
+  const Real e = eps<T>(), tiny = Real(std::numeric_limits<T>::min());
+  for (Index i = 0; i < lq; ++i) {
+    if (pr.zero[i] && !pr.nan[i]) {
+      o.error.row(i).setZero();
+      continue;
+    }
+    if (!pr.exact[i]) continue;
+    const RowModel rm = row_model<T>(pr, i);
+    if (!rm.any) {
+      o.error.row(i).setZero();
+      continue;
+    }
+    if (!rm.bounded) continue;
+    const Real n = Real(rm.n);
+    for (Index c = 0; c < dv; ++c) {
+      Real value = 0, v_abs = 0, v_max = 0, v_err = 0;
+      for (Index j = 0; j < lk; ++j) {
+        if (pr.score(i, j) == kNegInf) continue;
+        const Real x = v.value(j, c), dx = v.error(j, c);
+        value += rm.p[j] * x;
+        v_abs += rm.p[j] * (std::fabs(x) + dx);
+        v_max = std::max(v_max, std::fabs(x) + dx);
+        v_err += (rm.p[j] + rm.p_err[j]) * dx;
+      }
+      Real spread = 0;
+      for (Index j = 0; j < lk; ++j)
+        if (pr.score(i, j) != kNegInf) spread += rm.p_err[j] * std::fabs(v.value(j, c) - value);
+      o.value(i, c) = value;
+      o.error(i, c) = 2 * (spread + v_err + (8 * n + 64) * e * v_abs + 8 * (n + 8) * tiny * v_max);
+    }
+  }
+  return o;
+}
+
+/// Checks a computed matrix against `expected` entry by entry (entries with an infinite error
+/// are not compared; a checked entry must be finite).
+template <class M>
+void check_approx(const std::string& what, const Approx& expected, const M& got) {
+  if (got.rows() != expected.value.rows() || got.cols() != expected.value.cols())
+    fail(what + ": result is (" + std::to_string(got.rows()) + " x " + std::to_string(got.cols()) + "), expected (" +
+         std::to_string(expected.value.rows()) + " x " + std::to_string(expected.value.cols()) + ")");
+  if (!expected.finite) return;
+  for (Index i = 0; i < got.rows(); ++i) {
+    bool checked = false;
+    for (Index c = 0; c < got.cols(); ++c) {
+      const Real bound = expected.error(i, c);
+      if (!(bound < unchecked())) continue;
+      checked = true;
+      const Real x = Real(got(i, c));
+      if (!(std::fabs(x - expected.value(i, c)) <= bound))
+        fail(what + " row " + std::to_string(i) + " col " + std::to_string(c) + ": got " + num(x) + ", exact " +
+             num(expected.value(i, c)) + ", error " + num(std::fabs(x - expected.value(i, c))) + " exceeds the bound " +
+             num(bound));
+    }
+    if (checked) ++check_counts.layer;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Positional encodings, from their defining formulas (HF transformers' rope init functions, the
+// Transformer paper), in long double.
+
+/// The configuration of a rotary embedding, as the oracle needs it.
+struct RopeSpec {
+  Index head_dim = 0, rotary_dim = 0;
+  bool interleaved = false;
+  int scaling = 0;  // 0 none, 1 linear, 2 NTK-aware, 3 YaRN, 4 Llama 3
+  Real base = 10000, factor = 1;
+  Index original_max_position = 8192;
+  double beta_fast = 32, beta_slow = 1;
+  Real low_freq_factor = 1, high_freq_factor = 4;
+  bool factor_in_rotation = false;  // YaRN's attention factor multiplies the rotated features
+};
+
+/// theta_i (i < r/2) after scaling, exact; `ambiguous` turns true when YaRN's floor or ceil
+/// sits so close to an integer that double rounding may pick either side (then the rotation
+/// is not compared).
+inline std::vector<Real> rope_frequencies(const RopeSpec& r, bool& ambiguous) {
+  const Index pairs = r.rotary_dim / 2;
+  const Real rd = Real(r.rotary_dim);
+  Real base = r.base;
+  if (r.scaling == 2 && r.rotary_dim > 2) base *= std::pow(r.factor, rd / (rd - 2));
+  std::vector<Real> theta(static_cast<std::size_t>(pairs));
+  for (Index i = 0; i < pairs; ++i) theta[std::size_t(i)] = std::pow(base, -Real(2 * i) / rd);
+  const Real two_pi = 6.283185307179586476925286766559L;
+  if (r.scaling == 1)
+    for (Real& t : theta) t /= r.factor;
+  if (r.scaling == 3) {
+    const auto correction = [&](double rotations) {  // r ln(N / (2 pi b)) / (2 ln base)
+      return rd * std::log(Real(r.original_max_position) / (Real(rotations) * two_pi)) / (2 * std::log(r.base));
+    };
+    const Real c_fast = correction(r.beta_fast), c_slow = correction(r.beta_slow);
+    const auto near_integer = [](Real x) { return std::fabs(x - std::round(x)) < Real(1e-9) * (1 + std::fabs(x)); };
+    if (near_integer(c_fast) || near_integer(c_slow)) ambiguous = true;
+    const Real lo = std::max(std::floor(c_fast), Real(0));
+    Real hi = std::min(std::ceil(c_slow), rd - 1);
+    if (lo == hi) hi += Real(0.001);
+    for (Index i = 0; i < pairs; ++i) {
+      const Real ramp = std::clamp((Real(i) - lo) / (hi - lo), Real(0), Real(1));
+      Real& t = theta[std::size_t(i)];
+      t = t / r.factor * ramp + t * (1 - ramp);
+    }
+  }
+  if (r.scaling == 4) {
+    const Real n = Real(r.original_max_position);
+    for (Real& t : theta) {
+      const Real wavelength = two_pi / t;
+      if (wavelength > n / r.low_freq_factor) {
+        t /= r.factor;
+      } else if (wavelength >= n / r.high_freq_factor) {
+        const Real g = (n / wavelength - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+        t = (1 - g) * t / r.factor + g * t;
+      }
+    }
+  }
+  return theta;
+}
+
+/// YaRN's attention factor m = 0.1 ln(s) + 1.
+inline Real rope_attention_factor(const RopeSpec& r) {
+  return r.scaling == 3 && r.factor_in_rotation ? Real(0.1) * std::log(r.factor) + 1 : Real(1);
+}
+
+/// Rotates every head of x (L, H head_dim), row i at position positions[i], exactly; computed
+/// in T, each rotated feature also carries the error of the angle (double, relative ~32 ulps
+/// of the angle) and of cos and sin rounded to T.
+template <class T>
+Approx rotate_of(const Approx& x, const RopeSpec& r, const std::vector<Index>& positions) {
+  Approx y = x;
+  bool ambiguous = false;
+  const std::vector<Real> theta = rope_frequencies(r, ambiguous);
+  const Real m = rope_attention_factor(r);
+  const Index pairs = r.rotary_dim / 2, heads = x.value.cols() / r.head_dim;
+  const Real e = eps<T>(), e_d = Real(std::numeric_limits<double>::epsilon());
+  const Real tiny = Real(std::numeric_limits<T>::denorm_min());
+  for (Index row = 0; row < x.value.rows(); ++row)
+    for (Index i = 0; i < pairs; ++i) {
+      const Real angle = Real(positions[std::size_t(row)]) * theta[std::size_t(i)];
+      const Real c = std::cos(angle), s = std::sin(angle);
+      const Real delta = 64 * e_d * (1 + std::fabs(angle)) + e;  // |cos^ - cos|, |sin^ - sin|
+      for (Index h = 0; h < heads; ++h) {
+        const Index ja = h * r.head_dim + (r.interleaved ? 2 * i : i);
+        const Index jb = h * r.head_dim + (r.interleaved ? 2 * i + 1 : i + pairs);
+        const Real a = x.value(row, ja), b = x.value(row, jb), da = x.error(row, ja), db = x.error(row, jb);
+        const Real magnitude = std::fabs(a) + std::fabs(b) + da + db;
+        // A pair with a non-finite input, or near overflow, is not compared (nor what it feeds).
+        const bool skip =
+            ambiguous || !std::isfinite(magnitude) || magnitude * m > Real(std::numeric_limits<T>::max()) / 4;
+        const Real err = m * (da + db + magnitude * (delta + 4 * e)) + 4 * tiny;
+        y.value(row, ja) = skip ? 0 : m * (a * c - b * s);
+        y.value(row, jb) = skip ? 0 : m * (b * c + a * s);
+        y.error(row, ja) = skip ? unchecked() : err;
+        y.error(row, jb) = skip ? unchecked() : err;
+      }
+    }
+  return y;
+}
+
+/// x + PE(offset + r, j) of the sinusoidal encoding, exact, with the error of an angle formed
+/// in double and of sin and cos rounded to T and added to x.
+template <class T>
+Approx sinusoidal_of(const Approx& x, Index offset, Real base) {
+  Approx y = x;
+  const Index width = x.value.cols();
+  const Real e = eps<T>(), e_d = Real(std::numeric_limits<double>::epsilon());
+  for (Index row = 0; row < x.value.rows(); ++row)
+    for (Index j = 0; j < width; ++j) {
+      const Real position = Real(offset) + Real(row);
+      const Real angle = position / std::pow(base, Real(2 * (j / 2)) / Real(width));
+      const Real pe = j % 2 == 0 ? std::sin(angle) : std::cos(angle);
+      y.value(row, j) = x.value(row, j) + pe;
+      y.error(row, j) =
+          2 * (x.error(row, j) + 16 * e_d * (1 + std::fabs(angle)) + e + e * (std::fabs(x.value(row, j)) + 1));
+    }
+  return y;
 }
 
 }  // namespace attend::fuzz

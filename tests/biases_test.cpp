@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -87,6 +88,47 @@ TEST(RelativePositionBucket, MatchesT5DecoderConfiguration) {
   }
   expect_throw([] { relative_position_bucket(0, true, 3, 128); }, "num_buckets=3");
   expect_throw([] { relative_position_bucket(0, false, 32, 16); }, "max_distance=16");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #11: extreme arguments are rejected or defined, never UB
+
+// alibi_slopes(2^62) doubled n past INT64_MAX (UB; it never returned). More heads than any array
+// of slopes can hold (PTRDIFF_MAX bytes) are an invalid argument.
+TEST(AlibiSlopes, RejectHeadCountsBeyondAnyArray) {
+  expect_throw([] { alibi_slopes(Index(1) << 62); }, "(4611686018427387904 x 1)");
+  expect_throw([] { alibi_slopes(std::numeric_limits<Index>::max()); }, "PTRDIFF_MAX");
+}
+
+// |INT64_MIN| is no Index: the bucket of INT64_MIN came out negative. Every position beyond
+// max_distance shares the last bucket of its half.
+TEST(RelativePositionBucket, ExtremePositionsFallInTheLastBucket) {
+  constexpr Index kMin = std::numeric_limits<Index>::min(), kMax = std::numeric_limits<Index>::max();
+  EXPECT_EQ(relative_position_bucket(kMin), 15);
+  EXPECT_EQ(relative_position_bucket(kMin + 1), 15);
+  EXPECT_EQ(relative_position_bucket(kMax), 31);
+  EXPECT_EQ(relative_position_bucket(kMin, false, 32, 128), 31);
+  EXPECT_EQ(relative_position_bucket(kMax, false, 32, 128), 0);
+  // max_distance / max_exact = 1 + 2^-60 rounds to 1: the logarithmic bin count is inf, which
+  // used to be cast to an Index (UB, a negative bucket on x86).
+  const Index buckets = Index(1) << 62, max_exact = Index(1) << 60;  // halves of 2^61 buckets
+  EXPECT_EQ(relative_position_bucket(Index(1) << 61, true, buckets, max_exact + 1), buckets - 1);
+  EXPECT_EQ(relative_position_bucket(-(Index(1) << 61), true, buckets, max_exact + 1), buckets / 2 - 1);
+}
+
+// A slope finite as a double but not as a float (1e39) turned every float score into NaN. A mask
+// has no scalar type, so the slope must be finite as a float for both scalars, as scales and caps
+// must be finite in T.
+TYPED_TEST(BiasTest, RejectsAlibiSlopesBeyondFloat) {
+  using T = TypeParam;
+  const Matrix<T> q = Matrix<T>::Ones(4, 2), k = Matrix<T>::Ones(4, 2), v = Matrix<T>::Random(4, 3);
+  for (const double slope : {1e39, -1e39, std::numeric_limits<double>::infinity()})
+    expect_throw([&] { scaled_dot_product_attention(q, k, v, Alibi(slope)); }, "finite as a float");
+  expect_throw([&] { scaled_dot_product_attention(q, k, v, Alibi(1e39)); }, "ALiBi slope 1e+39");
+  // The largest accepted slope: every key but the aligned one drops out of the softmax (float
+  // -inf, double -3.4e38 |d|), so each query returns its aligned key's value exactly.
+  const Matrix<T> out = scaled_dot_product_attention(q, k, v, Alibi(std::numeric_limits<float>::max()));
+  EXPECT_EQ(out, v);
 }
 
 template <class T>

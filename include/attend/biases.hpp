@@ -10,6 +10,7 @@
 /// its column of the bucket table.
 #pragma once
 
+#include "detail/checks.hpp"
 #include "masks.hpp"
 #include "options.hpp"
 #include "types.hpp"
@@ -87,8 +88,9 @@ struct BucketBias {
 /// 2^(-4 (2 m + 1) / n), m = 0, 1, ..., of the 2n-head sequence.
 inline std::vector<double> alibi_slopes(Index num_heads) {
   ATTEND_CHECK(num_heads >= 1, "ALiBi needs at least one head, got num_heads=" + std::to_string(num_heads));
+  detail::check_array_size<double>(num_heads, 1, "ALiBi slopes (num_heads x 1)");
   Index n = 1;
-  while (2 * n <= num_heads) n *= 2;
+  while (n <= num_heads / 2) n *= 2;  // 2 n <= num_heads, without forming 2 n
   std::vector<double> slopes;
   slopes.reserve(static_cast<std::size_t>(num_heads));
   for (Index h = 0; h < n; ++h) slopes.push_back(std::exp2(-8.0 * double(h + 1) / double(n)));
@@ -97,7 +99,10 @@ inline std::vector<double> alibi_slopes(Index num_heads) {
 }
 
 /// ALiBi bias of one head: s_ij += -slope * |j - a_i|, a_i the key aligned with query i. With a
-/// causal mask this is the paper's -slope (i - j); without one it is the symmetric form.
+/// causal mask this is the paper's -slope (i - j); without one it is the symmetric form. The
+/// slope must be finite as a float, the narrowest scalar: a mask holds no scalar type of its own
+/// (binding it does not know the scores'), so one Alibi means the same for float and double, and
+/// a slope that overflows float (1e39) is rejected rather than turning every score into NaN.
 struct Alibi : MaskBase<Alibi> {
   double slope = 0;
   Alignment alignment = Alignment::TopLeft;
@@ -105,7 +110,9 @@ struct Alibi : MaskBase<Alibi> {
   explicit Alibi(double slope_, Alignment alignment_ = Alignment::TopLeft) : slope(slope_), alignment(alignment_) {}
 
   detail::PositionBias<detail::AlibiLine> bind(Index num_queries, Index num_keys) const {
-    ATTEND_CHECK(std::isfinite(slope), "ALiBi slope " + std::to_string(slope) + " must be finite");
+    ATTEND_CHECK(std::abs(slope) <= std::numeric_limits<float>::max(),
+                 "ALiBi slope " + detail::number_string(slope) + " must be finite as a float (|slope| <= " +
+                     detail::number_string(std::numeric_limits<float>::max()) + ")");
     return {num_keys, detail::diagonal_offset(alignment, num_queries, num_keys), {slope}};
   }
 };
@@ -117,7 +124,9 @@ struct Alibi : MaskBase<Alibi> {
 /// logarithmic bins up to max_distance, beyond which they share the last bucket.
 inline Index relative_position_bucket(Index relative_position, bool bidirectional = true, Index num_buckets = 32,
                                       Index max_distance = 128) {
-  Index bucket = 0, n = num_buckets, distance = relative_position;
+  // Beyond max_distance every position shares the last bucket, so -INT64_MAX stands for
+  // INT64_MIN (whose magnitude is no Index).
+  Index bucket = 0, n = num_buckets, distance = std::max(relative_position, -std::numeric_limits<Index>::max());
   if (bidirectional) {
     n /= 2;
     if (distance > 0) bucket += n;
@@ -134,8 +143,12 @@ inline Index relative_position_bucket(Index relative_position, bool bidirectiona
   // float32 throughout, as torch computes log(d.float() / max_exact) / math.log(...) * (n - max_exact).
   const float log_ratio = std::log(static_cast<float>(distance) / static_cast<float>(max_exact));
   const float log_range = static_cast<float>(std::log(double(max_distance) / double(max_exact)));
-  const Index large = max_exact + static_cast<Index>(log_ratio / log_range * static_cast<float>(n - max_exact));
-  return bucket + std::min(large, n - 1);
+  const double bins = log_ratio / log_range * static_cast<float>(n - max_exact);
+  // Bins past the last bucket's, inf and NaN included (log_range is 0 when max_distance /
+  // max_exact rounds to 1), go to the last bucket; what remains fits an Index.
+  const Index room = n - 1 - max_exact;
+  if (!(bins < static_cast<double>(room))) return bucket + n - 1;
+  return bucket + max_exact + std::min(static_cast<Index>(bins), room);
 }
 
 /// T5 relative position bias of one head: s_ij += table[bucket(j - a_i)], with `table` the

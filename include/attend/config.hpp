@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__
 // Masked scores are -infinity and fully masked rows are detected by comparing with it;
@@ -48,6 +49,12 @@ namespace attend {
 
 /// Size and index type of every dimension (`std::ptrdiff_t`): 64-bit, so L * L never overflows.
 using Index = Eigen::Index;
+
+// A 32-bit index (EIGEN_DEFAULT_DENSE_INDEX_TYPE=int) would overflow in L * L, in tile offsets
+// and in positions past 2^31 with no error; attend refuses it instead of breaking long sequences.
+static_assert(std::is_signed_v<Index> && sizeof(Index) >= 8,
+              "attend: Eigen::Index must be a signed 64-bit integer; do not define EIGEN_DEFAULT_DENSE_INDEX_TYPE "
+              "as int (or any narrower type) in translation units that include attend");
 
 /// Thrown for an invalid configuration: mismatched shapes, a bad window, a bad block size.
 /// The message names the offending shapes.

@@ -30,9 +30,10 @@ struct AttentionOptions {
   std::optional<double> scale;
   /// Execution path.
   Algorithm algorithm = Algorithm::Auto;
-  /// Query rows per tile of the blocked path; 0 picks the default.
+  /// Query rows per tile of the blocked path; 0 picks the default; Lq or more is one tile.
   Index block_q = 0;
-  /// Key rows per tile of the blocked path; 0 picks the default.
+  /// Key rows per tile of the blocked path (per split of decode_attention_into); 0 picks the
+  /// default; Lk or more is one tile.
   Index block_k = 0;
 };
 

@@ -5,7 +5,9 @@
 
 #include "config.hpp"
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -51,10 +53,15 @@ std::string shape_of(const Eigen::EigenBase<D>& m) {
   return "(" + std::to_string(m.rows()) + " x " + std::to_string(m.cols()) + ")";
 }
 
-/// A double as printf's %g writes it (1e-300, 0.125, inf, nan), for error messages.
+/// A double as printf's %g writes it (1e-300, 0.125, inf, nan), for error messages, with as many
+/// significant digits as it takes (6 to 17) to read back as the same double: 0.9999999 shows
+/// as 0.9999999, not 1.
 inline std::string number_string(double x) {
   char buffer[32];
-  std::snprintf(buffer, sizeof buffer, "%g", x);
+  for (int digits = 6; digits <= 17; ++digits) {
+    std::snprintf(buffer, sizeof buffer, "%.*g", digits, x);
+    if (std::isnan(x) || std::strtod(buffer, nullptr) == x) break;
+  }
   return buffer;
 }
 

@@ -5,7 +5,7 @@
 #include "support/expect.hpp"
 #include "support/attention_case.hpp"
 
-#include <attend/attention/scaled_dot_product.hpp>
+#include <attend/attend.hpp>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -401,6 +401,123 @@ TYPED_TEST(AttentionErrorsTest, HugeFiniteLogitsStayFiniteAndMatchReference) {
               4 * std::numeric_limits<T>::epsilon() * 33 * 3000);  // uniform weights 1/33
     EXPECT_TRUE(r.lse.allFinite());
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #11: sizes beyond the problem or beyond any array, and messages that name the values
+
+constexpr Index kInt64Max = std::numeric_limits<Index>::max(), kTwoTo40 = Index(1) << 40;
+
+// A tile larger than the problem is the whole problem. block_q = INT64_MAX overflowed the tile
+// count and left the output unwritten; 2^40 allocated a 2^40-lane scratch (std::bad_alloc).
+TYPED_TEST(AttentionErrorsTest, HugeTileSizesMeanTheWholeProblem) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const std::vector<AttentionOptions> huge{blocked_path(kInt64Max, kInt64Max), blocked_path(kTwoTo40, 0),
+                                           blocked_path(0, kTwoTo40), blocked_path(kInt64Max, 3),
+                                           blocked_path(2, kInt64Max)};
+  for (const MaskSpec& spec :
+       {MaskSpec{MaskKind::None, Alignment::TopLeft}, MaskSpec{MaskKind::Causal, Alignment::BottomRight},
+        MaskSpec{MaskKind::WindowRandom, Alignment::TopLeft}})
+    check_case<T>(7, 9, 8, 3, spec, huge, rng);
+}
+
+// The batched and top-k paths size their scratch from the tiles too.
+TYPED_TEST(AttentionErrorsTest, HugeTileSizesInBatchedAndTopK) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index lq = 6, lk = 11, d = 4, dv = 3;
+  const Matrix<T> q = rng.normal<T>(lq, d), k = rng.normal<T>(lk, d), v = rng.normal<T>(lk, dv);
+  const BoolMatrix causal = causal_visibility(lq, lk, Alignment::TopLeft);
+  const Reference ref = reference_attention(q, k, v, 1 / std::sqrt(Real(d)), causal);
+  const Baseline<T> base = baseline_attention<T>(q, k, v, T(1) / std::sqrt(T(d)), causal);
+  for (const AttentionOptions& options : {blocked_path(kInt64Max, kInt64Max), blocked_path(kTwoTo40, kTwoTo40)}) {
+    SCOPED_TRACE(describe(options));
+    const Matrix<T> batched = batched_attention(q, k, v, BatchLayout{1, 1}, Causal(), options);
+    EXPECT_TRUE(within_tolerance<T>(batched, ref.output, base.output)) << "batched";
+    const Matrix<T> top_k = top_k_attention(q, k, v, lk, Causal(), options);  // every key: plain attention
+    EXPECT_TRUE(within_tolerance<T>(top_k, ref.output, base.output)) << "top-k";
+  }
+}
+
+// A decode split longer than the keys is one split. block_k = INT64_MAX overflowed the split
+// count (zeros, log-sum-exp -inf); 2^40 allocated a (heads, 2^40) scratch.
+TYPED_TEST(AttentionErrorsTest, HugeDecodeSplitIsOneSplit) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index lk = 37, d = 8;
+  const Matrix<T> q = rng.normal<T>(1, d), k = rng.normal<T>(lk, d), v = rng.normal<T>(lk, d);
+  const Reference ref = reference_attention(q, k, v, 1 / std::sqrt(Real(d)), all_visible(1, lk));
+  const Baseline<T> base = baseline_attention<T>(q, k, v, T(1) / std::sqrt(T(d)), all_visible(1, lk));
+  for (const Index split : {kInt64Max, kTwoTo40, lk + 1}) {
+    SCOPED_TRACE("block_k=" + std::to_string(split));
+    AttentionOptions options;
+    options.block_k = split;
+    Matrix<T> out(1, d);
+    Vector<T> lse(1);
+    decode_attention_into(q, k, v, 1, out, options, lse);
+    expect_matches_reference<T>(out, lse, ref, base);
+  }
+}
+
+// A KV cache whose row width H_kv d overflowed was built with 0 columns; one whose buffers exceed
+// any array (more than PTRDIFF_MAX bytes) ended in std::bad_alloc. Both are invalid arguments.
+TYPED_TEST(AttentionErrorsTest, RejectsKVCacheLargerThanAnyArray) {
+  using T = TypeParam;
+  const Index two_to_32 = Index(1) << 32;
+  expect_invalid([&] { KVCache<T>(4, two_to_32, two_to_32); },
+                 {"KV cache key row (kv_heads x head_dim)", "(4294967296 x 4294967296)", "PTRDIFF_MAX"});
+  const KVCacheOptions wide_values{-1, Index(1) << 62};
+  expect_invalid([&] { KVCache<T>(4, 2, 8, wide_values); }, {"KV cache value row", "(2 x 4611686018427387904)"});
+  expect_invalid([&] { KVCache<T>(kTwoTo40, Index(1) << 22, 1); },
+                 {"KV cache keys (capacity x kv_heads * head_dim)", "(1099511627776 x 4194304)"});
+  expect_invalid([&] { KVCache<T>(kInt64Max, 1, 1); }, {"(9223372036854775807 x 1)"});
+}
+
+// The rotary cos/sin cache is sized by cache_length the same way.
+TYPED_TEST(AttentionErrorsTest, RejectsRotaryCacheLargerThanAnyArray) {
+  using T = TypeParam;
+  RotaryOptions options;
+  options.cache_length = Index(1) << 62;
+  expect_invalid([&] { RotaryEmbedding<T>(8, options); }, {"rotary cos/sin cache", "(4611686018427387904 x 4)"});
+}
+
+// Doubles in messages read back as the value given: std::to_string printed six fixed decimals
+// (1.000000 for 0.9999999, 0.000000 for 2e-7), plain %g six significant digits (1).
+TYPED_TEST(AttentionErrorsTest, MessagesPrintTheDoublesGiven) {
+  using T = TypeParam;
+  const auto rotary = [](double base, RotaryScaling scaling) {
+    RotaryOptions options;
+    options.base = base;
+    options.scaling = scaling;
+    return RotaryEmbedding<T>(8, options);
+  };
+  expect_invalid([&] { rotary(10000, RotaryScaling::linear(0.9999999)); }, {"got 0.9999999"});
+  expect_invalid([&] { rotary(10000, RotaryScaling::yarn(4, 4096, 2e-7, 3e-7)); },
+                 {"beta_fast 2e-07", "beta_slow 3e-07"});
+  expect_invalid([&] { rotary(10000, RotaryScaling::llama3(8, 8192, 2e-7, 1e-7)); },
+                 {"low_freq_factor 2e-07", "high_freq_factor 1e-07"});
+  expect_invalid([&] { rotary(0.9999999, RotaryScaling::none()); },
+                 {"base must be finite and greater than 1, got 0.9999999"});
+  const Matrix<T> x = Matrix<T>::Ones(3, 4);
+  AttentionOptions scaled;
+  scaled.scale = 2e-7;
+  expect_invalid([&] { cosine_attention(x, x, x, 0.5, NoMask{}, scaled); }, {"(got 2e-07)"});
+  const AdditiveAttention<T> additive(Matrix<T>::Ones(2, 4), Matrix<T>::Ones(2, 4), Vector<T>::Ones(2));
+  expect_invalid([&] { additive.forward(x, x, x, NoMask{}, scaled); }, {"(got 2e-07)"});
+}
+
+// forward_batch's key padding error names the sequence whose valid length is out of range.
+TYPED_TEST(AttentionErrorsTest, ForwardBatchPaddingErrorNamesTheSequence) {
+  using T = TypeParam;
+  const Index e = 4;
+  const auto layer =
+      MultiHeadAttention<T>::from_packed(2, Matrix<T>::Ones(3 * e, e), Vector<T>(), Matrix<T>::Ones(e, e), Vector<T>());
+  const std::vector<Matrix<T>> sequences{Matrix<T>::Ones(3, e), Matrix<T>::Ones(5, e), Matrix<T>::Ones(2, e)};
+  const std::vector<Index> too_long{3, 6, 2}, negative{3, 5, -1};
+  expect_invalid([&] { layer.forward_batch(sequences, {}, NoMask{}, too_long); },
+                 {"key_valid_lengths[1] = 6", "Lk=5", "sequence 1"});
+  expect_invalid([&] { layer.forward_batch(sequences, {}, NoMask{}, negative); }, {"key_valid_lengths[2] = -1"});
 }
 
 }  // namespace

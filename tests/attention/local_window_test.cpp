@@ -74,6 +74,33 @@ TYPED_TEST(LocalWindowTest, SlidingWindowSeesTheLastSizeKeys) {
   }
 }
 
+// Issue #11: a window wider than any sequence, up to INT64_MAX keys, is unbounded. The Auto
+// heuristic used to form 2 (left + right + 1), a signed overflow (UB) for such windows.
+TYPED_TEST(LocalWindowTest, Int64MaxWindowsAreUnbounded) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  constexpr Index kMax = std::numeric_limits<Index>::max();
+  const Index lq = 12, lk = 20, d = 4, dv = 3;
+  const Matrix<T> q = rng.normal<T>(lq, d), k = rng.normal<T>(lk, d), v = rng.normal<T>(lk, dv);
+  const RealMatrix ref_scores = (q.template cast<Real>() * k.template cast<Real>().transpose()) / Real(2);
+  const Matrix<T> base_scores = (q * k.transpose()) / T(2);
+  const std::vector<std::tuple<Window, BoolMatrix, std::string>> windows{
+      {Window(kMax, kMax), all_visible(lq, lk), "Window(INT64_MAX, INT64_MAX)"},
+      {Window(kMax - 1, kMax, Alignment::BottomRight), all_visible(lq, lk), "Window(INT64_MAX - 1, INT64_MAX)"},
+      {sliding_window(kMax, Alignment::BottomRight), causal_visibility(lq, lk, Alignment::BottomRight),
+       "sliding_window(INT64_MAX)"},
+      {Window(kMax, 0), causal_visibility(lq, lk, Alignment::TopLeft), "Window(INT64_MAX, 0)"}};
+  for (const auto& [window, visible, name] : windows) {
+    SCOPED_TRACE(name);
+    const Reference ref = reference_from_scores(ref_scores, v, visible);
+    const Baseline<T> base = baseline_from_scores<T>(base_scores, v, visible);
+    for (const AttentionOptions& options : {AttentionOptions{}, materialized_path(), blocked_path(5, 3)}) {
+      const Matrix<T> out = local_window_attention(q, k, v, window, NoMask{}, options);
+      EXPECT_TRUE(within_tolerance<T>(out, ref.output, base.output)) << describe(options);
+    }
+  }
+}
+
 // The blocked path reads only keys inside the window: keys and values outside every window are
 // NaN, and the output must stay finite and equal to the run on clean data (ggml/xFormers
 // sentinel harness), for a long sequence.

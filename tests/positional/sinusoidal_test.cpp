@@ -151,6 +151,31 @@ TYPED_TEST(SinusoidalTest, EmptyShapes) {
   EXPECT_EQ(empty.size(), 0);
 }
 
+// Issue #11: row r sits at position_offset + r, which passes INT64_MAX in the last rows here; it
+// used to overflow (UB) and wrap to position -2^63. In double both rows are position 2^63, and
+// columns 0 and 1 turn by exactly the position (denominator base^0 = 1).
+TYPED_TEST(SinusoidalTest, PositionsPastInt64MaxDoNotWrap) {
+  using T = TypeParam;
+  const Matrix<T> table = attend::sinusoidal_encoding<T>(2, 4, std::numeric_limits<Index>::max());
+  EXPECT_EQ(table.row(1), table.row(0));
+  const Real position = std::ldexp(Real(1), 63), tolerance = 2 * Real(std::numeric_limits<T>::epsilon());
+  EXPECT_NEAR(Real(table(1, 0)), std::sin(position), tolerance);  // sin(2^63) = 0.99993..., sin(-2^63) its negative
+  EXPECT_NEAR(Real(table(1, 1)), std::cos(position), tolerance);
+}
+
+// Issue #11: a table larger than any array (more than PTRDIFF_MAX bytes) is an invalid argument,
+// not a std::bad_alloc from deep inside Eigen.
+TYPED_TEST(SinusoidalTest, RejectsTablesLargerThanAnyArray) {
+  using T = TypeParam;
+  using ::testing::HasSubstr;
+  using ::testing::ThrowsMessage;
+  const Index length = Index(1) << 62;
+  EXPECT_THAT([=] { attend::sinusoidal_encoding<T>(length, 4); },
+              ThrowsMessage<attend::invalid_argument>(HasSubstr("(4611686018427387904 x 4)")));
+  EXPECT_THAT([=] { attend::sinusoidal_encoding<T>(4, length); },
+              ThrowsMessage<attend::invalid_argument>(HasSubstr("PTRDIFF_MAX")));
+}
+
 TYPED_TEST(SinusoidalTest, RejectsBadBaseAndShape) {
   using T = TypeParam;
   using ::testing::HasSubstr;
@@ -159,6 +184,9 @@ TYPED_TEST(SinusoidalTest, RejectsBadBaseAndShape) {
               ThrowsMessage<attend::invalid_argument>(HasSubstr("base must be finite and positive, got 0")));
   EXPECT_THAT([] { attend::sinusoidal_encoding<T>(4, 4, 0, -2.0); },
               ThrowsMessage<attend::invalid_argument>(HasSubstr("got -2")));
+  // Issue #11: printed with %g, not std::to_string's six decimals ("got -0.000000").
+  EXPECT_THAT([] { attend::sinusoidal_encoding<T>(4, 4, 0, -2e-7); },
+              ThrowsMessage<attend::invalid_argument>(HasSubstr("got -2e-07")));
   EXPECT_THROW(attend::sinusoidal_encoding<T>(4, 4, 0, std::numeric_limits<double>::infinity()),
                attend::invalid_argument);
   EXPECT_THROW(attend::sinusoidal_encoding<T>(4, 4, 0, std::numeric_limits<double>::quiet_NaN()),

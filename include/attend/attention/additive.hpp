@@ -121,7 +121,7 @@ class AdditiveAttention {
     ATTEND_CHECK(k.rows() == values.rows(), "k " + detail::shape_of(k) + " and values " + detail::shape_of(values) +
                                                 " must have the same number of rows (keys)");
     ATTEND_CHECK(!options.scale, "additive attention has no scale; leave options.scale unset (got " +
-                                     std::to_string(options.scale.value_or(0)) + ")");
+                                     detail::number_string(*options.scale) + ")");
   }
 
   Matrix<T> w_query_;  // (h, d_q)

@@ -64,7 +64,7 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   const HeadProblem p = check_batched(q, k, v, layout);
   check_shape(out, q.rows(), v.cols(), "output");
   check_outputs_do_not_alias<T>(q, k, v, out, no_vector<T>());
-  const TileShape tiles = resolve_tiles(options);
+  const TileShape tiles = resolve_tiles(options, p.queries, p.keys);
   const auto bound = mask.derived().bind(p.queries, p.keys);
   const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};
   const Index num_heads = layout.batch_size * layout.num_heads;

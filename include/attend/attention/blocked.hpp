@@ -44,6 +44,17 @@ inline TileShape resolve_tiles(const AttentionOptions& options) {
           options.block_k > 0 ? options.block_k : kDefaultTiles.keys};
 }
 
+/// The tile shape of the options for an (Lq, Lk) problem: each side at most the problem's (and
+/// at least 1). A tile larger than the problem is the whole problem: tiles are cut at the
+/// problem's edge anyway, so the results are the same, while the scratch and every size derived
+/// from a tile (Lq + Bq - 1, rows rounded up to packets) stay within the problem's and never
+/// overflow, whatever the options hold (block_q = INT64_MAX included).
+inline TileShape resolve_tiles(const AttentionOptions& options, Index num_queries, Index num_keys) {
+  const TileShape requested = resolve_tiles(options);
+  return {std::min(requested.queries, std::max(num_queries, Index(1))),
+          std::min(requested.keys, std::max(num_keys, Index(1)))};
+}
+
 /// Score policies with s_ij = scale <q_i, k_j> take the fast path: `scale` is folded into the
 /// packed query tile and the register-blocked kernels form the scores, reading K in place. Any
 /// other policy is called as score(q_rows, k_rows, S) on the tile (S a transposed view of the

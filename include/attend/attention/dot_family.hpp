@@ -113,7 +113,7 @@ void cosine_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                "cosine attention temperature " + detail::number_string(temperature) +
                    " must be a positive finite number");
   ATTEND_CHECK(!options.scale, "cosine attention takes its scale as 1 / temperature; leave options.scale unset (got " +
-                                   std::to_string(options.scale.value_or(0)) + ")");
+                                   detail::number_string(*options.scale) + ")");
   ATTEND_CHECK(std::isfinite(static_cast<typename DQ::Scalar>(1.0 / temperature)),
                "cosine attention temperature " + detail::number_string(temperature) +
                    ": its scale 1 / temperature is not a finite " + detail::scalar_name<typename DQ::Scalar>());

@@ -28,11 +28,14 @@ inline Window sliding_window(Index size, Alignment alignment = Alignment::TopLef
 
 namespace detail {
 
-/// `options` with Auto resolved to Blocked when a window row sees less than half of the keys.
+/// `options` with Auto resolved to Blocked when a window row sees less than half of the keys:
+/// 2 (left + right + 1) < Lk, i.e. left + right + 1 <= (Lk - 1) / 2, compared side by side so
+/// that no sum overflows (a window of INT64_MAX keys is as good as unbounded).
 inline AttentionOptions local_window_options(AttentionOptions options, const Window& window, Index num_keys) {
-  const bool bounded = window.left >= 0 && window.right >= 0;
-  if (options.algorithm == Algorithm::Auto && bounded && 2 * (window.left + window.right + 1) < num_keys)
-    options.algorithm = Algorithm::Blocked;
+  const Index most_seen = (num_keys - 1) / 2;  // the most keys a row may see while seeing less than half
+  const bool narrow =
+      window.left >= 0 && window.right >= 0 && window.left < most_seen && window.right < most_seen - window.left;
+  if (options.algorithm == Algorithm::Auto && narrow) options.algorithm = Algorithm::Blocked;
   return options;
 }
 

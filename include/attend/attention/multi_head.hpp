@@ -408,6 +408,9 @@ class MultiHeadAttention {
       heads[s].resize(q[s].rows(), layout_.heads * layout_.value_dim);
       sequences.push_back({q[s], k[s], v[s], heads[s]});
     }
+      ATTEND_CHECK(key_valid_lengths.empty() || (key_valid_lengths[s] >= 0 && key_valid_lengths[s] <= memory.rows()),
+                   "key_valid_lengths[" + std::to_string(s) + "] = " + std::to_string(key_valid_lengths[s]) +
+                       " is outside [0, Lk=" + std::to_string(memory.rows()) + "] of sequence " + std::to_string(s));
     const auto mask_of = [&](Index s) {
       const Index valid = key_valid_lengths.empty() ? k[std::size_t(s)].rows() : key_valid_lengths[std::size_t(s)];
       return mask.derived() & KeyPadding(valid);

@@ -41,7 +41,7 @@ void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, cons
                "log-sum-exp of size " + std::to_string(lse.size()) + " must have Lq = " + std::to_string(q.rows()) +
                    " entries");
   check_outputs_do_not_alias<T>(q, k, v, out, lse);
-  const TileShape tiles = resolve_tiles(options);
+  const TileShape tiles = resolve_tiles(options, q.rows(), k.rows());
   const auto bound = mask.derived().bind(q.rows(), k.rows());
   if (use_blocked(options, q.rows(), k.rows())) {
     blocked_attention<T>(q, k, v, score, bound, tiles, out, lse);

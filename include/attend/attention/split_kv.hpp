@@ -247,7 +247,8 @@ void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T
 /// \param v   (Lk, H_kv d_v) values
 /// \param num_heads H; H_kv = k.cols() / d, d = q.cols() / H
 /// \param out (1, H d_v), not sharing memory with q, k or v
-/// \param options scale (default 1/sqrt(d)); block_k = keys per split (0: detail::kDecodeSplitKeys)
+/// \param options scale (default 1/sqrt(d)); block_k = keys per split (0: detail::kDecodeSplitKeys;
+///                more than Lk: one split)
 /// \param lse (H) log-sum-exp of each head, or empty
 /// \throws attend::invalid_argument on mismatched shapes or when `out` or `lse` aliases an input.
 template <class DQ, class DK, class DV>
@@ -270,7 +271,9 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, lse);
   const Vector<T> q_scaled = detail::resolve_scale<T>(options, layout.key_dim) * q_ref.row(0).transpose();  // (H d)
-  const Index split = options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys;
+  // A split longer than the keys is all of them: the scratch stays within the problem's size.
+  const Index split =
+      std::min(options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys, std::max(k.rows(), Index(1)));
   const Index splits = (k.rows() + split - 1) / split;
   if (splits == 0) {  // no keys: zero output, lse -inf
     out.setZero();

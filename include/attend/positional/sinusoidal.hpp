@@ -18,6 +18,7 @@
 /// when the same positions recur, build the table once and add it.
 #pragma once
 
+#include "../detail/checks.hpp"
 #include "../detail/parallel.hpp"
 #include "../types.hpp"
 
@@ -38,7 +39,7 @@ inline Vector<double> sinusoidal_denominators(Index width, double base) {
 
 inline void check_sinusoidal_base(double base) {
   ATTEND_CHECK(std::isfinite(base) && base > 0,
-               "sinusoidal encoding base must be finite and positive, got " + std::to_string(base));
+               "sinusoidal encoding base must be finite and positive, got " + number_string(base));
 }
 
 }  // namespace detail
@@ -49,7 +50,8 @@ inline void check_sinusoidal_base(double base) {
 ///
 /// \param x               (L, d) matrix, one token per row; any block of a larger row-major
 ///                        matrix works. d may be odd (the last column gets a sine).
-/// \param position_offset position of row 0 (any integer).
+/// \param position_offset position of row 0 (any integer; positions are computed in double, so
+///                        exactly while |position| <= 2^53, and past INT64_MAX without overflow).
 /// \param base            frequency base, 10000 in the original Transformer.
 template <class T>
 void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double base = 10000.0) {
@@ -57,7 +59,8 @@ void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double b
   const Index width = x.cols();
   const Vector<double> denominators = detail::sinusoidal_denominators(width, base);  // (ceil(d/2))
   const auto add_row = [&](Index r, int&) {
-    const double position = static_cast<double>(position_offset + r);
+    // Summed in double: position_offset + r may pass INT64_MAX (the same sum below 2^53).
+    const double position = static_cast<double>(position_offset) + static_cast<double>(r);
     for (Index i = 0; i < denominators.size(); ++i) {
       const double angle = position / denominators(i);
       x(r, 2 * i) += static_cast<T>(std::sin(angle));
@@ -82,15 +85,18 @@ void add_sinusoidal_encoding(Eigen::PlainObjectBase<D>& x, Index position_offset
 ///
 /// \param length          number of rows (positions), >= 0.
 /// \param width           number of columns (model width d), >= 0; may be odd.
-/// \param position_offset position of row 0 (any integer).
+/// \param position_offset position of row 0 (any integer; see add_sinusoidal_encoding).
 /// \param base            frequency base, 10000 in the original Transformer.
 template <class T>
 Matrix<T> sinusoidal_encoding(Index length, Index width, Index position_offset = 0, double base = 10000.0) {
+/// \throws attend::invalid_argument on a negative shape, a table larger than any array can be, or
+///         a base that is not finite and positive.
   ATTEND_CHECK(length >= 0 && width >= 0, "sinusoidal encoding of negative shape (" + std::to_string(length) +
                                                " x " + std::to_string(width) + ")");
   Matrix<T> table = Matrix<T>::Zero(length, width);  // (L, d)
   add_sinusoidal_encoding<T>(table, position_offset, base);
   return table;
+  detail::check_array_size<T>(length, width, "sinusoidal encoding (length x width)");
 }
 
 }  // namespace attend
