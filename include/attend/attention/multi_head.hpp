@@ -402,15 +402,15 @@ class MultiHeadAttention {
     sequences.reserve(n);
     for (std::size_t s = 0; s < n; ++s) {
       const Matrix<T>& memory = memories.empty() ? queries[s] : memories[s];
+      ATTEND_CHECK(key_valid_lengths.empty() || (key_valid_lengths[s] >= 0 && key_valid_lengths[s] <= memory.rows()),
+                   "key_valid_lengths[" + std::to_string(s) + "] = " + std::to_string(key_valid_lengths[s]) +
+                       " is outside [0, Lk=" + std::to_string(memory.rows()) + "] of sequence " + std::to_string(s));
       q[s] = project_query(queries[s]);
       k[s] = project_key(memory);
       v[s] = project_value(memory);
       heads[s].resize(q[s].rows(), layout_.heads * layout_.value_dim);
       sequences.push_back({q[s], k[s], v[s], heads[s]});
     }
-      ATTEND_CHECK(key_valid_lengths.empty() || (key_valid_lengths[s] >= 0 && key_valid_lengths[s] <= memory.rows()),
-                   "key_valid_lengths[" + std::to_string(s) + "] = " + std::to_string(key_valid_lengths[s]) +
-                       " is outside [0, Lk=" + std::to_string(memory.rows()) + "] of sequence " + std::to_string(s));
     const auto mask_of = [&](Index s) {
       const Index valid = key_valid_lengths.empty() ? k[std::size_t(s)].rows() : key_valid_lengths[std::size_t(s)];
       return mask.derived() & KeyPadding(valid);
