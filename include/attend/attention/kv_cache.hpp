@@ -46,10 +46,10 @@ class KVCache {
   /// \param capacity rows of the buffers; with a window, at least w
   /// \param kv_heads H_kv
   /// \param head_dim d
-  KVCache(Index capacity, Index kv_heads, Index head_dim, const KVCacheOptions& options = {})
-      : kv_heads_(kv_heads),
   /// \throws attend::invalid_argument on a size below 1, a bad window, or buffers larger than any
   ///         array can be (more than PTRDIFF_MAX bytes); std::bad_alloc when memory runs out.
+  KVCache(Index capacity, Index kv_heads, Index head_dim, const KVCacheOptions& options = {})
+      : kv_heads_(kv_heads),
         head_dim_(head_dim),
         value_head_dim_(options.value_head_dim == 0 ? head_dim : options.value_head_dim),
         window_(options.window) {
@@ -60,14 +60,14 @@ class KVCache {
     ATTEND_CHECK(window_ == -1 || (window_ >= 1 && window_ <= capacity),
                  "KV cache window=" + std::to_string(window_) + " must be -1 (unbounded) or in [1, capacity=" +
                      std::to_string(capacity) + "]");
-    keys_.resize(capacity, kv_heads * head_dim);
-    values_.resize(capacity, kv_heads * value_head_dim_);
     // A row of kv_heads * head_dim first, so that neither product overflows.
     detail::check_array_size<T>(kv_heads, head_dim, "KV cache key row (kv_heads x head_dim)");
     detail::check_array_size<T>(kv_heads, value_head_dim_, "KV cache value row (kv_heads x value_head_dim)");
     detail::check_array_size<T>(capacity, kv_heads * head_dim, "KV cache keys (capacity x kv_heads * head_dim)");
     detail::check_array_size<T>(capacity, kv_heads * value_head_dim_,
                                 "KV cache values (capacity x kv_heads * value_head_dim)");
+    keys_.resize(capacity, kv_heads * head_dim);
+    values_.resize(capacity, kv_heads * value_head_dim_);
   }
 
   /// A cache shaped for `layer` (its H_kv, d and d_v), for decode_step(layer, cache, x).

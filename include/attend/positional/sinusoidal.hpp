@@ -87,16 +87,16 @@ void add_sinusoidal_encoding(Eigen::PlainObjectBase<D>& x, Index position_offset
 /// \param width           number of columns (model width d), >= 0; may be odd.
 /// \param position_offset position of row 0 (any integer; see add_sinusoidal_encoding).
 /// \param base            frequency base, 10000 in the original Transformer.
-template <class T>
-Matrix<T> sinusoidal_encoding(Index length, Index width, Index position_offset = 0, double base = 10000.0) {
 /// \throws attend::invalid_argument on a negative shape, a table larger than any array can be, or
 ///         a base that is not finite and positive.
+template <class T>
+Matrix<T> sinusoidal_encoding(Index length, Index width, Index position_offset = 0, double base = 10000.0) {
   ATTEND_CHECK(length >= 0 && width >= 0, "sinusoidal encoding of negative shape (" + std::to_string(length) +
                                                " x " + std::to_string(width) + ")");
+  detail::check_array_size<T>(length, width, "sinusoidal encoding (length x width)");
   Matrix<T> table = Matrix<T>::Zero(length, width);  // (L, d)
   add_sinusoidal_encoding<T>(table, position_offset, base);
   return table;
-  detail::check_array_size<T>(length, width, "sinusoidal encoding (length x width)");
 }
 
 }  // namespace attend
