@@ -65,6 +65,35 @@ inline std::string number_string(double x) {
   return buffer;
 }
 
+/// The scalar type of an Eigen type (its `Scalar`), or the type itself.
+template <class X, class = void>
+struct scalar_of {
+  using type = X;
+};
+template <class X>
+struct scalar_of<X, std::void_t<typename X::Scalar>> {
+  using type = typename X::Scalar;
+};
+
+/// The scalar checks, as static_asserts in a class so that they fire when it is instantiated,
+/// before the caller's body instantiates any Eigen expression (whose errors would come first).
+template <class T, class... Others>
+struct ScalarCheck {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "attend: the scalar type must be float or double (int, long double, std::complex and 16-bit "
+                "types are not supported)");
+  static_assert((std::is_same_v<T, Others> && ...),
+                "attend: every matrix argument must have the same scalar type (float or double); convert the "
+                "others with .template cast<T>()");
+  static constexpr bool value = true;
+};
+
+/// True for Eigen types (or scalar types) that share one scalar, float or double; otherwise a
+/// compile error with attend's message. Every public entry point starts with
+/// `static_assert(detail::supported_scalars<DQ, DK, DV>);`, so a wrong scalar is the first error.
+template <class... Xs>
+inline constexpr bool supported_scalars = ScalarCheck<typename scalar_of<Xs>::type...>::value;
+
 /// "float" or "double", for messages about values that must fit the scalar type.
 template <class T>
 const char* scalar_name() {

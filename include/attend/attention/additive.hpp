@@ -28,7 +28,7 @@ namespace attend {
 template <class T>
 class AdditiveAttention {
  public:
-  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
+  static_assert(detail::supported_scalars<T>);
 
   /// \param w_query (h, d_q)
   /// \param w_key   (h, d_k)
@@ -57,6 +57,7 @@ class AdditiveAttention {
   void forward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                     const Eigen::MatrixBase<DV>& values, MatrixRef<T> out, const MaskBase<Mask>& mask = NoMask{},
                     const AttentionOptions& options = {}, VectorRef<T> lse = detail::no_vector<T>()) const {
+    static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     check_inputs(q, k, values, options);
     const Matrix<T> q_proj = project_queries(q), k_proj = project_keys(k);  // (Lq, h), (Lk, h)
     const ConstMatrixRef<T> values_ref(values);
@@ -67,6 +68,7 @@ class AdditiveAttention {
   template <class DQ, class DK, class DV, class Mask = NoMask>
   Matrix<T> forward(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& values,
                     const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) const {
+    static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     check_inputs(q, k, values, options);
     Matrix<T> out(q.rows(), values.cols());
     forward_into(q, k, values, out, mask, options);
@@ -110,9 +112,6 @@ class AdditiveAttention {
   template <class DQ, class DK, class DV>
   void check_inputs(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& values,
                     const AttentionOptions& options) const {
-    static_assert(std::is_same_v<T, typename DQ::Scalar> && std::is_same_v<T, typename DK::Scalar> &&
-                      std::is_same_v<T, typename DV::Scalar>,
-                  "attend: q, k and values must have the scalar type of the attention weights");
     ATTEND_CHECK(q.cols() == query_dim(), "q " + detail::shape_of(q) + " must have d_q = " +
                                               std::to_string(query_dim()) + " columns to match W_q " +
                                               detail::shape_of(w_query_));

@@ -122,8 +122,8 @@ void batched_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixB
                             const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
                             const BatchLayout& layout, const MaskBase<Mask>& mask = NoMask{},
                             const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
-  detail::static_check_scalars<DQ, DK, DV>();
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   detail::batched_attention_into<T>(q_ref, k_ref, v_ref, mask, options, layout, out);
 }
@@ -135,6 +135,7 @@ Matrix<typename DQ::Scalar> batched_attention(const Eigen::MatrixBase<DQ>& q, co
                                               const Eigen::MatrixBase<DV>& v, const BatchLayout& layout,
                                               const MaskBase<Mask>& mask = NoMask{},
                                               const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   detail::check_qkv(q, k, v);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
   batched_attention_into(q, k, v, out, layout, mask, options);

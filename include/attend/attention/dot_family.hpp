@@ -56,6 +56,7 @@ void dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Mat
                                 const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
                                 const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                                 VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   scaled_dot_product_attention_into(q, k, v, out, mask, detail::with_default_scale(options, 1.0), lse);
 }
 
@@ -64,6 +65,7 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 Matrix<typename DQ::Scalar> dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                                   const Eigen::MatrixBase<DV>& v, const MaskBase<Mask>& mask = NoMask{},
                                                   const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   return scaled_dot_product_attention(q, k, v, mask, detail::with_default_scale(options, 1.0));
 }
 
@@ -78,8 +80,8 @@ void bilinear_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matrix
                              MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{},
                              const AttentionOptions& options = {},
                              VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DW>);
   using T = typename DQ::Scalar;
-  static_assert(std::is_same_v<T, typename DW::Scalar>, "attend: w must have the scalar type of q");
   ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(),
                "bilinear weight W " + detail::shape_of(w) + " must be (d_q x d_k) for q " + detail::shape_of(q) +
                    " and k " + detail::shape_of(k));
@@ -94,6 +96,7 @@ Matrix<typename DQ::Scalar> bilinear_attention(const Eigen::MatrixBase<DQ>& q, c
                                                const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& w,
                                                const MaskBase<Mask>& mask = NoMask{},
                                                const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DW>);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
   bilinear_attention_into(q, k, v, w, out, mask, options);
   return out;
@@ -109,6 +112,7 @@ void cosine_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                            const Eigen::MatrixBase<DV>& v, double temperature, MatrixRef<typename DQ::Scalar> out,
                            const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                            VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   ATTEND_CHECK(temperature > 0 && std::isfinite(temperature),
                "cosine attention temperature " + detail::number_string(temperature) +
                    " must be a positive finite number");
@@ -128,6 +132,7 @@ Matrix<typename DQ::Scalar> cosine_attention(const Eigen::MatrixBase<DQ>& q, con
                                              const Eigen::MatrixBase<DV>& v, double temperature,
                                              const MaskBase<Mask>& mask = NoMask{},
                                              const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
   cosine_attention_into(q, k, v, temperature, out, mask, options);
   return out;
@@ -142,6 +147,7 @@ void soft_capped_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Mat
                                 const Eigen::MatrixBase<DV>& v, double cap, MatrixRef<typename DQ::Scalar> out,
                                 const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                                 VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
   const T checked_cap = detail::checked_soft_cap<T>(cap);
   detail::check_qkv(q, k, v);
@@ -156,6 +162,7 @@ Matrix<typename DQ::Scalar> soft_capped_attention(const Eigen::MatrixBase<DQ>& q
                                                   const Eigen::MatrixBase<DV>& v, double cap,
                                                   const MaskBase<Mask>& mask = NoMask{},
                                                   const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
   soft_capped_attention_into(q, k, v, cap, out, mask, options);
   return out;

@@ -43,6 +43,8 @@ class UndoableAppend;
 template <class T>
 class KVCache {
  public:
+  static_assert(detail::supported_scalars<T>);
+
   /// \param capacity rows of the buffers; with a window, at least w
   /// \param kv_heads H_kv
   /// \param head_dim d
@@ -202,7 +204,7 @@ template <class T, class DQ, class DK, class DV>
 void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                       const AttentionOptions& options = {}) {
-  static_assert(std::is_same_v<T, typename DQ::Scalar>, "attend: q must have the cache's scalar type");
+  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
   detail::check_head_counts(num_heads, cache.kv_heads());
   ATTEND_CHECK(options.block_q >= 0 && options.block_k >= 0,
                "block sizes (block_q=" + std::to_string(options.block_q) + ", block_k=" +
@@ -232,6 +234,7 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
 template <class T, class DQ, class DK, class DV>
 Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
   Matrix<T> out(q.rows(), num_heads * cache.value_head_dim());
   decode_step_into(cache, q, k_new, v_new, num_heads, out, options);
   return out;
@@ -253,6 +256,7 @@ Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
 template <class T, class DX>
 Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
                       const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<T, DX>);
   ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
                    cache.value_head_dim() == layer.value_head_dim(),
                "a cache of kv_heads=" + std::to_string(cache.kv_heads()) + ", head_dim=" +

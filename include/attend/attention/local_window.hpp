@@ -50,6 +50,7 @@ void local_window_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Ma
                                  MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{},
                                  const AttentionOptions& options = {},
                                  VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   scaled_dot_product_attention_into(q, k, v, out, window & mask,
                                     detail::local_window_options(options, window, k.rows()), lse);
 }
@@ -60,6 +61,7 @@ Matrix<typename DQ::Scalar> local_window_attention(const Eigen::MatrixBase<DQ>& 
                                                    const Eigen::MatrixBase<DV>& v, const Window& window,
                                                    const MaskBase<Mask>& mask = NoMask{},
                                                    const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
   local_window_attention_into(q, k, v, window, out, mask, options);
   return out;

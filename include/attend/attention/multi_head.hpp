@@ -195,8 +195,8 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                                const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
-  detail::static_check_scalars<DQ, DK, DV>();
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
@@ -212,6 +212,7 @@ Matrix<typename DQ::Scalar> multi_head_attention(const Eigen::MatrixBase<DQ>& q,
                                                  const Eigen::MatrixBase<DV>& v, Index num_heads,
                                                  const MaskBase<Mask>& mask = NoMask{},
                                                  const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
   Matrix<typename DQ::Scalar> out(q.rows(), layout.heads * layout.value_dim);
   multi_head_attention_into(q, k, v, num_heads, out, mask, options);
@@ -243,6 +244,8 @@ struct MultiHeadWeights {
 template <class T>
 class MultiHeadAttention {
  public:
+  static_assert(detail::supported_scalars<T>);
+
   /// \param num_heads    H
   /// \param weights      projections; their shapes fix d, d_v, E_q, E_k, E_v and E_out
   /// \param num_kv_heads H_kv (0 = H); W_k and W_v then have H_kv d and H_kv d_v rows
@@ -345,6 +348,7 @@ class MultiHeadAttention {
   MultiHeadResult<T> forward(const Eigen::MatrixBase<DQ>& query, const Eigen::MatrixBase<DK>& key,
                              const Eigen::MatrixBase<DV>& value, const MaskBase<Mask>& mask = NoMask{},
                              const MultiHeadOptions& options = {}) const {
+    static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     ATTEND_CHECK(key.rows() == value.rows(), "key " + detail::shape_of(key) + " and value " +
                                                  detail::shape_of(value) + " must have the same number of rows");
     const Matrix<T> q = project_query(query), k = project_key(key), v = project_value(value);
@@ -370,6 +374,7 @@ class MultiHeadAttention {
   template <class DX, class Mask = NoMask>
   MultiHeadResult<T> forward(const Eigen::MatrixBase<DX>& x, const MaskBase<Mask>& mask = NoMask{},
                              const MultiHeadOptions& options = {}) const {
+    static_assert(detail::supported_scalars<T, DX>);
     return forward(x, x, x, mask, options);
   }
 
@@ -377,6 +382,7 @@ class MultiHeadAttention {
   template <class DX, class DM, class Mask = NoMask>
   MultiHeadResult<T> forward(const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DM>& memory,
                              const MaskBase<Mask>& mask = NoMask{}, const MultiHeadOptions& options = {}) const {
+    static_assert(detail::supported_scalars<T, DX, DM>);
     return forward(x, memory, memory, mask, options);
   }
 

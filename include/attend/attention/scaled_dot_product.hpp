@@ -72,6 +72,7 @@ void scaled_dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eig
                                        const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
                                        const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                                        VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
@@ -86,6 +87,7 @@ Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase
                                                          const Eigen::MatrixBase<DV>& v,
                                                          const MaskBase<Mask>& mask = NoMask{},
                                                          const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   detail::check_qkv(q, k, v);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
   scaled_dot_product_attention_into(q, k, v, out, mask, options);
@@ -99,6 +101,7 @@ AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_lse(const
                                                                            const Eigen::MatrixBase<DV>& v,
                                                                            const MaskBase<Mask>& mask = NoMask{},
                                                                            const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   detail::check_qkv(q, k, v);
   AttentionResult<typename DQ::Scalar> result{Matrix<typename DQ::Scalar>(q.rows(), v.cols()),
                                               Vector<typename DQ::Scalar>(q.rows()), {}};
@@ -112,6 +115,7 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_weights(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
     const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
   detail::check_qkv(q, k, v);
   AttentionResult<T> result{Matrix<T>(q.rows(), v.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};

@@ -48,6 +48,7 @@ namespace attend {
 template <class T>
 void merge_partial_into(MatrixRef<T> out, VectorRef<T> lse, const ConstMatrixRef<T>& other_out,
                         const Eigen::Ref<const Vector<T>>& other_lse) {
+  static_assert(detail::supported_scalars<T>);
   detail::check_shape(other_out, out.rows(), out.cols(), "partial output");
   ATTEND_CHECK(lse.size() == out.rows() && other_lse.size() == out.rows(),
                "log-sum-exps of sizes " + std::to_string(lse.size()) + " and " + std::to_string(other_lse.size()) +
@@ -74,6 +75,7 @@ void merge_partial_into(MatrixRef<T> out, VectorRef<T> lse, const ConstMatrixRef
 /// Returns the merge of two partials (output and lse; weights are not merged).
 template <class T>
 AttentionResult<T> merge_partials(const AttentionResult<T>& a, const AttentionResult<T>& b) {
+  static_assert(detail::supported_scalars<T>);
   AttentionResult<T> merged{a.output, a.lse, {}};
   merge_partial_into<T>(merged.output, merged.lse, b.output, b.lse);
   return merged;
@@ -82,6 +84,7 @@ AttentionResult<T> merge_partials(const AttentionResult<T>& a, const AttentionRe
 /// Returns the merge of partials, folded left to right. At least one partial is required.
 template <class T>
 AttentionResult<T> merge_partials(const std::vector<AttentionResult<T>>& partials) {
+  static_assert(detail::supported_scalars<T>);
   ATTEND_CHECK(!partials.empty(), "merge_partials needs at least one partial");
   AttentionResult<T> merged{partials[0].output, partials[0].lse, {}};
   for (std::size_t p = 1; p < partials.size(); ++p)
@@ -256,8 +259,8 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                            const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                            const AttentionOptions& options = {},
                            VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
-  detail::static_check_scalars<DQ, DK, DV>();
   ATTEND_CHECK(q.rows() == 1, "a decode step takes one query row, got q " + detail::shape_of(q));
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");

@@ -193,6 +193,7 @@ void top_k_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBas
                           const Eigen::MatrixBase<DV>& v, Index top_k, MatrixRef<typename DQ::Scalar> out,
                           const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
@@ -206,6 +207,7 @@ Matrix<typename DQ::Scalar> top_k_attention(const Eigen::MatrixBase<DQ>& q, cons
                                             const Eigen::MatrixBase<DV>& v, Index top_k,
                                             const MaskBase<Mask>& mask = NoMask{},
                                             const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
   top_k_attention_into(q, k, v, top_k, out, mask, options);
   return out;
@@ -217,6 +219,7 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 Matrix<typename DQ::Scalar> hard_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                            const Eigen::MatrixBase<DV>& v, const MaskBase<Mask>& mask = NoMask{},
                                            const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
   return top_k_attention(q, k, v, 1, mask, options);
 }
 

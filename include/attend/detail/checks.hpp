@@ -15,19 +15,10 @@
 
 namespace attend::detail {
 
-/// Q, K and V share one floating-point scalar type (a compile-time check).
-template <class Q, class K, class V>
-constexpr void static_check_scalars() {
-  using T = typename Q::Scalar;
-  static_assert(std::is_floating_point_v<T>, "attend: attention needs a floating-point scalar");
-  static_assert(std::is_same_v<T, typename K::Scalar> && std::is_same_v<T, typename V::Scalar>,
-                "attend: q, k and v must have the same scalar type");
-}
-
 /// Q (Lq, Dk), K (Lk, Dk), V (Lk, Dv) with Dk >= 1, of one floating-point scalar type.
 template <class Q, class K, class V>
 void check_qkv(const Q& q, const K& k, const V& v) {
-  static_check_scalars<Q, K, V>();
+  static_assert(supported_scalars<Q, K, V>);
   ATTEND_CHECK(q.cols() == k.cols(), "q " + shape_of(q) + " and k " + shape_of(k) +
                                          " must have the same head dimension (columns)");
   ATTEND_CHECK(k.rows() == v.rows(), "k " + shape_of(k) + " and v " + shape_of(v) +

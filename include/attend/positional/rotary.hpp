@@ -292,6 +292,8 @@ void rotate_head(T* x, const T* cos, const T* sin, Index pairs) {
 template <class T>
 class RotaryEmbedding {
  public:
+  static_assert(detail::supported_scalars<T>);
+
   /// \throws invalid_argument for an odd rotary_dim, rotary_dim > head_dim, base <= 1, a negative
   ///         cache length, or bad scaling parameters (factor < 1, beta_fast < beta_slow, a YaRN
   ///         attention factor that is not positive and finite in T, ...).
@@ -422,6 +424,7 @@ template <class D>
 Matrix<typename D::Scalar> permute_rotary_weight(const Eigen::MatrixBase<D>& weight, Index head_dim,
                                                  RotaryLayout from, RotaryLayout to,
                                                  std::optional<Index> rotary_dim = std::nullopt) {
+  static_assert(detail::supported_scalars<D>);
   const Index r = rotary_dim.value_or(head_dim);
   detail::check_rotary_dims(head_dim, r);
   ATTEND_CHECK(weight.rows() % head_dim == 0, "weight " + detail::shape_of(weight) + " has " +

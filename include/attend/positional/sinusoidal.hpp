@@ -55,6 +55,7 @@ inline void check_sinusoidal_base(double base) {
 /// \param base            frequency base, 10000 in the original Transformer.
 template <class T>
 void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double base = 10000.0) {
+  static_assert(detail::supported_scalars<T>);
   detail::check_sinusoidal_base(base);
   const Index width = x.cols();
   const Vector<double> denominators = detail::sinusoidal_denominators(width, base);  // (ceil(d/2))
@@ -78,6 +79,7 @@ void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double b
 /// Adds the sinusoidal encoding to a matrix in place, deducing its scalar type.
 template <class D>
 void add_sinusoidal_encoding(Eigen::PlainObjectBase<D>& x, Index position_offset = 0, double base = 10000.0) {
+  static_assert(detail::supported_scalars<D>);
   add_sinusoidal_encoding<typename D::Scalar>(x, position_offset, base);
 }
 
@@ -91,6 +93,7 @@ void add_sinusoidal_encoding(Eigen::PlainObjectBase<D>& x, Index position_offset
 ///         a base that is not finite and positive.
 template <class T>
 Matrix<T> sinusoidal_encoding(Index length, Index width, Index position_offset = 0, double base = 10000.0) {
+  static_assert(detail::supported_scalars<T>);
   ATTEND_CHECK(length >= 0 && width >= 0, "sinusoidal encoding of negative shape (" + std::to_string(length) +
                                                " x " + std::to_string(width) + ")");
   detail::check_array_size<T>(length, width, "sinusoidal encoding (length x width)");

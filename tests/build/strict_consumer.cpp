@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: MIT
+// A user's translation unit built with the strictest common warning set, -Werror, and attend as
+// an ordinary (non-system) include path, so every warning inside attend's headers counts: it
+// calls each public entry point family once, for float and for double (the build check
+// build_strict_warnings{,_native}; compiling is the test, the program only runs a smoke check).
+#include <attend/attend.hpp>
+
+#include <cstdio>
+#include <vector>
+
+namespace {
+
+template <class T>
+int exercise() {
+  using attend::Index;
+  using attend::Matrix;
+  using attend::Vector;
+  constexpr Index kLength = 70, kDim = 8, kHeads = 2, kKvHeads = 1;
+  const Matrix<T> q = Matrix<T>::Random(kLength, kDim), k = Matrix<T>::Random(kLength, kDim),
+                  v = Matrix<T>::Random(kLength, kDim);
+  attend::AttentionOptions blocked;
+  blocked.algorithm = attend::Algorithm::Blocked;
+  blocked.block_q = 16;
+  blocked.block_k = 32;
+  const attend::BoolMatrix visible = attend::BoolMatrix::Ones(kLength, kLength);
+  const Matrix<T> bias = Matrix<T>::Zero(kLength, kLength);
+  const Vector<T> buckets = Vector<T>::LinSpaced(32, 0, 1);
+
+  // The dot family, both paths, masks and biases.
+  Matrix<T> out = attend::scaled_dot_product_attention(q, k, v, attend::Causal(), blocked);
+  out += attend::scaled_dot_product_attention(q, k, v, attend::Window(4, 4) & attend::KeyPadding(60));
+  out += attend::scaled_dot_product_attention_with_lse(q, k, v, attend::Alibi(0.5) & attend::Causal(), blocked).output;
+  out += attend::scaled_dot_product_attention_with_weights(q, k, v, attend::BooleanMask(visible)).output;
+  out += attend::scaled_dot_product_attention(q, k, v, attend::AdditiveMask(bias), blocked);
+  out += attend::scaled_dot_product_attention(q, k, v, attend::RelativePositionBias<T>(buckets));
+  out += attend::dot_product_attention(q, k, v);
+  out += attend::bilinear_attention(q, k, v, Matrix<T>::Identity(kDim, kDim), attend::NoMask(), blocked);
+  out += attend::cosine_attention(q, k, v, 0.5);
+  out += attend::soft_capped_attention(q, k, v, 30.0, attend::Causal(), blocked);
+  out += attend::local_window_attention(q, k, v, attend::sliding_window(8));
+  out += attend::top_k_attention(q, k, v, 4) + attend::hard_attention(q, k, v);
+  out += attend::AdditiveAttention<T>(Matrix<T>::Random(6, kDim), Matrix<T>::Random(6, kDim), Vector<T>::Random(6))
+             .forward(q, k, v, attend::Causal(), blocked);
+
+  // Softmax, batched and multi-head calls, projections, positions.
+  Matrix<T> scores = q * k.transpose();
+  attend::softmax_rows_inplace<T>(scores);
+  out += attend::batched_attention(q, k, v, attend::BatchLayout{kHeads, 2}, attend::Causal(), blocked);
+  out += attend::multi_head_attention(q, k.leftCols(kDim / kHeads), v.leftCols(kDim / kHeads), kHeads);
+  Matrix<T> x = q;
+  attend::add_sinusoidal_encoding(x);
+  const attend::RotaryEmbedding<T> rope(kDim / kHeads);
+  rope.apply(x, 3);
+  attend::MultiHeadWeights<T> weights;
+  weights.q_proj_weight = Matrix<T>::Random(kDim, kDim);
+  weights.k_proj_weight = Matrix<T>::Random(kDim / kHeads, kDim);
+  weights.v_proj_weight = Matrix<T>::Random(kDim / kHeads, kDim);
+  weights.out_proj_weight = Matrix<T>::Random(kDim, kDim);
+  attend::MultiHeadAttention<T> layer(kHeads, weights, kKvHeads);
+  layer.set_rotary(rope);
+  out += layer.forward(x, attend::Causal()).output;
+
+  // Decoding: the layer over a KV cache, already projected rows, split-KV merges.
+  attend::KVCache<T> cache(layer, kLength + 1);
+  for (Index t = 0; t < 3; ++t) out.row(t) += attend::decode_step(layer, cache, x.row(t));
+  Matrix<T> one(1, kDim);
+  attend::decode_attention_into(q.topRows(1), k.leftCols(kDim / kHeads), v.leftCols(kDim / kHeads), kHeads, one);
+  const auto a = attend::scaled_dot_product_attention_with_lse(q, k.topRows(30), v.topRows(30));
+  const auto b = attend::scaled_dot_product_attention_with_lse(q, k.bottomRows(40), v.bottomRows(40));
+  out += attend::merge_partials(a, b).output;
+  out += attend::sinusoidal_encoding<T>(kLength, kDim);
+  out.topRows(kDim) += attend::permute_rotary_weight(
+      weights.q_proj_weight, kDim / kHeads, attend::RotaryLayout::Interleaved, attend::RotaryLayout::HalfSplit);
+  return out.allFinite() && one.allFinite() ? 0 : 1;
+}
+
+}  // namespace
+
+int main() {
+  const int failures = exercise<float>() + exercise<double>();
+  std::printf("strict consumer: %s\n", failures == 0 ? "finite" : "non-finite output");
+  return failures;
+}
