@@ -22,8 +22,8 @@
 ///   NoMask, Causal, Window, KeyPadding, BooleanMask and AdditiveMask<T>, and its blocked and
 ///   materialized paths for their bound forms: every scaled_dot_product_attention* and
 ///   multi-head call with those masks;
-/// - the projection `detail::linear<T>` of MultiHeadAttention, the one-token decode step
-///   `decode_step_into` over Matrix<T> inputs (decode_step with a layer), and the classes
+/// - the projection `detail::linear<T>` of MultiHeadAttention, the decode step
+///   `decode_step_into` over Matrix<T> inputs (what decode_step with a layer calls), and the classes
 ///   MultiHeadAttention<T>, RotaryEmbedding<T> and KVCache<T>.
 /// Other entry points, scalars and masks (e.g. `a & b`) compile from the headers as before.
 ///
