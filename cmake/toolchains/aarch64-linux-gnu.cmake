@@ -3,7 +3,10 @@
 # builds under QEMU's user-mode emulator: the CMake preset "aarch64" uses it.
 #   Debian:  bash cmake/install-dependencies.sh --aarch64
 #            (g++-aarch64-linux-gnu and qemu-user; Eigen is header-only, the host's serves)
-#   by hand: cmake -S . -B build-arm --toolchain cmake/toolchains/aarch64-linux-gnu.cmake
+#   by hand: cmake -S . -B build-arm --toolchain cmake/toolchains/aarch64-linux-gnu.cmake, and
+#            for the tests -DCMAKE_PROJECT_TOP_LEVEL_INCLUDES=cmake/toolchains/googletest-from-source.cmake
+# ATTEND_NATIVE_ARCH adds no -march=native when cross-compiling; name the target's CPU in
+# CMAKE_CXX_FLAGS (-mcpu=...) for a build tuned to it.
 # CMAKE_CROSSCOMPILING_EMULATOR makes add_test, gtest_discover_tests and CTest run the target's
 # executables through qemu-aarch64, with the target's loader and libraries (libstdc++, libgomp)
 # from the cross toolchain's sysroot.
