@@ -10,13 +10,13 @@
 //
 // Prints the falling training loss and the test error of each pooling; writes
 // nadaraya_watson.svg.
-#include "svg.hpp"
-
 #include <attend/attend.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <iostream>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -26,6 +26,44 @@ using Mat = attend::Matrix<double>;
 namespace {
 
 double truth(double x) { return 2 * std::sin(x) + std::pow(x, 0.8); }
+
+// One curve of the plot (markers when `points`).
+struct Series {
+  std::string name;
+  std::vector<double> x, y;
+  std::string color;
+  bool points = false;
+};
+
+// Writes the series as an SVG line plot whose axes span all of them.
+void write_plot(const std::string& path, const std::vector<Series>& series) {
+  const double size = 400, margin = 40;
+  double x0 = 1e300, x1 = -1e300, y0 = 1e300, y1 = -1e300;
+  for (const Series& s : series) {
+    x0 = std::min(x0, *std::min_element(s.x.begin(), s.x.end()));
+    x1 = std::max(x1, *std::max_element(s.x.begin(), s.x.end()));
+    y0 = std::min(y0, *std::min_element(s.y.begin(), s.y.end()));
+    y1 = std::max(y1, *std::max_element(s.y.begin(), s.y.end()));
+  }
+  const auto px = [&](double x) { return margin + (x - x0) / (x1 - x0) * (1.5 * size - 2 * margin); };
+  const auto py = [&](double y) { return size - margin - (y - y0) / (y1 - y0) * (size - 2 * margin); };
+  std::ofstream out(path);
+  out << "<svg xmlns='http://www.w3.org/2000/svg' width='" << 1.5 * size << "' height='" << size
+      << "' font-family='sans-serif' font-size='12'><rect width='100%' height='100%' fill='white'/>\n";
+  for (std::size_t k = 0; k < series.size(); ++k) {
+    const Series& s = series[k];
+    if (!s.points) out << "<polyline fill='none' stroke-width='2' stroke='" << s.color << "' points='";
+    for (std::size_t i = 0; i < s.x.size(); ++i)
+      if (s.points)
+        out << "<circle cx='" << px(s.x[i]) << "' cy='" << py(s.y[i]) << "' r='2.5' fill='" << s.color << "'/>";
+      else
+        out << px(s.x[i]) << "," << py(s.y[i]) << " ";
+    if (!s.points) out << "'/>";
+    out << "<text x='" << margin + 10 << "' y='" << margin + 16 * double(k) << "' fill='" << s.color << "'>" << s.name
+        << "</text>\n";
+  }
+  out << "</svg>\n";
+}
 
 Mat as_queries(const std::vector<double>& x) {  // (n, 2) rows [x, 1]
   Mat q(Index(x.size()), 2);
@@ -59,9 +97,9 @@ int main() {
   for (int i = 0; i < n_train; ++i) y_train[i] = truth(x_train[i]) + noise(rng);
   for (double x = 0; x < 5; x += 0.1) x_test.push_back(x), y_test.push_back(truth(x));
 
-  const Mat keys = as_keys(x_train);                                   // (n, 2)
+  const Mat keys = as_keys(x_train);                                              // (n, 2)
   const Mat values = Eigen::Map<const Eigen::VectorXd>(y_train.data(), n_train);  // (n, 1)
-  const Mat test_queries = as_queries(x_test);                         // (m, 2)
+  const Mat test_queries = as_queries(x_test);                                    // (m, 2)
 
   // 1. Average pooling: every query gets the mean of the training targets.
   const Mat average = Mat::Constant(Index(x_test.size()), 1, values.mean());
@@ -69,7 +107,8 @@ int main() {
   // 2. Nonparametric pooling: Gaussian kernel of width 1 (w = 1).
   attend::AttentionOptions width_one;
   width_one.scale = 1.0;
-  const Mat nonparametric = attend::scaled_dot_product_attention(test_queries, keys, values, attend::NoMask{}, width_one);
+  const Mat nonparametric =
+      attend::scaled_dot_product_attention(test_queries, keys, values, attend::NoMask{}, width_one);
 
   // 3. Parametric pooling: learn w by gradient descent on the training loss, each training
   //    point attending to the others (the diagonal is masked so it cannot copy its own target).
@@ -94,7 +133,8 @@ int main() {
       gradient += 2 * (fit.output(i, 0) - y_train[i]) * d_out * 2 * w / n_train;
     }
     losses.push_back(mse(fit.output, y_train));
-    if (epoch % 5 == 0 || epoch == 29) std::cout << "epoch " << epoch << "  w " << w << "  training loss " << losses.back() << "\n";
+    if (epoch % 5 == 0 || epoch == 29)
+      std::cout << "epoch " << epoch << "  w " << w << "  training loss " << losses.back() << "\n";
     w -= learning_rate * gradient;
   }
   attend::AttentionOptions learned;
@@ -107,13 +147,11 @@ int main() {
             << e_nonparametric << ", parametric (w = " << w << ") " << e_parametric << "\n";
 
   auto column = [](const Mat& m) { return std::vector<double>(m.data(), m.data() + m.rows()); };
-  svg::line_plot("nadaraya_watson.svg",
-                 {{"training data", x_train, y_train, "#999", true},
-                  {"truth", x_test, y_test, "black"},
-                  {"average pooling", x_test, column(average), "#d62728"},
-                  {"nonparametric", x_test, column(nonparametric), "#1f77b4"},
-                  {"parametric", x_test, column(parametric), "#2ca02c"}},
-                 "Nadaraya-Watson attention pooling");
+  write_plot("nadaraya_watson.svg", {{"training data", x_train, y_train, "#999", true},
+                                     {"truth", x_test, y_test, "black"},
+                                     {"average pooling", x_test, column(average), "#d62728"},
+                                     {"nonparametric", x_test, column(nonparametric), "#1f77b4"},
+                                     {"parametric", x_test, column(parametric), "#2ca02c"}});
   std::cout << "wrote nadaraya_watson.svg\n";
 
   // Checks a reader can rely on: training lowered the loss, and both kernels beat the average.
