@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The dot family (plain dot, bilinear, cosine) and soft-capped attention against long-double
 // references of their scores, through both paths and every mask, plus their argument checks.
+#include "support/overflow_case.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/dot_family.hpp>
@@ -121,6 +122,38 @@ TYPED_TEST(DotFamilyTest, CosineKeepsTheDirectionOfHugeRows) {
   }
 }
 
+// Row norms are floored at 1e-12, as torch.nn.functional.normalize does (not at 1e-8, as
+// cosine_similarity does): rows of norm 1.1e-12 and 1e-10 keep their direction (unit rows), rows of
+// norm 0.9e-12 and 0.5e-12 are divided by 1e-12. Expected scores from that formula in long double.
+TYPED_TEST(DotFamilyTest, CosineFloorsRowNormsAtNormalizeEps) {
+  using T = TypeParam;
+  const Real floor = 1e-12L;
+  Matrix<T> q(4, 2), k(3, 2);
+  q << T(0.66e-12), T(0.88e-12),  // norm 1.1e-12, just above the floor
+      T(0.54e-12), T(-0.72e-12),  // norm 0.9e-12, just below
+      T(6e-11), T(-8e-11),        // norm 1e-10: above 1e-12, below cosine_similarity's 1e-8
+      T(1), T(0);
+  k << T(1), T(0), T(0), T(1), T(0.3e-12), T(0.4e-12);  // the last of norm 0.5e-12
+  const Matrix<T> v = (Matrix<T>(3, 2) << T(1), T(0), T(0), T(1), T(-1), T(2)).finished();
+  const auto unit = [&](const Matrix<T>& x) {
+    RealMatrix u = x.template cast<Real>();
+    for (Index i = 0; i < u.rows(); ++i) u.row(i) /= std::max(u.row(i).norm(), floor);
+    return u;
+  };
+  const double temperature = 0.25;
+  const RealMatrix ref_scores = unit(q) * unit(k).transpose() / Real(temperature);
+  // The case tells the floors apart: under a 1e-8 floor, row 2's cosines would be at most 0.01.
+  ASSERT_GT(std::fabs(ref_scores(2, 0)), Real(2));
+  const BoolMatrix all = all_visible(4, 3);
+  for (const AttentionOptions& options : paths<T>()) {
+    SCOPED_TRACE(describe(options));
+    AttentionResult<T> r{Matrix<T>(4, 2), Vector<T>(4), {}};
+    cosine_attention_into(q, k, v, temperature, r.output, NoMask{}, options, r.lse);
+    expect_matches_reference<T>(r.output, r.lse, reference_from_scores(ref_scores, v, all),
+                                baseline_from_scores<T>(ref_scores.template cast<T>(), v, all));
+  }
+}
+
 // s_ij = cap tanh(scale <q_i, k_j> / cap), with inputs amplified so that logits reach the cap.
 TYPED_TEST(DotFamilyTest, SoftCappedMatchesReference) {
   using T = TypeParam;
@@ -162,6 +195,42 @@ TYPED_TEST(DotFamilyTest, SoftCapKeepsMaskedKeysMasked) {
     EXPECT_LT(out.cwiseAbs().maxCoeff(), v.topRows(lk - 1).cwiseAbs().maxCoeff() + T(1e-3));
     const Matrix<T> capped = soft_capped_attention(q, k, v, cap, Causal(Alignment::BottomRight), options);
     EXPECT_TRUE(capped.allFinite());
+  }
+}
+
+// Every policy of the family scales the queries before the dot products, on both paths: scores
+// that <q, k> alone would overflow to inf are exact (cosine needs no case: unit rows cannot
+// overflow). Bilinear's W = 1 leaves Q W = Q.
+TYPED_TEST(DotFamilyTest, ScaleAppliesToQueriesBeforeTheProduct) {
+  using T = TypeParam;
+  const OverflowCase<T> c = overflow_case<T>();
+  const BoolMatrix all = all_visible(2, 3);
+  const double cap = 3.0;
+  const RealMatrix capped = (c.scores / Real(cap)).array().tanh() * Real(cap);
+  const Matrix<T> capped_t = (c.scores.template cast<T>() / T(cap)).array().tanh() * T(cap);
+  const Matrix<T> w = Matrix<T>::Ones(1, 1);
+  for (AttentionOptions options : paths<T>()) {
+    options.scale = c.scale;
+    SCOPED_TRACE(describe(options));
+    const auto expect_scores = [&](const RealMatrix& ref_scores, const Matrix<T>& base_scores, const auto& run) {
+      AttentionResult<T> r{Matrix<T>(2, 2), Vector<T>(2), {}};
+      run(r.output, r.lse);
+      expect_matches_reference<T>(r.output, r.lse, reference_from_scores(ref_scores, c.v, all),
+                                  baseline_from_scores<T>(base_scores, c.v, all));
+    };
+    const Matrix<T> scores_t = c.scores.template cast<T>();
+    expect_scores(c.scores, scores_t, [&](auto& out, auto& lse) {
+      SCOPED_TRACE("dot");
+      dot_product_attention_into(c.q, c.k, c.v, out, NoMask{}, options, lse);
+    });
+    expect_scores(c.scores, scores_t, [&](auto& out, auto& lse) {
+      SCOPED_TRACE("bilinear");
+      bilinear_attention_into(c.q, c.k, c.v, w, out, NoMask{}, options, lse);
+    });
+    expect_scores(capped, capped_t, [&](auto& out, auto& lse) {
+      SCOPED_TRACE("soft-capped");
+      soft_capped_attention_into(c.q, c.k, c.v, cap, out, NoMask{}, options, lse);
+    });
   }
 }
 

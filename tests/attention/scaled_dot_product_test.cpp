@@ -3,6 +3,8 @@
 // head dimensions, masks and memory layouts through both execution paths, and property tests
 // with exact or eps-bounded answers.
 #include "support/attention_case.hpp"
+#include "support/overflow_case.hpp"
+#include "support/score_reference.hpp"
 
 #include <attend/attention/scaled_dot_product.hpp>
 
@@ -195,6 +197,36 @@ TYPED_TEST(ScaledDotProductTest, PermutingKeysAndValuesChangesNothing) {
                 scaled_dot_product_attention_with_lse(q, k_perm, v_perm, BooleanMask(visible_perm), options));
     expect_same(scaled_dot_product_attention_with_lse(q, k, v, AdditiveMask(bias), options),
                 scaled_dot_product_attention_with_lse(q, k_perm, v_perm, AdditiveMask(bias_perm), options));
+  }
+}
+
+// The scale multiplies the queries before the dot products on every path (as the blocked path packs
+// them): scores that <q, k> alone would overflow to inf are exact, through each entry point and
+// through Auto on both sides of its switch (Lk = 3 materialized, Lk = 32769 blocked).
+TYPED_TEST(ScaledDotProductTest, ScaleAppliesToQueriesBeforeTheProduct) {
+  using T = TypeParam;
+  for (const Index lk : {Index(3), Index(32769)}) {
+    const OverflowCase<T> c = overflow_case<T>(lk);
+    const BoolMatrix all = all_visible(2, lk);
+    const Reference ref = reference_from_scores(c.scores, c.v, all);
+    const Baseline<T> base = baseline_from_scores<T>(c.scores.template cast<T>(), c.v, all);
+    AttentionOptions automatic;
+    automatic.scale = c.scale;
+    std::vector<AttentionOptions> paths{automatic, materialized_path(), blocked_path(), blocked_path(1, 2)};
+    if (lk > 3) paths.resize(1);
+    for (AttentionOptions& options : paths) {
+      options.scale = c.scale;
+      SCOPED_TRACE(describe(options) + " Lk=" + std::to_string(lk));
+      // (Rows of 32769 float terms round like the baseline's: the unit-variance cap does not apply.)
+      const AttentionResult<T> r = scaled_dot_product_attention_with_lse(c.q, c.k, c.v, NoMask{}, options);
+      expect_matches_reference<T>(r.output, r.lse, ref, base, false);
+      expect_matches_reference<T>(scaled_dot_product_attention(c.q, c.k, c.v, NoMask{}, options), Vector<T>(), ref,
+                                  base, false);
+    }
+    if (lk > 3) continue;
+    const AttentionResult<T> w = scaled_dot_product_attention_with_weights(c.q, c.k, c.v, NoMask{}, automatic);
+    expect_matches_reference<T>(w.output, w.lse, ref, base);
+    EXPECT_TRUE(within_tolerance<T>(w.weights, ref.weights, base.weights)) << "weights";
   }
 }
 

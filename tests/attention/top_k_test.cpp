@@ -3,6 +3,7 @@
 // and double, so ties are real and the selection (highest scores, ties to the lower key index) is
 // computed independently here; the softmax over the selected keys is checked against the
 // long-double reference through both paths, every mask and tiles that split ties.
+#include "support/overflow_case.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/top_k.hpp>
@@ -160,6 +161,25 @@ TYPED_TEST(TopKTest, AnyScorePolicy) {
     SCOPED_TRACE(describe(options));
     AttentionResult<T> r{Matrix<T>(lq, dv), Vector<T>(lq), {}};
     detail::top_k_attention_into<T>(q, k, v, score, Causal(), top_k, options, r.output, r.lse);
+    expect_matches_reference<T>(r.output, r.lse, ref, base);
+  }
+}
+
+// The selection and the attention over the selected keys both scale the queries before the dot
+// products: scores that <q, k> alone would overflow to inf are exact on both paths. Query 0 keeps
+// keys 0 and 1 (scores 4, 2), query 1 keys 1 and 2 (scores -2, 1).
+TYPED_TEST(TopKTest, ScaleAppliesToQueriesBeforeTheProduct) {
+  using T = TypeParam;
+  const OverflowCase<T> c = overflow_case<T>();
+  BoolMatrix kept(2, 3);
+  kept << true, true, false, false, true, true;
+  const Reference ref = reference_from_scores(c.scores, c.v, kept);
+  const Baseline<T> base = baseline_from_scores<T>(c.scores.template cast<T>(), c.v, kept);
+  for (AttentionOptions options : kPaths) {
+    options.scale = c.scale;
+    SCOPED_TRACE(describe(options));
+    AttentionResult<T> r{Matrix<T>(2, 2), Vector<T>(2), {}};
+    top_k_attention_into(c.q, c.k, c.v, 2, r.output, NoMask{}, options, r.lse);
     expect_matches_reference<T>(r.output, r.lse, ref, base);
   }
 }

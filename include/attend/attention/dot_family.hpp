@@ -8,7 +8,8 @@
 /// engine's GEMM path:
 ///   dot       s_ij = <q_i, k_j>                         scale 1
 ///   bilinear  s_ij = q_i^T W k_j = <q_i W, k_j>         Q <- Q W, scale 1
-///   cosine    s_ij = cos(q_i, k_j) / temperature        rows of Q and K normalized, scale 1 / temperature
+///   cosine    s_ij = cos(q_i, k_j) / temperature        rows of Q and K normalized (norms floored at
+///                                                       1e-12, as F.normalize), scale 1 / temperature
 /// Soft-capping wraps the scaled dot score: s_ij = cap tanh(scale <q_i, k_j> / cap).
 /// Every function takes any mask policy and `options` (path, tiles) and writes each row's
 /// log-sum-exp into `lse` when it is non-empty.
@@ -36,14 +37,21 @@ inline AttentionOptions with_default_scale(AttentionOptions options, double scal
   return options;
 }
 
-/// Each row divided by its Euclidean norm, floored at 1e-8 as torch.nn.functional.normalize
-/// does, so a zero row stays zero (its cosine with anything is 0). stableNorm() scales before
-/// squaring, so a float row of entries near 1e30 keeps its direction (norm() would overflow).
+/// The floor of a row norm in unit_rows: torch.nn.functional.normalize's default eps.
+inline constexpr double kUnitRowsMinNorm = 1e-12;
+
+/// Each row divided by its Euclidean norm floored at 1e-12, x_i / max(||x_i||, 1e-12), exactly
+/// torch.nn.functional.normalize(x, dim=-1): cosine attention in models is written with it
+/// (Swin Transformer V2: normalize(q) @ normalize(k)^T), so a ported model gets its numbers.
+/// (torch.nn.functional.cosine_similarity floors each norm at 1e-8 instead; the two differ only
+/// for rows of norm below 1e-8, which keep their direction here.) A zero row stays zero: its
+/// cosine with anything is 0. stableNorm() scales before squaring, so a float row of entries
+/// near 1e30 keeps its direction (norm() would overflow).
 template <class D>
 Matrix<typename D::Scalar> unit_rows(const Eigen::MatrixBase<D>& x) {
   using T = typename D::Scalar;
   Matrix<T> out = x;
-  for (Index i = 0; i < out.rows(); ++i) out.row(i) /= std::max(out.row(i).stableNorm(), T(1e-8));
+  for (Index i = 0; i < out.rows(); ++i) out.row(i) /= std::max(out.row(i).stableNorm(), T(kUnitRowsMinNorm));
   return out;
 }
 
@@ -102,8 +110,10 @@ Matrix<typename DQ::Scalar> bilinear_attention(const Eigen::MatrixBase<DQ>& q, c
   return out;
 }
 
-/// Cosine attention, s_ij = cos(q_i, k_j) / temperature: dot-product attention of the
-/// normalized rows with scale 1 / temperature (a zero row has cosine 0 with every key).
+/// Cosine attention, s_ij = <q_i / max(||q_i||, 1e-12), k_j / max(||k_j||, 1e-12)> / temperature,
+/// as torch.nn.functional.normalize computes the unit rows: cos(q_i, k_j) / temperature, with a
+/// row of norm below 1e-12 divided by 1e-12 (a zero row has cosine 0 with every key). It is
+/// dot-product attention of the normalized rows with scale 1 / temperature.
 /// The temperature is the scale, so `options.scale` must stay unset.
 /// \throws attend::invalid_argument unless temperature > 0 and finite, and 1 / temperature is finite
 ///         as a T.
