@@ -144,8 +144,8 @@ Scores soft_cap_scores(Scores x, T cap) {
   return x;
 }
 
-/// Rows divided by max(norm, 1e-8), in exact arithmetic; `finite` turns false when the squared
-/// norm would overflow T (Eigen's norm() is not scaled).
+/// Rows divided by max(norm, 1e-12) as torch.nn.functional.normalize, in exact arithmetic;
+/// `finite` turns false when the squared norm would overflow T (Eigen's norm() is not scaled).
 template <class T, class M>
 RealMatrix unit_rows(const M& m, bool& finite) {
   RealMatrix out(m.rows(), m.cols());
@@ -153,7 +153,7 @@ RealMatrix unit_rows(const M& m, bool& finite) {
     Real sq = 0;
     for (Index c = 0; c < m.cols(); ++c) sq += Real(m(i, c)) * Real(m(i, c));
     if (sq > Real(std::numeric_limits<T>::max()) / 4) finite = false;
-    const Real norm = std::max(std::sqrt(sq), Real(T(1e-8)));
+    const Real norm = std::max(std::sqrt(sq), Real(T(1e-12)));
     for (Index c = 0; c < m.cols(); ++c) out(i, c) = Real(m(i, c)) / norm;
   }
   return out;
@@ -226,7 +226,7 @@ Scores additive_scores(const Q& q, const K& k, const Matrix<T>& w_q, const Matri
 /// masks) and an optional additive bias (Lq, Lk). Rows whose inputs are not all finite are not
 /// compared; a row that sees no key must be 0 when V is finite; a row that sees a key whose
 /// score has a NaN input (a NaN in q_i or k_j) must be NaN when V is finite and the bias has no
-/// NaN or +inf.
+/// NaN or +inf (a bias of -inf hides its key, NaN score included).
 template <class T, class Q, class K>
 Problem make_problem(const Scores& s, const BoolMatrix& visible, const Matrix<T>* bias, bool v_finite, const Q& q,
                      const K& k) {
@@ -250,9 +250,9 @@ Problem make_problem(const Scores& s, const BoolMatrix& visible, const Matrix<T>
     for (Index j = 0; j < lk; ++j) {
       if (!visible(i, j)) continue;
       any_structural = true;
-      nan_score = nan_score || q_nan || k_nan[std::size_t(j)];
       const Real b = bias ? Real((*bias)(i, j)) : Real(0);
-      if (b == kNegInf) continue;
+      if (b == kNegInf) continue;  // hidden, whatever its score
+      nan_score = nan_score || q_nan || k_nan[std::size_t(j)];
       const Real t = s.value(i, j) + b;
       // The computed score must not overflow where the exact one does not (lowest() + a small
       // score rounds back to lowest(), so the margin is a quarter ulp of max()).
