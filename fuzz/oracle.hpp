@@ -409,7 +409,9 @@ void check_problem(const std::string& what, const Problem& pr, const V& v, const
         v_lo = std::min(v_lo, x);
         v_hi = std::max(v_hi, x);
       }
-      const Real slack = 2 * ((8 * n + 64) * e * v_max + 8 * (n + 8) * tiny * v_max);
+      // Results in the denormal range round to a grid of denorm_min whatever the values' size.
+      const Real denormal = Real(std::numeric_limits<T>::denorm_min()) * (n + 8);
+      const Real slack = 2 * ((8 * n + 64) * e * v_max + 8 * (n + 8) * tiny * v_max + denormal);
       if (got < v_lo - slack || got > v_hi + slack)
         fail(where(i, c) + ": " + num(got) + " lies outside the values' range [" +
              num(v_lo) + ", " + num(v_hi) + "]");
@@ -417,7 +419,7 @@ void check_problem(const std::string& what, const Problem& pr, const V& v, const
       Real spread = 0;
       for (Index j = 0; j < lk; ++j)
         if (pr.score(i, j) != kNegInf) spread += rm.p_err[j] * std::fabs(Real(v(j, c)) - o);
-      const Real bound = 2 * (spread + (8 * n + 64) * e * v_abs + 8 * (n + 8) * tiny * v_max);
+      const Real bound = 2 * (spread + (8 * n + 64) * e * v_abs + 8 * (n + 8) * tiny * v_max + denormal);
       if (!(std::fabs(got - o) <= bound))
         fail(where(i, c) + ": got " + num(got) + ", exact " + num(o) +
              ", error " + num(std::fabs(got - o)) + " exceeds the bound " +
@@ -534,7 +536,8 @@ Approx attention_of(const Problem& pr, const Approx& v) {
       for (Index j = 0; j < lk; ++j)
         if (pr.score(i, j) != kNegInf) spread += rm.p_err[j] * std::fabs(v.value(j, c) - value);
       o.value(i, c) = value;
-      o.error(i, c) = 2 * (spread + v_err + (8 * n + 64) * e * v_abs + 8 * (n + 8) * tiny * v_max);
+      o.error(i, c) = 2 * (spread + v_err + (8 * n + 64) * e * v_abs + 8 * (n + 8) * tiny * v_max +
+                           (n + 8) * Real(std::numeric_limits<T>::denorm_min()));
     }
   }
   return o;

@@ -35,7 +35,7 @@ ATTEND_FUZZ_STATS=1 "$build_dir/fuzz/attention_fuzzer" "$corpus" \
   -artifact_prefix="$artifacts/" >"$log" 2>&1 || status=$?
 
 grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|attention_fuzzer:)' "$log" || true
-grep -E '^#[0-9]+ +DONE' "$log" || true  # coverage (cov:) and features (ft:) reached
+grep -E '^#[0-9]+[[:space:]]+DONE' "$log" || true  # coverage (cov:) and features (ft:) reached
 if [ "$status" -ne 0 ]; then
   tail -n 60 "$log"
   echo "attention_fuzzer failed (exit $status); reproducer(s) in $artifacts:" >&2
