@@ -482,6 +482,30 @@ TYPED_TEST(AttentionErrorsTest, RejectsRotaryCacheLargerThanAnyArray) {
   expect_invalid([&] { RotaryEmbedding<T>(8, options); }, {"rotary cos/sin cache", "(4611686018427387904 x 4)"});
 }
 
+// Sizes an array can have but the allocator refuses (2^44 rows of 4: 2^48 bytes of float, more
+// than x86-64's 47-bit user address space, so refused even where the kernel overcommits) ended
+// in std::bad_alloc from deep inside the constructor; they are invalid arguments that name the
+// buffer, and a failed extend_cache leaves the rotary cache as it was.
+TYPED_TEST(AttentionErrorsTest, RejectsBuffersTheAllocatorRefuses) {
+  using T = TypeParam;
+  const Index two_to_44 = Index(1) << 44;
+  RotaryOptions options;
+  options.cache_length = two_to_44;
+  expect_invalid([&] { RotaryEmbedding<T>(8, options); },
+                 {"rotary cos/sin cache", "(17592186044416 x 4)", "cannot be allocated"});
+  expect_invalid([&] { KVCache<T>(two_to_44, 1, 4); },
+                 {"KV cache keys (capacity x kv_heads * head_dim)", "(17592186044416 x 4)", "cannot be allocated"});
+
+  options.cache_length = 16;
+  RotaryEmbedding<T> rotary(8, options);
+  expect_invalid([&] { rotary.extend_cache(two_to_44); }, {"cannot be allocated"});
+  EXPECT_EQ(rotary.cache_length(), 16);
+  Matrix<T> cached = Matrix<T>::Ones(3, 8), uncached = cached;
+  rotary.apply(cached, 5);
+  RotaryEmbedding<T>(8, RotaryOptions{}).apply(uncached, 5);
+  EXPECT_EQ(cached, uncached);
+}
+
 // Doubles in messages read back as the value given: std::to_string printed six fixed decimals
 // (1.000000 for 0.9999999, 0.000000 for 2e-7), plain %g six significant digits (1).
 TYPED_TEST(AttentionErrorsTest, MessagesPrintTheDoublesGiven) {

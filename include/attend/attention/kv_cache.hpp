@@ -65,11 +65,9 @@ class KVCache {
     // A row of kv_heads * head_dim first, so that neither product overflows.
     detail::check_array_size<T>(kv_heads, head_dim, "KV cache key row (kv_heads x head_dim)");
     detail::check_array_size<T>(kv_heads, value_head_dim_, "KV cache value row (kv_heads x value_head_dim)");
-    detail::check_array_size<T>(capacity, kv_heads * head_dim, "KV cache keys (capacity x kv_heads * head_dim)");
-    detail::check_array_size<T>(capacity, kv_heads * value_head_dim_,
-                                "KV cache values (capacity x kv_heads * value_head_dim)");
-    keys_.resize(capacity, kv_heads * head_dim);
-    values_.resize(capacity, kv_heads * value_head_dim_);
+    keys_ = detail::allocate_array<T>(capacity, kv_heads * head_dim, "KV cache keys (capacity x kv_heads * head_dim)");
+    values_ = detail::allocate_array<T>(capacity, kv_heads * value_head_dim_,
+                                        "KV cache values (capacity x kv_heads * value_head_dim)");
   }
 
   /// A cache shaped for `layer` (its H_kv, d and d_v), for decode_step(layer, cache, x).

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -37,8 +38,8 @@ void check_shape(const M& m, Index rows, Index cols, const char* what) {
 /// Rejects an array of rows x cols elements of T (rows, cols >= 0) whose size in bytes exceeds
 /// PTRDIFF_MAX, the largest object C++ allows (pointer differences, Eigen's and malloc's limit):
 /// no such array can exist, so its size is an invalid argument rather than a failed allocation.
-/// Checked without forming the product. A smaller array that does not fit in memory still
-/// throws std::bad_alloc when it is allocated, as std::vector does.
+/// Checked without forming the product. (allocate_array also turns a failed allocation of a
+/// smaller array into invalid_argument.)
 /// \param what names the array and its dimensions, e.g. "KV cache keys (capacity x kv_heads * head_dim)"
 template <class T>
 void check_array_size(Index rows, Index cols, const char* what) {
@@ -48,6 +49,27 @@ void check_array_size(Index rows, Index cols, const char* what) {
                                                              std::to_string(cols) + ") " + scalar_name<T>() +
                                                              "s exceeds PTRDIFF_MAX = " + std::to_string(kMaxBytes) +
                                                              " bytes, the largest array size");
+}
+
+/// A (rows, cols) matrix of T for a buffer sized by the caller's arguments (a cache capacity, a
+/// table length), allocated up front: a size that no array can have, or that the allocator
+/// refuses (std::bad_alloc: more than the address space or the overcommit limit), is an
+/// invalid argument naming `what`, its shape and its bytes, not an allocation failure deep in a
+/// call. Without exceptions a refused allocation aborts, as Eigen's does.
+template <class T>
+Matrix<T> allocate_array(Index rows, Index cols, const char* what) {
+  check_array_size<T>(rows, cols, what);
+#ifdef ATTEND_NO_EXCEPTIONS
+  return Matrix<T>(rows, cols);
+#else
+  try {
+    return Matrix<T>(rows, cols);
+  } catch (const std::bad_alloc&) {
+    fail_check(std::string(what) + " of (" + std::to_string(rows) + " x " + std::to_string(cols) + ") " +
+               scalar_name<T>() + "s, " + number_string(double(rows) * double(cols) * double(sizeof(T))) +
+               " bytes, cannot be allocated");
+  }
+#endif
 }
 
 /// The memory of a dense view: element (i, j) occupies the `bytes` bytes at

@@ -330,14 +330,20 @@ class RotaryEmbedding {
   double attention_factor() const { return attention_factor_; }
 
   /// Precomputes cos/sin for positions [0, length) (no-op if already cached). Not thread-safe.
+  /// \throws invalid_argument when the tables cannot be allocated (the cache is then unchanged;
+  ///         positions past the cache are computed on the fly, so a shorter cache serves).
   void extend_cache(Index length) {
     const Index old_length = cos_.rows();
     if (length <= old_length) return;
-    detail::check_array_size<T>(length, theta_.size(), "rotary cos/sin cache (cache_length x rotary_dim / 2)");
-    cos_.conservativeResize(length, theta_.size());  // (length, r/2)
-    sin_.conservativeResize(length, theta_.size());
+    const char* what = "rotary cos/sin cache (cache_length x rotary_dim / 2)";
+    Matrix<T> cos_table = detail::allocate_array<T>(length, theta_.size(), what);  // (length, r/2)
+    Matrix<T> sin_table = detail::allocate_array<T>(length, theta_.size(), what);
+    cos_table.topRows(old_length) = cos_;
+    sin_table.topRows(old_length) = sin_;
     for (Index p = old_length; p < length; ++p)
-      detail::rotary_cos_sin(p, theta_, attention_factor_, &cos_(p, 0), &sin_(p, 0));
+      detail::rotary_cos_sin(p, theta_, attention_factor_, &cos_table(p, 0), &sin_table(p, 0));
+    cos_.swap(cos_table);
+    sin_.swap(sin_table);
   }
 
   /// Rotates every head of `x` in place, row r at position start_position + r. In place by
