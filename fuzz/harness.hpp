@@ -918,9 +918,7 @@ template <class T>
 void run_decode_split(const Config& c, ValueSource<T>& src) {
   const Heads hc = heads_of(c);
   const Index h = hc.heads, lk = c.lk * (1 + c.d2 / 2);
-  // d_v >= 1: with d_v = 0 (valid) decode_split takes &out(h, 0) of an (H, 0) partial, which fails
-  // Eigen's bounds assertion (reported in issue #11's fuzz item); allow 0 again once fixed.
-  const Index value_dim = std::max<Index>(c.dv, 1);
+  const Index value_dim = c.dv;
   const Matrix<T> q = src.matrix(1, h * c.dk),
                   k = src.matrix(lk, hc.kv_heads * c.dk + (c.perturb == Perturb::KeyDim ? 1 : 0)),
                   v = src.matrix(lk + (c.perturb == Perturb::ValueRows ? 1 : 0), hc.kv_heads * value_dim, true);

@@ -179,6 +179,26 @@ TYPED_TEST(SplitKvTest, DecodeStepWithoutKeysGivesZeros) {
   EXPECT_TRUE((lse.array() == -std::numeric_limits<T>::infinity()).all());
 }
 
+// Values of width 0 are valid: the output has no column, the log-sum-exp is still that of the
+// scores. The split took &out(h, 0) of an (H, 0) partial (Eigen's bounds assertion; found by
+// the fuzzer).
+TYPED_TEST(SplitKvTest, DecodeStepWithEmptyValuesGivesTheLogSumExp) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 2, d = 4, lk = 7;
+  const Matrix<T> q = rng.normal<T>(1, heads * d), k = rng.normal<T>(lk, heads * d), v(lk, 0);
+  Matrix<T> out(1, 0);
+  Vector<T> lse(heads);
+  AttentionOptions options;
+  options.block_k = 3;
+  decode_attention_into(q, k, v, heads, out, options, lse);
+  for (Index h = 0; h < heads; ++h) {
+    const Reference ref = reference_attention(q.middleCols(h * d, d), k.middleCols(h * d, d), v, Real(0.5),
+                                              BoolMatrix::Constant(1, lk, true));
+    EXPECT_NEAR(double(lse(h)), double(ref.lse(0)), 8 * double(std::numeric_limits<T>::epsilon())) << "head " << h;
+  }
+}
+
 TYPED_TEST(SplitKvTest, DecodeStepIsBitwiseEqualForOneToThreeThreads) {
 #ifndef _OPENMP
   GTEST_SKIP() << "built without OpenMP";

@@ -225,6 +225,7 @@ void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T
   });
   softmax_rows_inplace<T>(scores.leftCols(n), lse);
   out.setZero();
+  if (dv == 0) return;  // (no output column to address)
   for_blocks_of_4(n, [&](auto keys, Index j) {
     const T* value = v.row(k0 + j).data();
     for (Index g = 0; g < layout.kv_heads; ++g)
