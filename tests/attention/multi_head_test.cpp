@@ -363,7 +363,7 @@ TEST(MultiHeadErrors, ClearMessagesNamingTheValues) {
                  {"key (6 x 32)", "value (7 x 32)"});
   expect_invalid([&] { MultiHeadAttention<double>::from_packed(4, x, {}, x, {}); }, {"in_proj_weight (5 x 32)"});
   expect_invalid([&] { mha.forward_batch({x, x}, {x}); }, {"1 memories for 2"});
-  expect_invalid([&] { mha.forward_batch({x}, {}, NoMask{}, {6}); }, {"valid length 6", "Lk=5"});
+  expect_invalid([&] { mha.forward_batch({x}, {}, NoMask{}, {6}); }, {"key_valid_lengths[0] = 6", "Lk=5"});
   // A rotary embedding for another head width.
   MultiHeadAttention<double> rotary_mha(4, good);
   expect_invalid([&] { rotary_mha.set_rotary(RotaryEmbedding<double>(6)); }, {"head_dim=6", "head_dim=8"});
