@@ -83,30 +83,36 @@ void check_tile(const Bound& bound, const MaskCase& c, Index q0, Index q1, Index
     }
 }
 
+/// check_tile over `random_tiles` random tiles of the (lq, lk) problem, then over every tile of
+/// three tilings ((1, 1), (7, 5), (16, 16)).
+template <class T, class Bound>
+void check_tiles(const Bound& bound, const MaskCase& c, Index lq, Index lk, int random_tiles, Rng& rng) {
+  for (int n = 0; n < random_tiles; ++n) {
+    const Index q0 = rng.uniform(0, lq - 1), q1 = rng.uniform(q0 + 1, lq);
+    const Index k0 = rng.uniform(0, lk - 1), k1 = rng.uniform(k0 + 1, lk);
+    check_tile<T>(bound, c, q0, q1, k0, k1, rng);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  const std::vector<std::pair<Index, Index>> tilings{{1, 1}, {7, 5}, {16, 16}};
+  for (const auto& [bq, bk] : tilings)
+    for (Index q0 = 0; q0 < lq; q0 += bq)
+      for (Index k0 = 0; k0 < lk; k0 += bk) {
+        check_tile<T>(bound, c, q0, std::min(q0 + bq, lq), k0, std::min(k0 + bk, lk), rng);
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+}
+
 // Every mask of the catalogue, on several shapes, over random tiles and over three tilings.
 TYPED_TEST(MaskPolicyTest, ClassifyKeysAndApplyAgreeWithReference) {
   using T = TypeParam;
   ATTEND_SEEDED_RNG(rng);
   const std::vector<std::pair<Index, Index>> shapes{{1, 1}, {5, 13}, {13, 5}, {40, 40}, {33, 70}, {70, 33}};
-  const std::vector<std::pair<Index, Index>> tilings{{1, 1}, {7, 5}, {16, 16}};
   for (const MaskSpec& spec : all_mask_specs())
     for (const auto& shape : shapes) {
       const Index lq = shape.first, lk = shape.second;
       with_mask<T>(spec, lq, lk, rng, [&](const auto& mask, const MaskCase& c) {
         SCOPED_TRACE(c.description + " Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk));
-        const auto bound = mask.bind(lq, lk);
-        for (int n = 0; n < 60; ++n) {
-          const Index q0 = rng.uniform(0, lq - 1), q1 = rng.uniform(q0 + 1, lq);
-          const Index k0 = rng.uniform(0, lk - 1), k1 = rng.uniform(k0 + 1, lk);
-          check_tile<T>(bound, c, q0, q1, k0, k1, rng);
-          if (::testing::Test::HasFatalFailure()) return;
-        }
-        for (const auto& [bq, bk] : tilings)
-          for (Index q0 = 0; q0 < lq; q0 += bq)
-            for (Index k0 = 0; k0 < lk; k0 += bk) {
-              check_tile<T>(bound, c, q0, std::min(q0 + bq, lq), k0, std::min(k0 + bk, lk), rng);
-              if (::testing::Test::HasFatalFailure()) return;
-            }
+        check_tiles<T>(mask.bind(lq, lk), c, lq, lk, 60, rng);
       });
     }
 }
@@ -119,7 +125,6 @@ TYPED_TEST(MaskPolicyTest, IntersectionHidesWhateverTheOtherOperandHolds) {
   ATTEND_SEEDED_RNG(rng);
   const std::vector<OperandKind> kinds = all_operand_kinds();
   const std::vector<std::pair<Index, Index>> shapes{{5, 13}, {13, 13}, {16, 40}};
-  const std::vector<std::pair<Index, Index>> tilings{{1, 1}, {7, 5}, {16, 16}};
   for (std::size_t a = 0; a < kinds.size(); ++a)
     for (std::size_t b = a; b < kinds.size(); ++b)
       for (std::size_t n = 0; n < shapes.size(); ++n) {
@@ -127,19 +132,7 @@ TYPED_TEST(MaskPolicyTest, IntersectionHidesWhateverTheOtherOperandHolds) {
         const Alignment alignment = (a + b + n) % 2 == 0 ? Alignment::TopLeft : Alignment::BottomRight;
         with_mask_pair<T>(kinds[a], kinds[b], lq, lk, alignment, true, rng, [&](const auto& mask, const MaskCase& c) {
           SCOPED_TRACE(c.description + " Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk));
-          const auto bound = mask.bind(lq, lk);
-          for (int t = 0; t < 20; ++t) {
-            const Index q0 = rng.uniform(0, lq - 1), q1 = rng.uniform(q0 + 1, lq);
-            const Index k0 = rng.uniform(0, lk - 1), k1 = rng.uniform(k0 + 1, lk);
-            check_tile<T>(bound, c, q0, q1, k0, k1, rng);
-            if (::testing::Test::HasFatalFailure()) return;
-          }
-          for (const auto& [bq, bk] : tilings)
-            for (Index q0 = 0; q0 < lq; q0 += bq)
-              for (Index k0 = 0; k0 < lk; k0 += bk) {
-                check_tile<T>(bound, c, q0, std::min(q0 + bq, lq), k0, std::min(k0 + bk, lk), rng);
-                if (::testing::Test::HasFatalFailure()) return;
-              }
+          check_tiles<T>(mask.bind(lq, lk), c, lq, lk, 20, rng);
         });
         if (::testing::Test::HasFatalFailure()) return;
       }
