@@ -123,8 +123,8 @@ Matrix<T> additive_bias(Index lq, Index lk, Rng& rng) {
   for (Index i = 0; i < lq; ++i)
     for (Index j = 0; j < lk; ++j)
       if (rng.bernoulli(0.2)) bias(i, j) = kNegInf;
-  if (lq >= 4) bias.row(rng.uniform(0, lq - 1)).setConstant(kNegInf);
-  if (lk >= 4) bias.col(rng.uniform(0, lk - 1)).setConstant(kNegInf);
+  if (lq >= 4 && lk >= 1) bias.row(rng.uniform(0, lq - 1)).setConstant(kNegInf);
+  if (lk >= 4 && lq >= 1) bias.col(rng.uniform(0, lk - 1)).setConstant(kNegInf);  // (no block of an empty matrix)
   return bias;
 }
 

@@ -338,8 +338,10 @@ class RotaryEmbedding {
     const char* what = "rotary cos/sin cache (cache_length x rotary_dim / 2)";
     Matrix<T> cos_table = detail::allocate_array<T>(length, theta_.size(), what);  // (length, r/2)
     Matrix<T> sin_table = detail::allocate_array<T>(length, theta_.size(), what);
-    cos_table.topRows(old_length) = cos_;
-    sin_table.topRows(old_length) = sin_;
+    if (old_length > 0) {  // (an empty cache is 0 x 0, not 0 x r/2)
+      cos_table.topRows(old_length) = cos_;
+      sin_table.topRows(old_length) = sin_;
+    }
     for (Index p = old_length; p < length; ++p)
       detail::rotary_cos_sin(p, theta_, attention_factor_, &cos_table(p, 0), &sin_table(p, 0));
     cos_.swap(cos_table);
