@@ -20,6 +20,7 @@
 #include "../masks.hpp"
 #include "../options.hpp"
 #include "../types.hpp"
+#include "blocked.hpp"
 #include "multi_head.hpp"
 #include "split_kv.hpp"
 
@@ -204,9 +205,7 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
                       const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<T, DQ, DK, DV>);
   detail::check_head_counts(num_heads, cache.kv_heads());
-  ATTEND_CHECK(options.block_q >= 0 && options.block_k >= 0,
-               "block sizes (block_q=" + std::to_string(options.block_q) + ", block_k=" +
-                   std::to_string(options.block_k) + ") must be positive, or 0 for the default");
+  detail::resolve_tiles(options);  // throws on a negative block size before the cache changes
   ATTEND_CHECK(q.cols() == num_heads * cache.head_dim(),
                "q " + detail::shape_of(q) + " must have num_heads * head_dim = " + std::to_string(num_heads) +
                    " * " + std::to_string(cache.head_dim()) + " columns");
