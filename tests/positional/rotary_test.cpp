@@ -538,6 +538,45 @@ TYPED_TEST(RotaryTest, YarnTakesAGivenAttentionFactor) {
   }
 }
 
+// apply_transpose is R(p)^T = R(-p), times the same attention factor m: the scalar reference at
+// the negated positions, in both layouts, with partial rotary and YaRN's m, cached and uncached
+// positions; with m = 1 it undoes apply.
+TYPED_TEST(RotaryTest, TransposeRotatesByTheNegatedAngles) {
+  using T = TypeParam;
+  TRACE_SEED();
+  auto rng = seeded_rng();
+  const Index head_dim = 64, rotary_dim = 32;
+  const std::vector<Index> positions = {0, 1, 17, 4095, 4096, 9000, -3, 70001};
+  std::vector<Index> negated;
+  for (const Index p : positions) negated.push_back(-p);
+  for (const bool yarn : {false, true})
+    for (const RotaryLayout layout : {RotaryLayout::HalfSplit, RotaryLayout::Interleaved}) {
+      SCOPED_TRACE(std::string(name_of(layout)) + (yarn ? ", YaRN" : ", no scaling"));
+      const attend::test::HfYarnParameters hf =
+          attend::test::hf_yarn_parameters(rotary_dim, 10000, {yarn ? Real(4) : Real(1), 2048, 32, 1, std::nullopt});
+      RotaryOptions options = options_with(layout, rotary_dim);
+      if (yarn) options.scaling = RotaryScaling::yarn(4, 2048);
+      const RotaryEmbedding<T> rope(head_dim, options);
+      const std::vector<Real> theta = yarn ? hf.inv_freq : plain_frequencies(rotary_dim, 10000);
+      const Real m = yarn ? hf.attention_factor : Real(1);
+      const Matrix<T> x = random_matrix<T>(rng, static_cast<Index>(positions.size()), 3 * head_dim);
+      Matrix<T> y = x;
+      rope.apply_transpose(y, to_positions(positions));
+      EXPECT_TRUE(matches(y, scalar_rotary(x, head_dim, rotary_dim, layout, negated, theta, m)));
+
+      Matrix<T> by_offset = x, by_positions = x;
+      rope.apply_transpose(by_offset, 4090);
+      rope.apply_transpose(by_positions, to_positions(consecutive(4090, by_positions.rows())));
+      EXPECT_EQ(by_offset, by_positions);
+      if (!yarn) {
+        Matrix<T> round_trip = x;
+        rope.apply(round_trip, 4090);
+        rope.apply_transpose(round_trip, 4090);
+        EXPECT_TRUE(round_trip.isApprox(x, 8 * std::numeric_limits<T>::epsilon()));
+      }
+    }
+}
+
 TYPED_TEST(RotaryTest, Llama3ScalingByWavelength) {
   using T = TypeParam;
   // Llama 3.1 (Meta `apply_scaling`; HF `_compute_llama3_parameters`) with its defaults:

@@ -272,6 +272,18 @@ void rotate_head(T* x, const T* cos, const T* sin, Index pairs) {
   }
 }
 
+/// The transpose of rotate_head: (a, b) <- (a cos + b sin, b cos - a sin), the rotation by -angle
+/// (scaled by the same attention factor). What the gradient of a rotated vector needs.
+template <class Pairs, class T>
+void rotate_head_transpose(T* x, const T* cos, const T* sin, Index pairs) {
+  for (Index i = 0; i < pairs; ++i) {
+    const T a = x[Pairs::first(i, pairs)];
+    const T b = x[Pairs::second(i, pairs)];
+    x[Pairs::first(i, pairs)] = a * cos[i] + b * sin[i];
+    x[Pairs::second(i, pairs)] = b * cos[i] - a * sin[i];
+  }
+}
+
 }  // namespace detail
 
 /// Rotary position embedding for one configuration, applied in place to (L, H * head_dim)
@@ -358,7 +370,7 @@ class RotaryEmbedding {
                  "rotary start_position " + std::to_string(start_position) + " with " + std::to_string(x.rows()) +
                      " rows: the last position start_position + " + std::to_string(last_row) +
                      " exceeds the largest Index " + std::to_string(std::numeric_limits<Index>::max()));
-    rotate_rows(x, [start_position](Index r) { return start_position + r; });
+    rotate_rows(x, [start_position](Index r) { return start_position + r; }, false);
   }
 
   /// Rotates every head of `x` in place, row r at position positions(r) (any integers).
@@ -367,12 +379,33 @@ class RotaryEmbedding {
   void apply(MatrixRef<T> x, const Eigen::Ref<const Vector<Index>>& positions) const {
     ATTEND_CHECK(positions.size() == x.rows(), std::to_string(positions.size()) + " positions for x " +
                                                    detail::shape_of(x) + " with one token per row");
-    rotate_rows(x, [&positions](Index r) { return positions(r); });
+    rotate_rows(x, [&positions](Index r) { return positions(r); }, false);
+  }
+
+  /// Applies the transpose of `apply`'s map in place, row r at position start_position + r:
+  /// each pair turns by -p theta_i, (a, b) <- m (a cos + b sin, b cos - a sin). This is the
+  /// inverse of `apply` when the attention factor m is 1 (every scaling but YaRN), and in any
+  /// case the backward of `apply`: if y = apply(x), then dL/dx = apply_transpose(dL/dy).
+  /// \param x (L, H * head_dim), heads as column blocks.
+  void apply_transpose(MatrixRef<T> x, Index start_position = 0) const {
+    const Index last_row = std::max<Index>(x.rows() - 1, 0);
+    ATTEND_CHECK(start_position <= std::numeric_limits<Index>::max() - last_row,
+                 "rotary start_position " + std::to_string(start_position) + " with " + std::to_string(x.rows()) +
+                     " rows: the last position start_position + " + std::to_string(last_row) +
+                     " exceeds the largest Index " + std::to_string(std::numeric_limits<Index>::max()));
+    rotate_rows(x, [start_position](Index r) { return start_position + r; }, true);
+  }
+
+  /// The transpose of `apply` with explicit positions: row r at position positions(r).
+  void apply_transpose(MatrixRef<T> x, const Eigen::Ref<const Vector<Index>>& positions) const {
+    ATTEND_CHECK(positions.size() == x.rows(), std::to_string(positions.size()) + " positions for x " +
+                                                   detail::shape_of(x) + " with one token per row");
+    rotate_rows(x, [&positions](Index r) { return positions(r); }, true);
   }
 
  private:
   template <class PositionOf>
-  void rotate_rows(MatrixRef<T>& x, PositionOf position_of) const {
+  void rotate_rows(MatrixRef<T>& x, PositionOf position_of, bool transpose) const {
     ATTEND_CHECK(x.cols() % head_dim_ == 0, "x " + detail::shape_of(x) + " has " + std::to_string(x.cols()) +
                                                 " columns, not a multiple of head_dim " + std::to_string(head_dim_));
     if (x.rows() == 0 || x.cols() == 0) return;
@@ -392,7 +425,12 @@ class RotaryEmbedding {
           detail::rotary_cos_sin(position, theta_, attention_factor_, uncached.row(0).data(), uncached.row(1).data());
         }
         T* row = x.row(r).data();
-        for (Index h = 0; h < heads; ++h) detail::rotate_head<Pairs>(row + h * head_dim_, cos, sin, pairs);
+        for (Index h = 0; h < heads; ++h) {
+          if (transpose)
+            detail::rotate_head_transpose<Pairs>(row + h * head_dim_, cos, sin, pairs);
+          else
+            detail::rotate_head<Pairs>(row + h * head_dim_, cos, sin, pairs);
+        }
       };
       if (x.size() >= kMinParallelElements) {
         detail::parallel_for_with_scratch(x.rows(), make_scratch, rotate_row);
