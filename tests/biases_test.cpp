@@ -193,8 +193,8 @@ TYPED_TEST(BiasTest, RelativePositionBiasMatchesReference) {
       check_scores<T>(ref_scores, base_scores, v, paths<T>(), rng,
                       sdpa_with<T>(q, k, v, RelativePositionBias(table.col(head), bidirectional, max_distance, alignment)));
     }
-  const Matrix<T> table = Matrix<T>::Ones(4, 2);
-  expect_throw([&] { RelativePositionBias<T> bad(table); }, "(4 x 2)");
+  const Matrix<T> table = Matrix<T>::Ones(4, 2);  // the tables of two heads, in a call of one
+  expect_throw([&] { RelativePositionBias(table).bind(3, 3); }, "table of 2 heads (num_buckets x num_heads = 4 x 2)");
   const Vector<T> tiny = Vector<T>::Ones(2);
   expect_throw([&] { RelativePositionBias(tiny).bind(3, 3); }, "num_buckets=2");
 }

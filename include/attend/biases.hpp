@@ -2,12 +2,12 @@
 /// \file biases.hpp
 /// \brief Position-dependent score biases: ALiBi and T5 relative position buckets.
 ///
-/// Both are mask policies (masks.hpp) that hide no key and add b(j - a_i) to score s_ij, where
-/// a_i is the key aligned with query i (a_i = i top-left, a_i = i + Lk - Lq bottom-right). They
-/// compose with masks and with each other through `&`, and work with every score policy:
-///   scaled_dot_product_attention(q, k, v, Causal() & Alibi(slopes[h]));
-/// Like every mask they act on one head; a multi-head caller passes each head its slope or
-/// its column of the bucket table.
+/// Both are mask policies (masks.hpp) that hide no key and add b_h(j - a_i) to score s_ij of
+/// head h, where a_i is the key aligned with query i (a_i = i top-left, a_i = i + Lk - Lq
+/// bottom-right). They compose with masks and with each other through `&`, work with every
+/// score policy, and bind per head (one slope or table column per head):
+///   scaled_dot_product_attention(q, k, v, Causal() & Alibi(slope));          // one head
+///   multi_head_attention(q, k, v, H, Causal() & Alibi::for_heads(H));       // H heads
 #pragma once
 
 #include "detail/checks.hpp"
@@ -98,22 +98,44 @@ inline std::vector<double> alibi_slopes(Index num_heads) {
   return slopes;
 }
 
-/// ALiBi bias of one head: s_ij += -slope * |j - a_i|, a_i the key aligned with query i. With a
-/// causal mask this is the paper's -slope (i - j); without one it is the symmetric form. The
-/// slope must be finite as a float, the narrowest scalar: a mask holds no scalar type of its own
-/// (binding it does not know the scores'), so one Alibi means the same for float and double, and
-/// a slope that overflows float (1e39) is rejected rather than turning every score into NaN.
+/// ALiBi bias: s_ij += -m_h * |j - a_i| for head h, a_i the key aligned with query i. With a
+/// causal mask this is the paper's -m_h (i - j); without one it is the symmetric form.
+/// `Alibi(m)` is one head's slope, for single-head calls; `Alibi(slopes)` (or
+/// `Alibi::for_heads(H)`, the standard slopes alibi_slopes(H)) gives head h of a multi-head call
+/// the slope slopes[h]. One slope in a call of several heads is rejected: it would silently give
+/// every head the same bias, which is almost surely a mistake.
+/// Each slope must be finite as a float, the narrowest scalar: a mask holds no scalar type of its
+/// own (binding it does not know the scores'), so one Alibi means the same for float and double,
+/// and a slope that overflows float (1e39) is rejected rather than turning every score into NaN.
 struct Alibi : MaskBase<Alibi> {
-  double slope = 0;
+  std::vector<double> slopes;  ///< m_h, one per head (one for a single-head call)
   Alignment alignment = Alignment::TopLeft;
 
-  explicit Alibi(double slope_, Alignment alignment_ = Alignment::TopLeft) : slope(slope_), alignment(alignment_) {}
+  explicit Alibi(double slope, Alignment alignment_ = Alignment::TopLeft) : slopes{slope}, alignment(alignment_) {}
+  explicit Alibi(std::vector<double> slopes_, Alignment alignment_ = Alignment::TopLeft)
+      : slopes(std::move(slopes_)), alignment(alignment_) {}
 
-  detail::PositionBias<detail::AlibiLine> bind(Index num_queries, Index num_keys) const {
+  /// The standard slopes of `num_heads` heads, alibi_slopes(num_heads).
+  static Alibi for_heads(Index num_heads, Alignment alignment = Alignment::TopLeft) {
+    return Alibi(alibi_slopes(num_heads), alignment);
+  }
+
+  detail::PositionBias<detail::AlibiLine> bind(const HeadIndex& at, Index num_queries, Index num_keys) const {
+    const Index count = Index(slopes.size());
+    ATTEND_CHECK(count != 1 || at.num_heads == 1,
+                 "Alibi(slope) gives one slope to all " + std::to_string(at.num_heads) +
+                     " heads of a multi-head call; pass one slope per head: Alibi(attend::alibi_slopes(" +
+                     std::to_string(at.num_heads) + ")) or Alibi::for_heads(" + std::to_string(at.num_heads) + ")");
+    ATTEND_CHECK(count == 1 || count == at.num_heads, "Alibi of " + std::to_string(count) + " slopes in a call of " +
+                                                          std::to_string(at.num_heads) + " heads");
+    const double slope = slopes[std::size_t(count == 1 ? 0 : at.head)];
     ATTEND_CHECK(std::abs(slope) <= std::numeric_limits<float>::max(),
                  "ALiBi slope " + detail::number_string(slope) + " must be finite as a float (|slope| <= " +
                      detail::number_string(std::numeric_limits<float>::max()) + ")");
     return {num_keys, detail::diagonal_offset(alignment, num_queries, num_keys), {slope}};
+  }
+  detail::PositionBias<detail::AlibiLine> bind(Index num_queries, Index num_keys) const {
+    return bind(HeadIndex{}, num_queries, num_keys);
   }
 };
 
@@ -151,13 +173,15 @@ inline Index relative_position_bucket(Index relative_position, bool bidirectiona
   return bucket + max_exact + std::min(static_cast<Index>(bins), room);
 }
 
-/// T5 relative position bias of one head: s_ij += table[bucket(j - a_i)], with `table` the
-/// head's column of the learned (num_buckets, num_heads) embedding (PyTorch's
-/// `relative_attention_bias.weight.col(h)`). A view: the table must outlive the call.
+/// T5 relative position bias: s_ij += table(bucket(j - a_i), h) for head h. `table` is the
+/// learned (num_buckets, num_heads) embedding, PyTorch's `relative_attention_bias.weight`, whose
+/// column h serves head h of a multi-head call; a vector (either orientation) is one table for
+/// every head. A view: the table must outlive the call.
 template <class T>
 class RelativePositionBias : public MaskBase<RelativePositionBias<T>> {
  public:
-  /// \param table (num_buckets) vector, any orientation and stride
+  /// \param table (num_buckets, num_heads) matrix, or a (num_buckets) vector for every head; any
+  ///              storage order and stride
   template <class D>
   RelativePositionBias(const Eigen::DenseBase<D>& table, bool bidirectional = true, Index max_distance = 128,
                        Alignment alignment = Alignment::TopLeft)
@@ -165,14 +189,23 @@ class RelativePositionBias : public MaskBase<RelativePositionBias<T>> {
         bidirectional_(bidirectional),
         max_distance_(max_distance),
         alignment_(alignment) {
-    ATTEND_CHECK(table_.rows == 1 || table_.cols == 1,
-                 "relative position bias table " + detail::shape_of(table) + " must be a vector (one head)");
+    if (table_.rows == 1) {  // a row vector: read it as a column
+      std::swap(table_.rows, table_.cols);
+      std::swap(table_.row_stride, table_.col_stride);
+    }
   }
 
-  Index num_buckets() const { return table_.rows * table_.cols; }
+  Index num_buckets() const { return table_.rows; }
+  /// Heads with a table of their own; 1 = one table for every head.
+  Index num_heads() const { return table_.cols; }
 
-  /// Looks the bias up once for every relative position of an (Lq, Lk) problem: O(Lq + Lk).
-  detail::PositionBias<detail::BucketBias<T>> bind(Index num_queries, Index num_keys) const {
+  /// Looks head at.head's bias up once for every relative position of an (Lq, Lk) problem: O(Lq + Lk).
+  detail::PositionBias<detail::BucketBias<T>> bind(const HeadIndex& at, Index num_queries, Index num_keys) const {
+    ATTEND_CHECK(num_heads() == 1 || num_heads() == at.num_heads,
+                 "relative position bias table of " + std::to_string(num_heads()) + " heads (num_buckets x num_heads = " +
+                     std::to_string(num_buckets()) + " x " + std::to_string(num_heads()) + ") in a call of " +
+                     std::to_string(at.num_heads) + " heads");
+    const Index column = num_heads() == 1 ? 0 : at.head;
     const Index offset = detail::diagonal_offset(alignment_, num_queries, num_keys);
     const Index d_min = -(num_queries - 1 + offset), d_max = num_keys - 1 - offset;
     detail::BucketBias<T> bias{{}, d_min};
@@ -181,10 +214,13 @@ class RelativePositionBias : public MaskBase<RelativePositionBias<T>> {
       bias.values.reserve(static_cast<std::size_t>(d_max - d_min + 1));
       for (Index d = d_min; d <= d_max; ++d) {
         const Index b = relative_position_bucket(d, bidirectional_, num_buckets(), max_distance_);
-        bias.values.push_back(table_.rows == 1 ? table_(0, b) : table_(b, 0));
+        bias.values.push_back(table_(b, column));
       }
     }
     return {num_keys, offset, std::move(bias)};
+  }
+  detail::PositionBias<detail::BucketBias<T>> bind(Index num_queries, Index num_keys) const {
+    return bind(HeadIndex{}, num_queries, num_keys);
   }
 
  private:

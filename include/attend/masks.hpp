@@ -2,9 +2,12 @@
 /// \file masks.hpp
 /// \brief Mask policies: which keys each query may attend to.
 ///
-/// A mask is a small value that describes visibility. Kernels call `mask.bind(Lq, Lk)`, which
-/// validates it against the problem and returns a *bound policy* with four operations over a
-/// tile of query rows [q0, q1) and key columns [k0, k1):
+/// A mask is a small value that describes visibility. Kernels call `detail::bind_mask(mask, at,
+/// Lq, Lk)`, which calls `mask.bind(at, Lq, Lk)` when the mask binds per head (`at` is the
+/// HeadIndex: which sequence and head of the call, and how many there are) and `mask.bind(Lq,
+/// Lk)` otherwise (one policy for every head). Either validates the mask against the problem
+/// and returns a *bound policy* with four operations over a tile of query rows [q0, q1) and key
+/// columns [k0, k1):
 ///  - `classify(q0, q1, k0, k1)`: `TileKind::Empty` (skip the tile), `Full` (no per-element
 ///    work) or `Partial` (call `detail::apply_mask`);
 ///  - `keys(q0, q1)`: a `KeyRange` holding every key that any of the rows may see, so kernels
@@ -28,6 +31,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace attend {
 
@@ -38,6 +42,16 @@ enum class TileKind { Empty, Full, Partial };
 struct KeyRange {
   Index begin = 0;
   Index end = 0;
+};
+
+/// Which head a policy is bound for: head `head` of sequence `batch` in a call over
+/// `batch_size` sequences of `num_heads` query heads each (FlexAttention's b and h). A
+/// single-head call is head 0 of 1; multi-head entry points bind each head with its index.
+struct HeadIndex {
+  Index batch = 0;       ///< b, the sequence
+  Index head = 0;        ///< h, the query head
+  Index batch_size = 1;  ///< B
+  Index num_heads = 1;   ///< H
 };
 
 /// CRTP base that marks a type as a mask, so that `a & b` composes masks and nothing else.
@@ -126,14 +140,6 @@ StridedView<typename D::Scalar> strided_view(const Eigen::DenseBase<D>& m) {
   return {d.data(), d.rows(), d.cols(), d.rowStride(), d.colStride()};
 }
 
-template <class T>
-void check_mask_shape(const StridedView<T>& m, const char* what, Index num_queries, Index num_keys) {
-  ATTEND_CHECK(m.rows == num_queries && m.cols == num_keys,
-               std::string(what) + " of shape (" + std::to_string(m.rows) + " x " + std::to_string(m.cols) +
-                   ") does not match the scores (Lq x Lk) = (" + std::to_string(num_queries) + " x " +
-                   std::to_string(num_keys) + ")");
-}
-
 /// Dense boolean visibility (true = may attend).
 struct DenseBoolean {
   StridedView<bool> visible;
@@ -213,6 +219,50 @@ void apply_mask(const BoundMask& mask, Scores&& s, Index q0, Index k0) {
   mask.hide(s, q0, k0);
 }
 
+/// Whether Mask binds per head, i.e. has `bind(const HeadIndex&, Index, Index)`.
+template <class Mask, class = void>
+struct binds_per_head : std::false_type {};
+
+template <class Mask>
+struct binds_per_head<Mask, std::void_t<decltype(std::declval<const Mask&>().bind(
+                                std::declval<const HeadIndex&>(), Index(0), Index(0)))>> : std::true_type {};
+
+/// Binds `mask` for head `at` of an (Lq, Lk) problem: `mask.bind(at, Lq, Lk)` when the mask
+/// binds per head, `mask.bind(Lq, Lk)` (the same policy for every head) otherwise.
+template <class Mask>
+auto bind_mask(const Mask& mask, const HeadIndex& at, Index num_queries, Index num_keys) {
+  if constexpr (binds_per_head<Mask>::value)
+    return mask.bind(at, num_queries, num_keys);
+  else
+    return mask.bind(num_queries, num_keys);
+}
+
+/// The (Lq, Lk) slice of a dense mask for head `at`. The mask is one (Lq, Lk) matrix for every
+/// head, or slices stacked along rows as torch lays out a 3-D mask: (H Lq, Lk), slice h for
+/// head h, or (B H Lq, Lk), slice b H + h for head h of sequence b (nn.MultiheadAttention's
+/// (N * num_heads, L, S) attn_mask).
+template <class T>
+StridedView<T> mask_slice(StridedView<T> m, const char* what, const HeadIndex& at, Index num_queries,
+                          Index num_keys) {
+  Index slice = -1;
+  if (m.rows == num_queries)
+    slice = 0;
+  else if (m.rows == at.num_heads * num_queries)
+    slice = at.head;
+  else if (m.rows == at.batch_size * at.num_heads * num_queries)
+    slice = at.batch * at.num_heads + at.head;
+  const auto shape = [](Index r, Index c) { return "(" + std::to_string(r) + " x " + std::to_string(c) + ")"; };
+  ATTEND_CHECK(slice >= 0 && m.cols == num_keys,
+               std::string(what) + " of shape " + shape(m.rows, m.cols) + " does not match the scores (Lq x Lk) = " +
+                   shape(num_queries, num_keys) + ", nor stacked per head (H Lq x Lk) = " +
+                   shape(at.num_heads * num_queries, num_keys) + " or per sequence and head (B H Lq x Lk) = " +
+                   shape(at.batch_size * at.num_heads * num_queries, num_keys) + " (H=" +
+                   std::to_string(at.num_heads) + ", B=" + std::to_string(at.batch_size) + ")");
+  m.data += slice * num_queries * m.row_stride;
+  m.rows = num_queries;
+  return m;
+}
+
 }  // namespace detail
 
 /// Every query sees every key.
@@ -267,8 +317,9 @@ struct KeyPadding : MaskBase<KeyPadding> {
   }
 };
 
-/// Dense boolean mask of shape (Lq, Lk), true = may attend. A view: the matrix must outlive
-/// the call. Any storage order or stride with direct access is accepted.
+/// Dense boolean mask of shape (Lq, Lk), true = may attend; or one such slice per head, stacked
+/// along rows: (H Lq, Lk) or (B H Lq, Lk) as torch's 3-D masks (detail::mask_slice). A view:
+/// the matrix must outlive the call. Any storage order or stride with direct access is accepted.
 class BooleanMask : public MaskBase<BooleanMask> {
  public:
   template <class D>
@@ -276,27 +327,28 @@ class BooleanMask : public MaskBase<BooleanMask> {
     static_assert(std::is_same_v<typename D::Scalar, bool>, "attend: BooleanMask takes a matrix of bool");
   }
 
-  detail::DenseBoolean bind(Index num_queries, Index num_keys) const {
-    detail::check_mask_shape(visible_, "boolean mask", num_queries, num_keys);
-    return {visible_};
+  detail::DenseBoolean bind(const HeadIndex& at, Index num_queries, Index num_keys) const {
+    return {detail::mask_slice(visible_, "boolean mask", at, num_queries, num_keys)};
   }
+  detail::DenseBoolean bind(Index num_queries, Index num_keys) const { return bind(HeadIndex{}, num_queries, num_keys); }
 
  private:
   detail::StridedView<bool> visible_;
 };
 
 /// Dense additive mask of shape (Lq, Lk) added to the scaled scores; -inf hides a key and a
-/// row of `lowest()` stays finite (a uniform average). A view: the matrix must outlive the call.
+/// row of `lowest()` stays finite (a uniform average). Per-head slices stack along rows as for
+/// BooleanMask. A view: the matrix must outlive the call.
 template <class T>
 class AdditiveMask : public MaskBase<AdditiveMask<T>> {
  public:
   template <class D>
   explicit AdditiveMask(const Eigen::DenseBase<D>& bias) : bias_(detail::strided_view(bias)) {}
 
-  detail::DenseBias<T> bind(Index num_queries, Index num_keys) const {
-    detail::check_mask_shape(bias_, "additive mask", num_queries, num_keys);
-    return {bias_};
+  detail::DenseBias<T> bind(const HeadIndex& at, Index num_queries, Index num_keys) const {
+    return {detail::mask_slice(bias_, "additive mask", at, num_queries, num_keys)};
   }
+  detail::DenseBias<T> bind(Index num_queries, Index num_keys) const { return bind(HeadIndex{}, num_queries, num_keys); }
 
  private:
   detail::StridedView<T> bias_;
@@ -313,10 +365,12 @@ struct Intersection : MaskBase<Intersection<A, B>> {
 
   Intersection(const A& a, const B& b) : first(a), second(b) {}
 
-  auto bind(Index num_queries, Index num_keys) const {
-    using Bound = detail::BothVisible<decltype(first.bind(0, 0)), decltype(second.bind(0, 0))>;
-    return Bound{first.bind(num_queries, num_keys), second.bind(num_queries, num_keys)};
+  auto bind(const HeadIndex& at, Index num_queries, Index num_keys) const {
+    auto a = detail::bind_mask(first, at, num_queries, num_keys);
+    auto b = detail::bind_mask(second, at, num_queries, num_keys);
+    return detail::BothVisible<decltype(a), decltype(b)>{std::move(a), std::move(b)};
   }
+  auto bind(Index num_queries, Index num_keys) const { return bind(HeadIndex{}, num_queries, num_keys); }
 };
 
 /// A key is visible when both masks let it through.

@@ -35,6 +35,10 @@ struct AttentionOptions {
   /// Key rows per tile of the blocked path (per split of decode_attention_into); 0 picks the
   /// default; Lk or more is one tile.
   Index block_k = 0;
+  /// Threads of this call (OpenMP); 0 = the default: OpenMP's max threads, shared among the
+  /// caller's threads inside attend at the same moment, and 1 inside a parallel region of the
+  /// caller's. Ignored without OpenMP. Results are bitwise the same for every count.
+  int num_threads = 0;
 };
 
 /// Output of an attention call with its statistics.

@@ -23,6 +23,7 @@
 #include "scaled_dot_product.hpp"
 
 #include <string>
+#include <vector>
 
 namespace attend {
 
@@ -56,25 +57,31 @@ HeadProblem check_batched(const Q& q, const K& k, const V& v, const BatchLayout&
 }
 
 /// The batched core: out = attention of every (sequence, head) block, through the path that
-/// `options` selects for one head's shape. Scratch is allocated once per thread.
+/// `options` selects for one head's shape, with the mask bound for each (sequence, head).
+/// Scratch is allocated once per thread.
 template <class T, class Mask>
 void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                             const Mask& mask, const AttentionOptions& options, const BatchLayout& layout,
                             MatrixRef<T> out) {
+  const ThreadScope threads(options.num_threads);
   const HeadProblem p = check_batched(q, k, v, layout);
   check_shape(out, q.rows(), v.cols(), "output");
   check_outputs_do_not_alias<T>(q, k, v, out, no_vector<T>());
   const TileShape tiles = resolve_tiles(options, p.queries, p.keys);
-  const auto bound = mask.derived().bind(p.queries, p.keys);
   const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};
   const Index num_heads = layout.batch_size * layout.num_heads;
+  // Head n is head h = n % H of sequence b = n / H: its policy, and its blocks as zero-copy views.
+  const auto head_index = [&](Index n) {
+    return HeadIndex{n / layout.num_heads, n % layout.num_heads, layout.batch_size, layout.num_heads};
+  };
+  std::vector<decltype(bind_mask(mask.derived(), HeadIndex{}, 0, 0))> bound;
+  bound.reserve(std::size_t(num_heads));
+  for (Index n = 0; n < num_heads; ++n) bound.push_back(bind_mask(mask.derived(), head_index(n), p.queries, p.keys));
   if (p.queries == 0) return;
   if (p.keys == 0) {  // no key to see (and no block of an empty K at an offset)
     out.setZero();
     return;
   }
-
-  // Head n is head h = n % H of sequence b = n / H; its blocks are zero-copy views.
   const auto head = [&](auto& m, Index n, Index rows, Index cols) {
     return m.block(n / layout.num_heads * rows, n % layout.num_heads * cols, rows, cols);
   };
@@ -86,7 +93,7 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         [&](Index task, BlockedScratch<T>& scratch) {
           const Index n = task / tiles_per_head, q0 = task % tiles_per_head * tiles.queries;
           blocked_query_tile<T>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
-                                head(v, n, p.keys, p.value_dim), score, bound, tiles, q0,
+                                head(v, n, p.keys, p.value_dim), score, bound[std::size_t(n)], tiles, q0,
                                 std::min(tiles.queries, p.queries - q0), head(out, n, p.queries, p.value_dim),
                                 no_vector<T>(), scratch);
         });
@@ -95,7 +102,7 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         num_heads, [&] { return Matrix<T>(p.queries, p.keys); },  // (Lq, Lk) scores of one head
         [&](Index n, Matrix<T>& weights) {
           materialized_attention<T>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
-                                    head(v, n, p.keys, p.value_dim), score, bound,
+                                    head(v, n, p.keys, p.value_dim), score, bound[std::size_t(n)],
                                     head(out, n, p.queries, p.value_dim), no_vector<T>(), weights);
         });
   }

@@ -93,6 +93,7 @@ void bilinear_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matrix
   ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(),
                "bilinear weight W " + detail::shape_of(w) + " must be (d_q x d_k) for q " + detail::shape_of(q) +
                    " and k " + detail::shape_of(k));
+  const detail::ThreadScope threads(options.num_threads);  // for the product too
   Matrix<T> q_w(q.rows(), w.cols());  // (Lq, d_k)
   detail::parallel_product(q_w, q, w);
   scaled_dot_product_attention_into(q_w, k, v, out, mask, detail::with_default_scale(options, 1.0), lse);

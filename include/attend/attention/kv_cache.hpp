@@ -260,6 +260,7 @@ Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, con
                    std::to_string(cache.head_dim()) + ", value_head_dim=" + std::to_string(cache.value_head_dim()) +
                    " for a layer of num_kv_heads=" + std::to_string(layer.num_kv_heads()) + ", head_dim=" +
                    std::to_string(layer.head_dim()) + ", value_head_dim=" + std::to_string(layer.value_head_dim()));
+  const detail::ThreadScope threads(options.num_threads);  // for the projections too
   const Index position = cache.position();
   const Matrix<T> q = layer.project_query(x, position), k = layer.project_key(x, position), v = layer.project_value(x);
   return layer.project_output(decode_step(cache, q, k, v, layer.num_heads(), options));

@@ -114,8 +114,9 @@ struct SequenceViews {
   std::vector<Matrix<T>>* weights = nullptr;  // when set: H per-head (Lq, Lk) weights
 };
 
-/// Attention of every (sequence, head) pair; mask_of(s) is the mask policy of sequence s.
-/// Everything that can throw is checked before the parallel loop. The loop runs over
+/// Attention of every (sequence, head) pair; mask_of(s) is the mask policy of sequence s, bound
+/// for head h of sequence s as HeadIndex{s, h, S, H}. Everything that can throw is checked
+/// before the parallel loop. The loop runs over
 /// (sequence, head); each head runs the single-head engine, whose own query-tile loop is then a
 /// nested OpenMP region and runs serially in its thread (OpenMP's default). A lone head keeps
 /// that inner parallelism. Each head is computed the same way on any thread, so results do not
@@ -123,8 +124,10 @@ struct SequenceViews {
 template <class T, class MaskOf>
 void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, const HeadLayout& layout,
                                 const MaskOf& mask_of, const AttentionOptions& options) {
+  const ThreadScope threads(options.num_threads);
   const T scale = resolve_scale<T>(options, layout.key_dim);
   resolve_tiles(options);
+  const auto head_index = [&](Index s, Index h) { return HeadIndex{s, h, Index(sequences.size()), layout.heads}; };
   for (std::size_t s = 0; s < sequences.size(); ++s) {
     const SequenceViews<T>& seq = sequences[s];
     check_shape(seq.q, seq.q.rows(), layout.heads * layout.key_dim, "query");
@@ -132,7 +135,8 @@ void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, 
     check_shape(seq.v, seq.k.rows(), layout.kv_heads * layout.value_dim, "value");
     check_shape(seq.out, seq.q.rows(), layout.heads * layout.value_dim, "output");
     check_outputs_do_not_alias<T>(seq.q, seq.k, seq.v, seq.out, no_vector<T>());
-    mask_of(Index(s)).derived().bind(seq.q.rows(), seq.k.rows());
+    for (Index h = 0; h < layout.heads; ++h)
+      bind_mask(mask_of(Index(s)).derived(), head_index(Index(s), h), seq.q.rows(), seq.k.rows());
     if (seq.weights) seq.weights->assign(std::size_t(layout.heads), Matrix<T>(seq.q.rows(), seq.k.rows()));
   }
   const auto head = [&](Index item) {
@@ -149,11 +153,12 @@ void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, 
     const ConstMatrixRef<T> k = seq.k.middleCols(g * layout.key_dim, layout.key_dim);    // (Lk, d)
     const ConstMatrixRef<T> v = seq.v.middleCols(g * layout.value_dim, layout.value_dim);  // (Lk, d_v)
     const auto& mask = mask_of(item / layout.heads);
+    const HeadIndex at = head_index(item / layout.heads, h);
     if (seq.weights) {
-      materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, mask.derived().bind(q.rows(), k.rows()), out,
+      materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, bind_mask(mask.derived(), at, q.rows(), k.rows()), out,
                                 no_vector<T>(), (*seq.weights)[std::size_t(h)]);
     } else {
-      attention_into<T>(q, k, v, ScaledDot<T>{scale}, mask, options, out, no_vector<T>());
+      attention_into<T>(q, k, v, ScaledDot<T>{scale}, mask.derived(), options, out, no_vector<T>(), at);
     }
   };
   const Index items = Index(sequences.size()) * layout.heads;
@@ -351,6 +356,7 @@ class MultiHeadAttention {
     static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     ATTEND_CHECK(key.rows() == value.rows(), "key " + detail::shape_of(key) + " and value " +
                                                  detail::shape_of(value) + " must have the same number of rows");
+    const detail::ThreadScope threads(options.num_threads);  // for the projections too
     const Matrix<T> q = project_query(query), k = project_key(key), v = project_value(value);
     Matrix<T> heads(query.rows(), layout_.heads * layout_.value_dim);  // (Lq, H d_v), the concatenation
     MultiHeadResult<T> result;
@@ -403,6 +409,7 @@ class MultiHeadAttention {
     ATTEND_CHECK(key_valid_lengths.empty() || key_valid_lengths.size() == n,
                  std::to_string(key_valid_lengths.size()) + " key valid lengths for " + std::to_string(n) +
                      " sequences");
+    const detail::ThreadScope threads(options.num_threads);  // for the projections too
     std::vector<Matrix<T>> q(n), k(n), v(n), heads(n);
     std::vector<detail::SequenceViews<T>> sequences;
     sequences.reserve(n);

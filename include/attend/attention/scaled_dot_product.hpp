@@ -31,18 +31,20 @@ inline bool use_blocked(const AttentionOptions& options, Index num_queries, Inde
   return num_queries * num_keys > kAutoBlockedMinScores;
 }
 
-/// The shared core: checks shapes and aliasing, binds the mask, and runs the chosen path.
+/// The shared core: checks shapes and aliasing, binds the mask for head `at`, and runs the
+/// chosen path on the options' threads.
 template <class T, class Score, class Mask>
 void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                     const Score& score, const Mask& mask, const AttentionOptions& options, MatrixRef<T> out,
-                    VectorRef<T> lse) {
+                    VectorRef<T> lse, const HeadIndex& at = {}) {
+  const ThreadScope threads(options.num_threads);
   check_shape(out, q.rows(), v.cols(), "output");
   ATTEND_CHECK(lse.size() == 0 || lse.size() == q.rows(),
                "log-sum-exp of size " + std::to_string(lse.size()) + " must have Lq = " + std::to_string(q.rows()) +
                    " entries");
   check_outputs_do_not_alias<T>(q, k, v, out, lse);
   const TileShape tiles = resolve_tiles(options, q.rows(), k.rows());
-  const auto bound = mask.derived().bind(q.rows(), k.rows());
+  const auto bound = bind_mask(mask.derived(), at, q.rows(), k.rows());
   if (use_blocked(options, q.rows(), k.rows())) {
     blocked_attention<T>(q, k, v, score, bound, tiles, out, lse);
   } else {
@@ -118,9 +120,10 @@ AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_weights(
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
   detail::check_qkv(q, k, v);
+  const detail::ThreadScope threads(options.num_threads);
   AttentionResult<T> result{Matrix<T>(q.rows(), v.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  const auto bound = mask.derived().bind(q.rows(), k.rows());
+  const auto bound = detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows());
   detail::materialized_attention<T>(q_ref, k_ref, v_ref,
                                     detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())}, bound,
                                     result.output, result.lse, result.weights);

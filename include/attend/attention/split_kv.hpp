@@ -262,6 +262,7 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                            VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
+  const detail::ThreadScope threads(options.num_threads);
   ATTEND_CHECK(q.rows() == 1, "a decode step takes one query row, got q " + detail::shape_of(q));
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");

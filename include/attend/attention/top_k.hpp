@@ -174,9 +174,10 @@ template <class T, class Score, class Mask>
 void top_k_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
                           const Score& score, const Mask& mask, Index top_k, const AttentionOptions& options,
                           MatrixRef<T> out, VectorRef<T> lse) {
+  const ThreadScope threads(options.num_threads);
   ATTEND_CHECK(top_k >= 1, "top-k attention needs k >= 1, got k=" + std::to_string(top_k));
   const TileShape tiles = resolve_tiles(options, q.rows(), k.rows());
-  const KeySelection selection = select_top_keys<T>(q, k, score, mask.derived().bind(q.rows(), k.rows()),
+  const KeySelection selection = select_top_keys<T>(q, k, score, bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows()),
                                                     std::min(top_k, k.rows()), tiles);
   attention_into<T>(q, k, v, score, mask.derived() & SelectedKeys(selection), options, out, lse);
 }

@@ -1,7 +1,15 @@
 // SPDX-License-Identifier: MIT
 /// \file detail/parallel.hpp
 /// \brief The one place attend uses OpenMP: a parallel loop with per-thread scratch that carries
-/// exceptions out of its region, and matrix products whose bits never depend on threading.
+/// exceptions out of its region, the thread count of a call, and matrix products whose bits
+/// never depend on threading.
+///
+/// Threads of a call: every entry point opens a ThreadScope with its options' num_threads, and
+/// each parallel loop inside runs on team_size() threads: num_threads when set; otherwise
+/// OpenMP's max threads shared among the caller's threads that are inside attend at that
+/// moment (two std::thread workers on a 2-core machine get one thread each, instead of two
+/// teams of two fighting over the cores); 1 inside a parallel region of the caller's. Work is
+/// cut into pieces that do not depend on the team, so results are bitwise the same for any count.
 ///
 /// Eigen 3.4 threads a large product by itself (internal::parallelize_gemm) whenever it runs in
 /// a team of one thread, which attend's own region gets under OMP_THREAD_LIMIT=1, a dynamic
@@ -14,11 +22,12 @@
 #include "../config.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #ifndef ATTEND_NO_EXCEPTIONS
-#include <atomic>
 #include <exception>
 #endif
 
@@ -70,6 +79,59 @@ class FirstException {
 #endif
 };
 
+/// The thread request of the entry points running on this thread.
+struct ThreadRequest {
+  int depth = 0;      // entry points open on this thread (nested calls count once)
+  int requested = 0;  // num_threads of the outermost one that set it; 0 = the default
+};
+
+inline ThreadRequest& thread_request() {
+  thread_local ThreadRequest request;
+  return request;
+}
+
+/// Threads of the caller that are inside an attend entry point now.
+inline std::atomic<int>& active_callers() {
+  static std::atomic<int> count{0};
+  return count;
+}
+
+/// Opened by every entry point with its options' num_threads: records the request for the
+/// parallel loops of the call, and counts the calling thread as active while the outermost
+/// scope is open. A nested scope with num_threads = 0 keeps the enclosing request.
+/// \throws attend::invalid_argument when num_threads < 0.
+class ThreadScope {
+ public:
+  explicit ThreadScope(int num_threads) : saved_(thread_request()) {
+    ATTEND_CHECK(num_threads >= 0,
+                 "num_threads=" + std::to_string(num_threads) + " must be positive, or 0 for the default");
+    ThreadRequest& request = thread_request();
+    if (request.depth++ == 0) active_callers().fetch_add(1, std::memory_order_relaxed);
+    if (num_threads > 0) request.requested = num_threads;
+  }
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+  ~ThreadScope() {
+    if (saved_.depth == 0) active_callers().fetch_sub(1, std::memory_order_relaxed);
+    thread_request() = saved_;
+  }
+
+ private:
+  ThreadRequest saved_;
+};
+
+/// Threads a parallel loop of the current call runs on (see the file comment).
+inline int team_size() {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+  if (thread_request().requested > 0) return thread_request().requested;
+  const int callers = std::max(1, active_callers().load(std::memory_order_relaxed));
+  return std::max(1, omp_get_max_threads() / callers);
+#else
+  return 1;
+#endif
+}
+
 /// Calls body(i, scratch) for i in [0, count), in parallel when OpenMP is enabled. Each thread
 /// builds its scratch once with make_scratch(). Called inside an active parallel region (an
 /// enclosing loop of attend's, or the caller's), it runs serially in the calling thread.
@@ -81,9 +143,10 @@ template <class MakeScratch, class Body>
 void parallel_for_with_scratch(Index count, MakeScratch&& make_scratch, Body&& body) {
   if (count <= 0) return;
 #ifdef _OPENMP
-  if (!omp_in_parallel()) {
+  const int threads = int(std::min<Index>(team_size(), count));
+  if (threads > 1) {
     FirstException failure;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
       std::optional<std::decay_t<decltype(make_scratch())>> scratch;
       failure.run([&] { scratch.emplace(make_scratch()); });
