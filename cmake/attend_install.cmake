@@ -7,6 +7,11 @@ set(ATTEND_CONFIG_DIR "${CMAKE_INSTALL_DATADIR}/cmake/attend")
 install(DIRECTORY include/ DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}")
 install(TARGETS attend EXPORT attendTargets)
 install(EXPORT attendTargets NAMESPACE attend:: DESTINATION "${ATTEND_CONFIG_DIR}")
+# attend::distributed in its own export set, which attendConfig.cmake loads only when it finds MPI.
+if(ATTEND_HAS_MPI)
+  install(TARGETS attend_distributed EXPORT attendDistributedTargets)
+  install(EXPORT attendDistributedTargets NAMESPACE attend:: DESTINATION "${ATTEND_CONFIG_DIR}")
+endif()
 
 configure_package_config_file(cmake/attendConfig.cmake.in
   "${PROJECT_BINARY_DIR}/attendConfig.cmake"
@@ -20,3 +25,6 @@ install(FILES
 
 # Lets a consumer use find_package(attend) against this build tree.
 export(EXPORT attendTargets NAMESPACE attend:: FILE "${PROJECT_BINARY_DIR}/attendTargets.cmake")
+if(ATTEND_HAS_MPI)
+  export(EXPORT attendDistributedTargets NAMESPACE attend:: FILE "${PROJECT_BINARY_DIR}/attendDistributedTargets.cmake")
+endif()
