@@ -13,6 +13,8 @@
 # ccache, which .ci/run puts in front of the compilers (CMAKE_CXX_COMPILER_LAUNCHER).
 # With --aarch64 (the preset "aarch64") it also installs the aarch64 cross compiler, QEMU's
 # user-mode emulator that runs its executables, and GoogleTest's sources (built for the target).
+# With --mpi (what .ci/run passes) it also installs Open MPI (libopenmpi-dev, openmpi-bin), so that
+# CMake builds the optional attend::distributed component and `make test` runs its tests.
 set -euo pipefail
 
 readonly min_cmake=3.21
@@ -21,12 +23,14 @@ optional=()
 bench=false
 clang=false
 aarch64=false
+mpi=false
 for arg in "$@"; do
   case $arg in
     --bench) bench=true ;;
     --clang) clang=true ;;
     --aarch64) aarch64=true ;;
-    *) echo "usage: bash cmake/install-dependencies.sh [--bench] [--clang] [--aarch64]" >&2; exit 2 ;;
+    --mpi) mpi=true ;;
+    *) echo "usage: bash cmake/install-dependencies.sh [--bench] [--clang] [--aarch64] [--mpi]" >&2; exit 2 ;;
   esac
 done
 
@@ -57,6 +61,7 @@ if have_command dpkg-query; then
   packages=(libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev)
   $clang && packages+=(clang libomp-dev libclang-rt-dev ccache)
   $aarch64 && packages+=(g++-aarch64-linux-gnu qemu-user googletest)
+  $mpi && packages+=(libopenmpi-dev openmpi-bin)
   for package in "${packages[@]}"; do
     have_package "$package" || missing+=("$package")
   done
