@@ -49,6 +49,10 @@ class AdditiveAttention {
   Index hidden_dim() const { return w_query_.rows(); }
   Index query_dim() const { return w_query_.cols(); }
   Index key_dim() const { return w_key_.cols(); }
+  const Matrix<T>& w_query() const { return w_query_; }  ///< (h, d_q)
+  const Matrix<T>& w_key() const { return w_key_; }      ///< (h, d_k)
+  const Vector<T>& v() const { return v_; }              ///< (h)
+  const Vector<T>& bias() const { return bias_; }        ///< (h), or empty for none
 
   /// Writes the attention of queries `q` (Lq, d_q) over keys `k` (Lk, d_k) and `values`
   /// (Lk, Dv) into `out` (Lq, Dv), and each row's log-sum-exp into `lse` when non-empty.
@@ -75,6 +79,19 @@ class AdditiveAttention {
     return out;
   }
 
+  /// Returns the output (Lq, Dv) and each row's log-sum-exp (Lq), what a backward pass needs
+  /// (additive_backward.hpp), through the path `options` selects.
+  template <class DQ, class DK, class DV, class Mask = NoMask>
+  AttentionResult<T> forward_with_lse(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                      const Eigen::MatrixBase<DV>& values, const MaskBase<Mask>& mask = NoMask{},
+                                      const AttentionOptions& options = {}) const {
+    static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+    check_inputs(q, k, values, options);
+    AttentionResult<T> result{Matrix<T>(q.rows(), values.cols()), Vector<T>(q.rows()), {}};
+    forward_into(q, k, values, result.output, mask, options, result.lse);
+    return result;
+  }
+
   /// Returns the output, the (Lq, Lk) weights and the log-sum-exp through the materialized path.
   template <class DQ, class DK, class DV, class Mask = NoMask>
   AttentionResult<T> forward_with_weights(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
@@ -89,7 +106,7 @@ class AdditiveAttention {
     return result;
   }
 
- private:
+  /// The score policy on projected rows (scores/additive.hpp).
   detail::AdditiveScore<T> score() const { return {{v_.data(), v_.size()}}; }
 
   /// W_q q_i + b for every row: (Lq, h).
@@ -109,6 +126,8 @@ class AdditiveAttention {
     return k_proj;
   }
 
+  /// Throws attend::invalid_argument naming the shapes when q, k and values do not fit the
+  /// weights and each other, or when options.scale is set.
   template <class DQ, class DK, class DV>
   void check_inputs(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& values,
                     const AttentionOptions& options) const {
@@ -123,6 +142,7 @@ class AdditiveAttention {
                                      detail::number_string(*options.scale) + ")");
   }
 
+ private:
   Matrix<T> w_query_;  // (h, d_q)
   Matrix<T> w_key_;    // (h, d_k)
   Vector<T> v_;        // (h)
