@@ -81,6 +81,8 @@ void expect_matches(const Problem<T>& p, const Mask& mask, const BoolMatrix& vis
   blocked.algorithm = Algorithm::Blocked;
   multi_head_attention_into(p.q, p.k, p.v, p.heads, single, mask, blocked);
   const Matrix<T> single_rows = ad::shard_rows(single, options.sharding, ranks, rank);
+  ASSERT_EQ(s.out.rows(), single_rows.rows());
+  if (s.out.rows() == 0) return;  // an empty shard (no column block of an empty matrix at an offset)
   const Index group = p.heads / p.kv_heads;
   for (Index h = 0; h < p.heads; ++h) {
     SCOPED_TRACE("head " + std::to_string(h));
@@ -147,7 +149,8 @@ TYPED_TEST(RingTest, SelfAttentionMatchesReference) {
 // Cross attention (Lq != Lk) with both alignments: queries and keys sharded over their own lengths.
 TYPED_TEST(RingTest, CrossAttentionMatchesReference) {
   using T = TypeParam;
-  for (const auto& [lq, lk] : {std::pair<Index, Index>{96, 211}, {203, 64}}) {
+  for (const std::pair<Index, Index>& lengths : {std::pair<Index, Index>{96, 211}, {203, 64}}) {
+    const Index lq = lengths.first, lk = lengths.second;  // (a lambda cannot capture structured bindings in C++17)
     const Problem<T> p(lq, lk, 2, 1, 8, 12, 12);
     for (ad::Sharding sharding : {ad::Sharding::Contiguous, ad::Sharding::Zigzag})
       for_each_mask(lq, lk, [&](const std::string& name, const auto& mask, const BoolMatrix& visible) {

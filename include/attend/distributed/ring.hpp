@@ -306,8 +306,10 @@ void ring_attention_into(MPI_Comm comm, const Eigen::MatrixBase<DQ>& q, const Ei
   };
 
   Matrix<T> own(k.rows(), kv_width);  // this rank's packed [K | V]
-  own.leftCols(k.cols()) = k;
-  own.rightCols(v.cols()) = v;
+  if (k.rows() != 0) {  // (no column block of an empty matrix at an offset)
+    own.leftCols(k.cols()) = k;
+    own.rightCols(v.cols()) = v;
+  }
 
   if (options.exchange == KVExchange::AllGather) {
     std::vector<int> counts(static_cast<std::size_t>(ranks)), displacements(static_cast<std::size_t>(ranks));
