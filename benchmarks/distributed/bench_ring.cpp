@@ -21,6 +21,10 @@
 #include <string>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace {
 
 namespace ad = attend::distributed;
@@ -148,8 +152,14 @@ int run(const Config& c) {
     const Index tile_bytes = attend::detail::BlockedScratch<T>::bytes(attend::detail::kDefaultTiles, d, d);
     const double memory = double(sizeof(T)) * double(rows) *
                           (3.0 * double(c.heads * d) + 2.0 * double(c.heads) + 3.0 * 2.0 * double(c.kv_heads * d));
-    std::printf("ring attention: %d ranks, L = %d x %ld = %ld tokens, H = %ld, H_kv = %ld, d = %ld, %s, %s, %s shards\n",
-                ranks, ranks, long(c.chunk), long(length), long(c.heads), long(c.kv_heads), long(d),
+#ifdef _OPENMP
+    const int threads = omp_get_max_threads();
+#else
+    const int threads = 1;
+#endif
+    std::printf("ring attention: %d ranks x %d threads, L = %d x %ld = %ld tokens, H = %ld, H_kv = %ld, d = %ld, %s, "
+                "%s, %s shards\n",
+                ranks, threads, ranks, long(c.chunk), long(length), long(c.heads), long(c.kv_heads), long(d),
                 sizeof(T) == 4 ? "float" : "double", c.causal ? "causal" : "no mask", c.zigzag ? "zigzag" : "contiguous");
     std::printf("kernel: one %ld x %ld block, %ld heads: %.2f ms, %.1f GFLOP/s per rank\n", long(rows), long(rows),
                 long(c.heads), kernel * 1e3, rate / 1e9);
