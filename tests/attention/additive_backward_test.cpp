@@ -89,8 +89,10 @@ TYPED_TEST(AdditiveBackwardTest, EveryMaskBothPathsWithinThreeTimesTheNaiveError
   using T = TypeParam;
   ATTEND_SEEDED_RNG(rng);
   std::size_t n = 0;
-  for (const auto& [lq, lk, dq, dk, h, dv] : kShapes) {
-    const Problem<T> p(lq, lk, dq, dk, h, dv, n++ % 2 == 0, rng);
+  for (const auto& shape : kShapes) {
+    // (named copies: a lambda cannot capture structured bindings before C++20)
+    const Index lq = std::get<0>(shape), lk = std::get<1>(shape), h = std::get<4>(shape);
+    const Problem<T> p(lq, lk, std::get<2>(shape), std::get<3>(shape), h, std::get<5>(shape), n++ % 2 == 0, rng);
     for (const MaskSpec& spec : all_mask_specs())
       with_mask<T>(spec, lq, lk, rng, [&](const auto& mask, const MaskCase& c) {
         SCOPED_TRACE("Lq=" + std::to_string(lq) + " Lk=" + std::to_string(lk) + " h=" + std::to_string(h) +
