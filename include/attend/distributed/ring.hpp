@@ -163,7 +163,6 @@ class RingAccumulator {
       };
       std::vector<Item> items;
       std::vector<Bound> bound;
-      std::vector<std::pair<Index, Index>> merged;  // (offset, length) of the segments computed
       Index q_offset = 0;
       for (const Segment& qs : plan_.queries[std::size_t(rank_)]) {
         const Index offset = q_offset;
@@ -173,31 +172,30 @@ class RingAccumulator {
         const KeyRange seen = b.keys(0, qs.length);
         if (seen.begin >= seen.end) continue;
         bound.push_back(b);
-        merged.emplace_back(offset, qs.length);
         for (Index h = 0; h < layout_.heads; ++h)
           for (Index q0 = 0; q0 < qs.length; q0 += tiles_.queries)
             items.push_back({Index(bound.size()) - 1, offset, qs.length, h, q0});
       }
+      // Each item computes its rows of the partial and merges them into the running result at
+      // once (while they are in cache); items own disjoint rows, so they run in any order.
       parallel_for_with_progress(
           Index(items.size()), [&] { return attend::detail::BlockedScratch<T>(tiles_, d, dv); },
           [&](Index i, attend::detail::BlockedScratch<T>& scratch) {
             const Item& it = items[std::size_t(i)];
-            const Index g = layout_.kv_head_of(it.head);
+            const Index g = layout_.kv_head_of(it.head), rows = std::min(tiles_.queries, it.length - it.q0);
             const ConstMatrixRef<T> qh = q_.block(it.offset, it.head * d, it.length, d);        // (lq, d)
             const ConstMatrixRef<T> kh = keys.middleCols(g * d, d);                              // (lk, d)
             const ConstMatrixRef<T> vh = keys.middleCols(kv_width + g * dv, dv);                 // (lk, d_v)
             MatrixRef<T> oh = part_out_.block(it.offset, it.head * dv, it.length, dv);           // (lq, d_v)
             VectorRef<T> lh = Eigen::Map<Vector<T>>(&part_lse_(it.head, it.offset), it.length);  // (lq)
             attend::detail::blocked_query_tile<T>(qh, kh, vh, score_, bound[std::size_t(it.segment)], tiles_, it.q0,
-                                                  std::min(tiles_.queries, it.length - it.q0), oh, lh, scratch);
+                                                  rows, oh, lh, scratch);
+            const Index row = it.offset + it.q0;
+            merge_partial_into<T>(out_.block(row, it.head * dv, rows, dv), Eigen::Map<Vector<T>>(&lse_(it.head, row), rows),
+                                  part_out_.block(row, it.head * dv, rows, dv),
+                                  Eigen::Map<const Vector<T>>(&part_lse_(it.head, row), rows));
           },
           progress);
-      for (const auto& [offset, length] : merged)
-        for (Index h = 0; h < layout_.heads; ++h)
-          merge_partial_into<T>(out_.block(offset, h * dv, length, dv),
-                                Eigen::Map<Vector<T>>(&lse_(h, offset), length),
-                                part_out_.block(offset, h * dv, length, dv),
-                                Eigen::Map<const Vector<T>>(&part_lse_(h, offset), length));
     }
   }
 
