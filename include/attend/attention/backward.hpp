@@ -1,0 +1,535 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/backward.hpp
+/// \brief Gradients of attention (training): for a forward out = softmax(S) V with its saved
+/// log-sum-exp, and the gradient dO of a loss with respect to out, the gradients dQ, dK, dV and
+/// those of the variant's parameters.
+///
+///   P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  D_i = <dO_i, O_i>,  dS = P * (dP - D),
+///   dQ = scale dS K,   dK = scale dS^T Q
+/// (FlashAttention-2's backward; see attention/backward_blocked.hpp for the two passes). What a
+/// forward must save is its inputs, its output and its log-sum-exp (the `_with_lse` forms, or
+/// the `lse` argument of the `_into` forms); the weights are recomputed, so the forward's
+/// recomputation is the gradient checkpointing. The backward takes the same mask and options
+/// as its forward; `Algorithm::Auto` picks the same path. Defined results: a query that saw no
+/// key (fully masked, or Lk = 0) has zero gradients and contributes nothing; NaN propagates to
+/// the gradients it touches. Results are bitwise identical for any thread count.
+#pragma once
+
+#include "../detail/checks.hpp"
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../scores.hpp"
+#include "../types.hpp"
+#include "backward_blocked.hpp"
+#include "backward_materialized.hpp"
+#include "dot_family.hpp"
+#include "local_window.hpp"
+#include "multi_head.hpp"
+#include "scaled_dot_product.hpp"
+#include "top_k.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace attend {
+
+/// Gradients of the inputs of one attention call.
+template <class T>
+struct AttentionGradients {
+  Matrix<T> dq;  ///< (Lq, Dk)
+  Matrix<T> dk;  ///< (Lk, Dk)
+  Matrix<T> dv;  ///< (Lk, Dv)
+};
+
+/// Which T5 relative-position buckets a table gradient sums into: the configuration of the
+/// RelativePositionBias the forward used (see biases.hpp).
+struct RelativePositionBuckets {
+  Index num_buckets = 32;
+  bool bidirectional = true;
+  Index max_distance = 128;
+  Alignment alignment = Alignment::TopLeft;
+};
+
+/// Gradients of learnable score biases, on request. The gradient of a bias added to the scores
+/// is dS = dL/dS itself (zero at hidden keys):
+///  - d_bias: when set, resized to (Lq, Lk) and filled with dS, the gradient of an AdditiveMask's
+///    matrix (for one mask in the call; several additive masks each get this same gradient);
+///  - d_table: when set, resized to (num_buckets) and filled with the gradient of a T5 table,
+///    sum of dS_ij over the (i, j) with bucket(j - a_i) = b, buckets as `table_buckets` says.
+template <class T>
+struct BiasGradients {
+  Matrix<T>* d_bias = nullptr;
+  Vector<T>* d_table = nullptr;
+  RelativePositionBuckets table_buckets{};
+};
+
+namespace detail {
+
+/// Receives the key pass's tiles of dS (backward_blocked.hpp): copies them into d_bias, and sums
+/// them by bucket into row `task` of `partials` (one row per key tile, summed in order after).
+template <class T>
+struct BiasGradientSink {
+  static constexpr bool active = true;
+  Matrix<T>* d_bias;                 // (Lq, Lk) or null
+  Matrix<T>* partials;               // (tasks, num_buckets) or null
+  const std::vector<Index>* bucket;  // bucket of relative position d at [d - d_min]
+  Index d_min;
+  Index offset;  // aligned key of query 0
+
+  template <class S>
+  void add(const S& ds, Index q0, Index k0, Index task) const {
+    if (d_bias) d_bias->block(q0, k0, ds.rows(), ds.cols()) = ds;
+    if (!partials) return;
+    for (Index i = 0; i < ds.rows(); ++i) {
+      const Index first = k0 - (q0 + i + offset) - d_min;  // relative position of key k0, shifted
+      for (Index j = 0; j < ds.cols(); ++j) (*partials)(task, (*bucket)[std::size_t(first + j)]) += ds(i, j);
+    }
+  }
+};
+
+/// Checks the shapes of a backward call (out and d_out of out_cols columns) and that no output
+/// shares memory with an input or another output.
+template <class T>
+void check_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                    const ConstMatrixRef<T>& out, Index lse_size, const ConstMatrixRef<T>& d_out,
+                    const MatrixRef<T>& dq, const MatrixRef<T>& dk, const MatrixRef<T>& dv, Index out_cols) {
+  check_shape(out, q.rows(), out_cols, "forward output");
+  ATTEND_CHECK(lse_size == q.rows(), "forward log-sum-exp of size " + std::to_string(lse_size) +
+                                         " must have Lq = " + std::to_string(q.rows()) +
+                                         " entries (save it with the forward's _with_lse form or lse argument)");
+  check_shape(d_out, q.rows(), out_cols, "output gradient d_out");
+  check_shape(dq, q.rows(), q.cols(), "dq");
+  check_shape(dk, k.rows(), k.cols(), "dk");
+  check_shape(dv, v.rows(), v.cols(), "dv");
+  const auto inputs = {std::pair<const ConstMatrixRef<T>*, const char*>{&q, "input q"}, {&k, "input k"},
+                       {&v, "input v"}, {&out, "forward output"}, {&d_out, "d_out"}};
+  for (const auto& [input, name] : inputs) {
+    check_no_alias(dq, "dq", *input, name);
+    check_no_alias(dk, "dk", *input, name);
+    check_no_alias(dv, "dv", *input, name);
+  }
+  check_no_alias(dq, "dq", dk, "dk");
+  check_no_alias(dq, "dq", dv, "dv");
+  check_no_alias(dk, "dk", dv, "dv");
+}
+
+/// The shared core of every single-head backward: checks, binds the mask, and runs the path
+/// `options` selects (as the forward's attention_into does).
+template <class T, class Modifier, class Mask, class Sink>
+void attention_backward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                             const ConstMatrixRef<T>& out, const ConstStridedVectorRef<T>& lse,
+                             const ConstMatrixRef<T>& d_out, T scale, const Modifier& modifier, const Mask& mask,
+                             const AttentionOptions& options, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
+                             const Sink& sink) {
+  check_backward<T>(q, k, v, out, lse.size(), d_out, dq, dk, dv, v.cols());
+  const TileShape tiles = resolve_backward_tiles(options, q.rows(), k.rows());
+  const auto bound = mask.bind(q.rows(), k.rows());
+  const BackwardHead<T> head{q, out, d_out, lse};
+  if (use_blocked(options, q.rows(), k.rows()))
+    blocked_backward<T>(head, k, v, scale, modifier, bound, tiles, dq, dk, dv, sink);
+  else
+    materialized_backward<T>(head, k, v, scale, modifier, bound, dq, dk, dv, sink);
+}
+
+/// attention_backward_into with the bias gradients of `request`.
+template <class T, class Modifier, class Mask>
+void attention_backward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                             const ConstMatrixRef<T>& out, const ConstStridedVectorRef<T>& lse,
+                             const ConstMatrixRef<T>& d_out, T scale, const Modifier& modifier, const Mask& mask,
+                             const AttentionOptions& options, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
+                             const BiasGradients<T>& request) {
+  const Index num_queries = q.rows(), num_keys = k.rows();
+  const bool blocked = use_blocked(options, num_queries, num_keys);
+  const TileShape tiles = resolve_backward_tiles(options, num_queries, num_keys);
+  const Index tasks = blocked ? std::max<Index>((num_keys + tiles.keys - 1) / tiles.keys, 1) : 1;
+  BiasGradientSink<T> sink{nullptr, nullptr, nullptr, 0, 0};
+  Matrix<T> partials;
+  std::vector<Index> bucket;
+  if (request.d_bias) {
+    check_array_size<T>(num_queries, num_keys, "bias gradient (Lq x Lk)");
+    request.d_bias->setZero(num_queries, num_keys);
+    sink.d_bias = request.d_bias;
+  }
+  if (request.d_table) {
+    const RelativePositionBuckets& b = request.table_buckets;
+    sink.offset = diagonal_offset(b.alignment, num_queries, num_keys);
+    sink.d_min = -(num_queries - 1 + sink.offset);
+    relative_position_bucket(0, b.bidirectional, b.num_buckets, b.max_distance);  // validates the configuration
+    if (num_queries > 0 && num_keys > 0)
+      for (Index d = sink.d_min; d <= num_keys - 1 - sink.offset; ++d)
+        bucket.push_back(relative_position_bucket(d, b.bidirectional, b.num_buckets, b.max_distance));
+    partials.setZero(tasks, b.num_buckets);
+    sink.partials = &partials;
+    sink.bucket = &bucket;
+  }
+  attention_backward_into<T>(q, k, v, out, lse, d_out, scale, modifier, mask, options, dq, dk, dv, sink);
+  if (request.d_table) {
+    request.d_table->setZero(request.table_buckets.num_buckets);
+    for (Index t = 0; t < tasks; ++t) *request.d_table += partials.row(t).transpose();
+  }
+}
+
+/// Gradients of y = x / max(||x||, 1e-12) (unit_rows) for each row: with n = ||x||,
+///   dx = (dy - y <y, dy>) / n  when n > 1e-12,   dx = dy / 1e-12 otherwise.
+template <class T>
+Matrix<T> unit_rows_backward(const ConstMatrixRef<T>& x, const Matrix<T>& y, const Matrix<T>& dy) {
+  Matrix<T> dx(x.rows(), x.cols());
+  for (Index i = 0; i < x.rows(); ++i) {
+    const T norm = x.row(i).stableNorm();
+    if (norm > T(kUnitRowsMinNorm))
+      dx.row(i) = (dy.row(i) - y.row(i) * row_dot(y.row(i).data(), dy.row(i).data(), y.cols())) / norm;
+    else
+      dx.row(i) = dy.row(i) / T(kUnitRowsMinNorm);
+  }
+  return dx;
+}
+
+/// Allocated gradients of the shapes of q, k, v.
+template <class T, class DQ, class DK, class DV>
+AttentionGradients<T> gradients_like(const DQ& q, const DK& k, const DV& v) {
+  return {Matrix<T>(q.rows(), q.cols()), Matrix<T>(k.rows(), k.cols()), Matrix<T>(v.rows(), v.cols())};
+}
+
+}  // namespace detail
+
+/// Writes the gradients of scaled_dot_product_attention(q, k, v, mask, options) at `d_out` into
+/// dq (Lq, Dk), dk (Lk, Dk), dv (Lk, Dv), given the forward's output `out` (Lq, Dv) and its
+/// log-sum-exp `lse` (Lq). The mask and options must be the forward's. Gradients of an
+/// AdditiveMask's bias or a T5 table: pass `bias_gradients`.
+/// \throws attend::invalid_argument on mismatched shapes (naming them), a bad mask or tile size,
+///         or an output sharing memory with an input or another output.
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+void scaled_dot_product_attention_backward_into(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
+    MatrixRef<typename DQ::Scalar> dq, MatrixRef<typename DQ::Scalar> dk, MatrixRef<typename DQ::Scalar> dv,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  detail::check_qkv(q, k, v);
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out);
+  const Vector<T> lse_copy = lse.reshaped();  // O(Lq); any vector expression or orientation
+  const T scale = detail::resolve_scale<T>(options, q.cols());
+  if (bias_gradients.d_bias || bias_gradients.d_table)
+    detail::attention_backward_into<T>(q_ref, k_ref, v_ref, out_ref, lse_copy, d_out_ref, scale,
+                                       detail::IdentityModifier{}, mask.derived(), options, dq, dk, dv, bias_gradients);
+  else
+    detail::attention_backward_into<T>(q_ref, k_ref, v_ref, out_ref, lse_copy, d_out_ref, scale,
+                                       detail::IdentityModifier{}, mask.derived(), options, dq, dk, dv,
+                                       detail::NoBiasGradient{});
+}
+
+/// Returns the gradients of scaled_dot_product_attention(q, k, v, mask, options) at `d_out`,
+/// given its `_with_lse` result. See scaled_dot_product_attention_backward_into.
+template <class DQ, class DK, class DV, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> scaled_dot_product_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const AttentionResult<typename DQ::Scalar>& forward, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DD>);
+  using T = typename DQ::Scalar;
+  detail::check_qkv(q, k, v);
+  AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
+  scaled_dot_product_attention_backward_into(q, k, v, forward.output, forward.lse, d_out, g.dq, g.dk, g.dv, mask,
+                                             options, bias_gradients);
+  return g;
+}
+
+/// Gradients of dot_product_attention (scale 1 unless options.scale is set), given its output
+/// and log-sum-exp.
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> dot_product_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  detail::check_qkv(q, k, v);
+  AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
+  scaled_dot_product_attention_backward_into(q, k, v, out, lse, d_out, g.dq, g.dk, g.dv, mask,
+                                             detail::with_default_scale(options, 1.0));
+  return g;
+}
+
+/// Gradients of bilinear attention, with that of its weight W (d_q, d_k).
+template <class T>
+struct BilinearGradients {
+  Matrix<T> dq;  ///< (Lq, d_q)
+  Matrix<T> dk;  ///< (Lk, d_k)
+  Matrix<T> dv;  ///< (Lk, Dv)
+  Matrix<T> dw;  ///< (d_q, d_k)
+};
+
+/// Gradients of bilinear_attention(q, k, v, w, mask, options), s_ij = q_i^T W k_j, given its output
+/// and log-sum-exp. With Q' = Q W and dQ' its gradient from the engine: dQ = dQ' W^T, dW = Q^T dQ'.
+template <class DQ, class DK, class DV, class DW, class DO, class DL, class DD, class Mask = NoMask>
+BilinearGradients<typename DQ::Scalar> bilinear_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse,
+    const Eigen::MatrixBase<DD>& d_out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DW, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(),
+               "bilinear weight W " + detail::shape_of(w) + " must be (d_q x d_k) for q " + detail::shape_of(q) +
+                   " and k " + detail::shape_of(k));
+  Matrix<T> q_w(q.rows(), w.cols());  // (Lq, d_k)
+  detail::parallel_product(q_w, q, w);
+  BilinearGradients<T> g{Matrix<T>(q.rows(), q.cols()), Matrix<T>(k.rows(), k.cols()), Matrix<T>(v.rows(), v.cols()),
+                         Matrix<T>(w.rows(), w.cols())};
+  Matrix<T> d_q_w(q.rows(), w.cols());  // (Lq, d_k)
+  scaled_dot_product_attention_backward_into(q_w, k, v, out, lse, d_out, d_q_w, g.dk, g.dv, mask,
+                                             detail::with_default_scale(options, 1.0));
+  detail::parallel_product(g.dq, d_q_w, w.transpose());
+  detail::parallel_product(g.dw, q.transpose(), d_q_w);
+  return g;
+}
+
+/// Gradients of cosine attention, with that of its temperature.
+template <class T>
+struct CosineGradients {
+  Matrix<T> dq;         ///< (Lq, Dk)
+  Matrix<T> dk;         ///< (Lk, Dk)
+  Matrix<T> dv;         ///< (Lk, Dv)
+  T d_temperature = 0;  ///< dL / d temperature
+};
+
+/// Gradients of cosine_attention(q, k, v, temperature, mask, options), given its output and
+/// log-sum-exp. With unit rows Q^, K^ (unit_rows) and s = <q^_i, k^_j> / t, the engine gives
+/// dQ^, dK^; then through the normalization (unit_rows_backward) and
+///   dL/dt = -(1/t) sum_ij dS_ij s_ij = -(1/t) sum_i <q^_i, dq^_i>.
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+CosineGradients<typename DQ::Scalar> cosine_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    double temperature, const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse,
+    const Eigen::MatrixBase<DD>& d_out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  ATTEND_CHECK(temperature > 0 && std::isfinite(temperature) && std::isfinite(static_cast<T>(1.0 / temperature)),
+               "cosine attention temperature " + detail::number_string(temperature) +
+                   " must be a positive finite number whose inverse is a finite " + detail::scalar_name<T>());
+  ATTEND_CHECK(!options.scale, "cosine attention takes its scale as 1 / temperature; leave options.scale unset (got " +
+                                   detail::number_string(*options.scale) + ")");
+  detail::check_qkv(q, k, v);
+  const ConstMatrixRef<T> q_ref(q), k_ref(k);
+  const Matrix<T> q_unit = detail::unit_rows(q_ref), k_unit = detail::unit_rows(k_ref);
+  AttentionGradients<T> unit = detail::gradients_like<T>(q, k, v);
+  scaled_dot_product_attention_backward_into(q_unit, k_unit, v, out, lse, d_out, unit.dq, unit.dk, unit.dv, mask,
+                                             detail::with_default_scale(options, 1.0 / temperature));
+  T sum = 0;
+  for (Index i = 0; i < q_unit.rows(); ++i) sum += detail::row_dot(q_unit.row(i).data(), unit.dq.row(i).data(), q.cols());
+  return {detail::unit_rows_backward<T>(q_ref, q_unit, unit.dq), detail::unit_rows_backward<T>(k_ref, k_unit, unit.dk),
+          std::move(unit.dv), -sum / static_cast<T>(temperature)};
+}
+
+/// Gradients of soft_capped_attention(q, k, v, cap, mask, options), s = cap tanh(z / cap) with
+/// z = scale <q_i, k_j>, given its output and log-sum-exp: dZ = dS (1 - (s / cap)^2).
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> soft_capped_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, double cap,
+    const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  const T checked_cap = detail::checked_soft_cap<T>(cap);
+  detail::check_qkv(q, k, v);
+  AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out);
+  const Vector<T> lse_copy = lse.reshaped();
+  detail::attention_backward_into<T>(q_ref, k_ref, v_ref, out_ref, lse_copy, d_out_ref,
+                                     detail::resolve_scale<T>(options, q.cols()),
+                                     detail::SoftCapModifier<T>{checked_cap}, mask.derived(), options, g.dq, g.dk,
+                                     g.dv, detail::NoBiasGradient{});
+  return g;
+}
+
+/// Gradients of local_window_attention(q, k, v, window, mask, options), given its output and
+/// log-sum-exp. The blocked path visits only the tiles the window sees: O(L w d).
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> local_window_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const Window& window, const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse,
+    const Eigen::MatrixBase<DD>& d_out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  detail::check_qkv(q, k, v);
+  AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
+  scaled_dot_product_attention_backward_into(q, k, v, out, lse, d_out, g.dq, g.dk, g.dv, window & mask,
+                                             detail::local_window_options(options, window, k.rows()));
+  return g;
+}
+
+/// Gradients of top_k_attention(q, k, v, top_k, mask, options), given its output and log-sum-exp,
+/// with the selection held fixed: each query's keys are selected again (by index, as the forward
+/// selects them; call with the forward's options) and the engine differentiates through them.
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> top_k_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index top_k,
+    const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  ATTEND_CHECK(top_k >= 1, "top-k attention needs k >= 1, got k=" + std::to_string(top_k));
+  detail::check_qkv(q, k, v);
+  const ConstMatrixRef<T> q_ref(q), k_ref(k);
+  const T scale = detail::resolve_scale<T>(options, q.cols());
+  const detail::KeySelection selection =
+      detail::select_top_keys<T>(q_ref, k_ref, detail::ScaledDot<T>{scale}, mask.derived().bind(q.rows(), k.rows()),
+                                 std::min(top_k, k.rows()), detail::resolve_tiles(options, q.rows(), k.rows()));
+  AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
+  scaled_dot_product_attention_backward_into(q, k, v, out, lse, d_out, g.dq, g.dk, g.dv,
+                                             mask.derived() & detail::SelectedKeys(selection), options);
+  return g;
+}
+
+/// Gradients of hard_attention (top-k with k = 1).
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> hard_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  return top_k_attention_backward(q, k, v, 1, out, lse, d_out, mask, options);
+}
+
+/// Output and log-sum-exp of a multi-head call, what its backward needs.
+template <class T>
+struct MultiHeadLseResult {
+  Matrix<T> output;  ///< (Lq, H d_v)
+  Matrix<T> lse;     ///< (Lq, H), column h for head h
+};
+
+/// Multi-head attention of projected inputs (as multi_head_attention) with each head's
+/// log-sum-exp: q (Lq, H d), k (Lk, H_kv d), v (Lk, H_kv d_v); query head h reads kv head
+/// h / (H / H_kv). Heads run in parallel, each on the single-head engine.
+/// \throws attend::invalid_argument when the widths do not split into heads.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eigen::MatrixBase<DQ>& q,
+                                                                      const Eigen::MatrixBase<DK>& k,
+                                                                      const Eigen::MatrixBase<DV>& v, Index num_heads,
+                                                                      const MaskBase<Mask>& mask = NoMask{},
+                                                                      const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
+  using T = typename DQ::Scalar;
+  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
+                                         " must have the same number of rows (keys)");
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  const Index num_queries = q.rows(), num_keys = k.rows();
+  MultiHeadLseResult<T> result{Matrix<T>(num_queries, layout.heads * layout.value_dim),
+                               Matrix<T>(num_queries, layout.heads)};
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  const T scale = detail::resolve_scale<T>(options, layout.key_dim);
+  detail::resolve_tiles(options);
+  mask.derived().bind(num_queries, num_keys);  // validated before the parallel loop
+  if (num_queries == 0) return result;
+  const auto head = [&](Index h) {
+    const Index g = layout.kv_head_of(h);
+    Vector<T> lse(num_queries);
+    detail::attention_into<T>(q_ref.middleCols(h * layout.key_dim, layout.key_dim),
+                              k_ref.middleCols(g * layout.key_dim, layout.key_dim),
+                              v_ref.middleCols(g * layout.value_dim, layout.value_dim), detail::ScaledDot<T>{scale},
+                              mask.derived(), options,
+                              result.output.middleCols(h * layout.value_dim, layout.value_dim), lse);
+    result.lse.col(h) = lse;
+  };
+  if (layout.heads == 1)
+    head(0);
+  else
+    detail::parallel_for_with_scratch(layout.heads, [] { return 0; }, [&](Index h, int&) { head(h); });
+  return result;
+}
+
+/// Writes the gradients of multi_head_attention(q, k, v, num_heads, mask, options) at d_out
+/// (Lq, H d_v) into dq (Lq, H d), dk (Lk, H_kv d), dv (Lk, H_kv d_v), given the forward's
+/// output (Lq, H d_v) and log-sum-exp (Lq, H) (multi_head_attention_with_lse). The dK and dV of
+/// a kv head sum the contributions of its H / H_kv query heads (GQA, MQA), in head order.
+/// The key pass runs over (kv head, key tile) items and the query pass over (head, query tile)
+/// items, in parallel, so even one head splits across threads.
+/// \throws attend::invalid_argument on mismatched shapes or aliasing outputs.
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                        const Eigen::MatrixBase<DV>& v, Index num_heads,
+                                        const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse,
+                                        const Eigen::MatrixBase<DD>& d_out, MatrixRef<typename DQ::Scalar> dq,
+                                        MatrixRef<typename DQ::Scalar> dk, MatrixRef<typename DQ::Scalar> dv,
+                                        const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
+                                         " must have the same number of rows (keys)");
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  const Index num_queries = q.rows(), num_keys = k.rows(), d = layout.key_dim, dv_width = layout.value_dim;
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out), lse_ref(lse);
+  detail::check_shape(lse_ref, num_queries, layout.heads, "forward log-sum-exp (Lq x H)");
+  detail::check_backward<T>(q_ref, k_ref, v_ref, out_ref, num_queries, d_out_ref, dq, dk, dv,
+                            layout.heads * dv_width);
+  detail::check_no_alias(dq, "dq", lse_ref, "forward log-sum-exp");
+  detail::check_no_alias(dk, "dk", lse_ref, "forward log-sum-exp");
+  detail::check_no_alias(dv, "dv", lse_ref, "forward log-sum-exp");
+  const T scale = detail::resolve_scale<T>(options, d);
+  const detail::TileShape tiles = detail::resolve_backward_tiles(options, num_queries, num_keys);
+  using Bound = decltype(mask.derived().bind(num_queries, num_keys));
+  std::vector<Bound> masks;
+  std::vector<detail::BackwardHead<T>> heads;
+  for (Index h = 0; h < layout.heads; ++h) {
+    masks.push_back(mask.derived().bind(num_queries, num_keys));
+    heads.push_back({q_ref.middleCols(h * d, d), out_ref.middleCols(h * dv_width, dv_width),
+                     d_out_ref.middleCols(h * dv_width, dv_width), lse_ref.col(h)});
+  }
+  const Index group = layout.heads / layout.kv_heads;
+  const auto k_of = [&](Index g) { return ConstMatrixRef<T>(k_ref.middleCols(g * d, d)); };
+  const auto v_of = [&](Index g) { return ConstMatrixRef<T>(v_ref.middleCols(g * dv_width, dv_width)); };
+  if (!detail::use_blocked(options, num_queries, num_keys)) {
+    // The readable path, head by head; a kv head's gradients sum its query heads' in order.
+    dk.setZero();
+    dv.setZero();
+    Matrix<T> dk_head(num_keys, d), dv_head(num_keys, dv_width);
+    for (Index h = 0; h < layout.heads; ++h) {
+      const Index g = h / group;
+      detail::materialized_backward<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, detail::IdentityModifier{},
+                                       masks[std::size_t(h)], dq.middleCols(h * d, d), dk_head, dv_head,
+                                       detail::NoBiasGradient{});
+      dk.middleCols(g * d, d) += dk_head;
+      dv.middleCols(g * dv_width, dv_width) += dv_head;
+    }
+    return;
+  }
+  const Index key_tiles = (num_keys + tiles.keys - 1) / tiles.keys;
+  const Index query_tiles = (num_queries + tiles.queries - 1) / tiles.queries;
+  detail::parallel_for_with_scratch(
+      layout.kv_heads * key_tiles, [&] { return detail::KeyPassScratch<T>(tiles, d, dv_width, false); },
+      [&](Index item, detail::KeyPassScratch<T>& scratch) {
+        const Index g = item / key_tiles, k0 = (item % key_tiles) * tiles.keys;
+        detail::backward_key_tile<T>(&heads[std::size_t(g * group)], &masks[std::size_t(g * group)], group, k_of(g),
+                                     v_of(g), scale, detail::IdentityModifier{}, tiles, k0,
+                                     std::min(tiles.keys, num_keys - k0), dk.middleCols(g * d, d),
+                                     dv.middleCols(g * dv_width, dv_width), scratch, detail::NoBiasGradient{}, item);
+      });
+  detail::parallel_for_with_scratch(
+      layout.heads * query_tiles, [&] { return detail::QueryPassScratch<T>(tiles, d, dv_width, false); },
+      [&](Index item, detail::QueryPassScratch<T>& scratch) {
+        const Index h = item / query_tiles, q0 = (item % query_tiles) * tiles.queries, g = h / group;
+        detail::backward_query_tile<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, detail::IdentityModifier{},
+                                       masks[std::size_t(h)], tiles, q0, std::min(tiles.queries, num_queries - q0),
+                                       dq.middleCols(h * d, d), scratch);
+      });
+}
+
+/// Returns the gradients of multi_head_attention at d_out, given its multi_head_attention_with_lse
+/// result. See multi_head_attention_backward_into.
+template <class DQ, class DK, class DV, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> multi_head_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
+    const MultiHeadLseResult<typename DQ::Scalar>& forward, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DD>);
+  using T = typename DQ::Scalar;
+  AttentionGradients<T> g{Matrix<T>(q.rows(), q.cols()), Matrix<T>(k.rows(), k.cols()), Matrix<T>(v.rows(), v.cols())};
+  multi_head_attention_backward_into(q, k, v, num_heads, forward.output, forward.lse, d_out, g.dq, g.dk, g.dv, mask,
+                                     options);
+  return g;
+}
+
+}  // namespace attend

@@ -1,0 +1,255 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/backward_blocked.hpp
+/// \brief The blocked backward (FlashAttention-2, Dao 2023, Algorithm 2) in two passes with no
+/// atomics, so that the gradients are bitwise independent of the thread count:
+///  - the key pass: each task owns a tile of keys, loops over the query tiles that see it and
+///    accumulates dV = P^T dO and dK = scale dS^T Q for its keys;
+///  - the query pass: each task owns a tile of queries, loops over the key tiles it sees and
+///    accumulates dQ = scale dS K for its queries.
+/// Both recompute, tile by tile, S = scale Q K^T (masked, modified), P = exp(S - lse),
+/// dP = dO V^T, D_i = <dO_i, O_i> and dS = P * (dP - D); no (Lq, Lk) matrix is formed and the
+/// scratch per thread does not depend on the lengths. The products are the forward's
+/// register-blocked kernels (tile_kernels.hpp) on tiles packed the forward's way (packing.hpp).
+#pragma once
+
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../types.hpp"
+#include "../detail/backward_kernels.hpp"
+#include "../detail/packet.hpp"
+#include "../detail/packing.hpp"
+#include "../detail/parallel.hpp"
+#include "../detail/tile_kernels.hpp"
+#include "blocked.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace attend::detail {
+
+/// 64 queries x 128 keys: a key task holds dK and dV of its keys (128 x (Dk + Dv)) and the
+/// packed K and V tiles, which stay in L2 at d = 128.
+inline constexpr TileShape kBackwardDefaultTiles{64, 128};
+
+/// The backward's tile shape: the options' sizes, defaulting to kBackwardDefaultTiles, each at
+/// most the problem's and at least 1.
+inline TileShape resolve_backward_tiles(const AttentionOptions& options, Index num_queries, Index num_keys) {
+  resolve_tiles(options);  // validates the sizes
+  const Index bq = options.block_q > 0 ? options.block_q : kBackwardDefaultTiles.queries;
+  const Index bk = options.block_k > 0 ? options.block_k : kBackwardDefaultTiles.keys;
+  return {std::min(bq, std::max(num_queries, Index(1))), std::min(bk, std::max(num_keys, Index(1)))};
+}
+
+/// Strided read-only vector (a column of an (Lq, H) log-sum-exp matrix).
+template <class T>
+using ConstStridedVectorRef = Eigen::Ref<const Vector<T>, 0, Eigen::InnerStride<>>;
+
+/// What the backward of one head reads, all views:
+///   q (Lq, Dk), out (Lq, Dv), d_out (Lq, Dv), lse (Lq); k (Lk, Dk) and v (Lk, Dv) are shared
+///   by the heads of a group (GQA).
+template <class T>
+struct BackwardHead {
+  ConstMatrixRef<T> q;
+  ConstMatrixRef<T> out;
+  ConstMatrixRef<T> d_out;
+  ConstStridedVectorRef<T> lse;
+};
+
+/// The gradient of additive biases is dS itself; a sink receives every visited tile of dS
+/// (queries x keys, first element (q0, k0)) from the key pass, whose task `task` owns the key
+/// tile. Unvisited tiles (empty, or never seen) have dS = 0. This one drops it.
+struct NoBiasGradient {
+  static constexpr bool active = false;
+  template <class S>
+  void add(const S&, Index, Index, Index) const {}
+};
+
+/// Per-thread scratch of the key pass. lanes_k = Bk rounded up to packets.
+///   kt, vt  (Dk, lanes_k), (Dv, lanes_k)  the key tile's K^T and V^T
+///   sq      (Bq, Dk)    scale * Q of the current query tile
+///   s, dp   (Bq, lanes_k)  S then P; dP then dS
+///   g       (Bq, lanes_k)  ds/dz of the score modifier (when it has one)
+///   dk, dv  (Bk, Dk), (Bk, Dv) accumulators
+///   ones    (max(Bq, Bk)) the value kernel's rescale factors
+template <class T>
+struct KeyPassScratch {
+  KeyPassScratch(TileShape tiles, Index key_dim, Index value_dim, bool modifier)
+      : kt(key_dim, round_up_to_lanes<T>(tiles.keys)),
+        vt(value_dim, round_up_to_lanes<T>(tiles.keys)),
+        sq(tiles.queries, key_dim),
+        s(tiles.queries, round_up_to_lanes<T>(tiles.keys)),
+        dp(tiles.queries, round_up_to_lanes<T>(tiles.keys)),
+        g(modifier ? tiles.queries : 0, round_up_to_lanes<T>(tiles.keys)),
+        dk(tiles.keys, key_dim),
+        dv(tiles.keys, value_dim),
+        ones(Vector<T>::Ones(std::max(tiles.queries, tiles.keys))) {}
+
+  static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
+    const Index lanes = round_up_to_lanes<T>(tiles.keys);
+    return Index(sizeof(T)) * ((key_dim + value_dim) * lanes + tiles.queries * key_dim +
+                               (modifier ? 3 : 2) * tiles.queries * lanes + tiles.keys * (key_dim + value_dim) +
+                               std::max(tiles.queries, tiles.keys));
+  }
+
+  Matrix<T> kt, vt, sq, s, dp, g, dk, dv;
+  Vector<T> ones;
+};
+
+/// Per-thread scratch of the query pass. lanes = Bq rounded up to packets.
+///   qt, dot (Dk, lanes), (Dv, lanes)  scale * Q^T and dO^T of the query tile
+///   st, dpt (Bk, lanes)  S^T then P^T; dP^T then dS^T
+///   g       (Bk, lanes)  ds/dz of the score modifier (when it has one)
+///   dq      (Bq, Dk) accumulator
+///   state   (2, lanes) shift u and statistic D per query
+template <class T>
+struct QueryPassScratch {
+  QueryPassScratch(TileShape tiles, Index key_dim, Index value_dim, bool modifier)
+      : qt(key_dim, round_up_to_lanes<T>(tiles.queries)),
+        dot(value_dim, round_up_to_lanes<T>(tiles.queries)),
+        st(tiles.keys, round_up_to_lanes<T>(tiles.queries)),
+        dpt(tiles.keys, round_up_to_lanes<T>(tiles.queries)),
+        g(modifier ? tiles.keys : 0, round_up_to_lanes<T>(tiles.queries)),
+        dq(tiles.queries, key_dim),
+        state(2, round_up_to_lanes<T>(tiles.queries)),
+        ones(Vector<T>::Ones(tiles.queries)) {}
+
+  static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
+    const Index lanes = round_up_to_lanes<T>(tiles.queries);
+    return Index(sizeof(T)) * ((key_dim + value_dim + (modifier ? 3 : 2) * tiles.keys + 2) * lanes +
+                               tiles.queries * (key_dim + 1));
+  }
+
+  T* shift() { return state.row(0).data(); }
+  T* stat() { return state.row(1).data(); }
+
+  Matrix<T> qt, dot, st, dpt, g, dq, state;
+  Vector<T> ones;
+};
+
+/// The key pass for one tile of keys [k0, k0 + cols) of a kv head read by `num_heads` query
+/// heads (GQA: their contributions are summed, head by head, in order), head h under the bound
+/// mask masks[h]: writes dK and dV of those keys.
+template <class T, class Modifier, class BoundMask, class Sink>
+void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, Index num_heads,
+                       const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale, const Modifier& modifier,
+                       TileShape tiles, Index k0, Index cols, MatrixRef<T> dk, MatrixRef<T> dv,
+                       KeyPassScratch<T>& scratch, const Sink& sink, Index task) {
+  const Index k1 = k0 + cols, stride = scratch.s.outerStride(), lanes = round_up_to_lanes<T>(cols);
+  const Index value_dim = v.cols();
+  auto dk_acc = scratch.dk.topRows(cols);  // (cols, Dk)
+  auto dv_acc = scratch.dv.topRows(cols);  // (cols, Dv)
+  dk_acc.setZero();
+  dv_acc.setZero();
+  pack_scaled_queries<T>(k.middleRows(k0, cols), T(1), scratch.kt);
+  pack_scaled_queries<T>(v.middleRows(k0, cols), T(1), scratch.vt);
+  for (Index h = 0; h < num_heads; ++h) {
+    const BackwardHead<T>& head = heads[h];
+    const BoundMask& mask = masks[h];
+    const Index num_queries = head.q.rows();
+    for (Index q0 = 0; q0 < num_queries; q0 += tiles.queries) {
+      const Index rows = std::min(tiles.queries, num_queries - q0), q1 = q0 + rows;
+      const TileKind kind = mask.classify(q0, q1, k0, k1);
+      if (kind == TileKind::Empty) continue;
+      const auto all_rows = [&](Index, Index) { return KeyRange{0, rows}; };
+      // S (rows, cols) = (scale Q) K^T: the products of the forward's S^T, in the same order.
+      auto sq = scratch.sq.topRows(rows);
+      sq = scale * head.q.middleRows(q0, rows);
+      const ConstMatrixRef<T> sq_ref(sq);
+      score_tile<T>(sq_ref, scratch.kt.data(), scratch.kt.outerStride(), lanes, scratch.s.data(), stride, all_rows);
+      auto s = scratch.s.topLeftCorner(rows, cols);
+      if constexpr (Modifier::active) modifier.forward(s, scratch.g.topLeftCorner(rows, cols));
+      if (kind == TileKind::Partial) apply_mask(mask, s, q0, k0);
+      // dP (rows, cols) = dO V^T.
+      const ConstMatrixRef<T> d_out = head.d_out.middleRows(q0, rows);
+      score_tile<T>(d_out, scratch.vt.data(), scratch.vt.outerStride(), lanes, scratch.dp.data(), stride, all_rows);
+      for (Index i = 0; i < rows; ++i) {
+        const T d = row_dot(head.d_out.row(q0 + i).data(), head.out.row(q0 + i).data(), value_dim);
+        weights_and_score_gradient_row(scratch.s.row(i).data(), scratch.dp.row(i).data(), lanes,
+                                       weight_shift(head.lse(q0 + i)), d);
+      }
+      // dV += P^T dO (P held as the value kernel's transposed weights: row i of P is query i).
+      value_tile<T>(scratch.s.data(), stride, d_out, scratch.ones.data(), dv_acc, all_rows);
+      auto ds = scratch.dp.topLeftCorner(rows, cols);
+      if constexpr (Sink::active) sink.add(ds, q0, k0, task);
+      if constexpr (Modifier::active) ds.array() *= scratch.g.topLeftCorner(rows, cols).array();
+      // dK += dS^T (scale Q).
+      value_tile<T>(scratch.dp.data(), stride, sq_ref, scratch.ones.data(), dk_acc, all_rows);
+    }
+  }
+  dk.middleRows(k0, cols) = dk_acc;
+  dv.middleRows(k0, cols) = dv_acc;
+}
+
+/// The query pass for one tile of queries [q0, q0 + rows) of one head: writes dQ of those queries.
+template <class T, class Modifier, class BoundMask>
+void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                         T scale, const Modifier& modifier, const BoundMask& mask, TileShape tiles, Index q0,
+                         Index rows, MatrixRef<T> dq, QueryPassScratch<T>& scratch) {
+  const Index q1 = q0 + rows, lanes = round_up_to_lanes<T>(rows), stride = scratch.st.outerStride();
+  auto dq_acc = scratch.dq.topRows(rows);  // (rows, Dk)
+  dq_acc.setZero();
+  pack_scaled_queries<T>(head.q.middleRows(q0, rows), scale, scratch.qt);
+  pack_scaled_queries<T>(head.d_out.middleRows(q0, rows), T(1), scratch.dot);
+  for (Index i = 0; i < lanes; ++i) {
+    const bool valid = i < rows;
+    scratch.shift()[i] = valid ? weight_shift(head.lse(q0 + i)) : std::numeric_limits<T>::infinity();
+    scratch.stat()[i] =
+        valid ? row_dot(head.d_out.row(q0 + i).data(), head.out.row(q0 + i).data(), head.out.cols()) : T(0);
+  }
+  const KeyRange visible = mask.keys(q0, q1);
+  for (Index k0 = visible.begin; k0 < visible.end; k0 += tiles.keys) {
+    const Index cols = std::min(tiles.keys, visible.end - k0), k1 = k0 + cols;
+    const TileKind kind = mask.classify(q0, q1, k0, k1);
+    if (kind == TileKind::Empty) continue;
+    const auto seen_by = [&](Index i0, Index i1) {  // as in blocked_query_tile
+      if (kind == TileKind::Full) return KeyRange{0, cols};
+      if (std::min(i1, rows) <= i0) return KeyRange{0, 0};
+      const KeyRange seen = mask.keys(q0 + i0, q0 + std::min(i1, rows));
+      return KeyRange{std::clamp(seen.begin - k0, Index(0), cols), std::clamp(seen.end - k0, Index(0), cols)};
+    };
+    const ConstMatrixRef<T> k_tile = k.middleRows(k0, cols), v_tile = v.middleRows(k0, cols);
+    // S^T (cols, lanes), exactly the forward's.
+    score_tile<T>(k_tile, scratch.qt.data(), scratch.qt.outerStride(), lanes, scratch.st.data(), stride, seen_by);
+    auto st = scratch.st.topLeftCorner(cols, lanes);
+    if constexpr (Modifier::active) modifier.forward(st, scratch.g.topLeftCorner(cols, lanes));
+    if (kind == TileKind::Partial) apply_mask(mask, scratch.st.topLeftCorner(cols, rows).transpose(), q0, k0);
+    // dP^T (cols, lanes) = V dO^T.
+    score_tile<T>(v_tile, scratch.dot.data(), scratch.dot.outerStride(), lanes, scratch.dpt.data(), stride, seen_by);
+    weights_and_score_gradient_lanes(scratch.st.data(), scratch.dpt.data(), stride, cols, lanes, scratch.shift(),
+                                     scratch.stat());
+    if constexpr (Modifier::active)
+      scratch.dpt.topLeftCorner(cols, lanes).array() *= scratch.g.topLeftCorner(cols, lanes).array();
+    // dQ += dS K (dS held transposed, as the value kernel's weights).
+    value_tile<T>(scratch.dpt.data(), stride, k_tile, scratch.ones.data(), dq_acc, seen_by);
+  }
+  dq.middleRows(q0, rows) = scale * dq_acc;
+}
+
+/// The gradients of a group of query heads that read one kv head, or of one head (num_heads = 1):
+/// the key pass over the tiles of keys, then the query pass over every head's query tiles.
+/// Used for one head; multi-head callers run the two passes' items themselves.
+template <class T, class Modifier, class BoundMask, class Sink>
+void blocked_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale,
+                      const Modifier& modifier, const BoundMask& mask, TileShape tiles, MatrixRef<T> dq,
+                      MatrixRef<T> dk, MatrixRef<T> dv, const Sink& sink) {
+  const Index key_dim = k.cols(), value_dim = v.cols();
+  const Index key_tiles = (k.rows() + tiles.keys - 1) / tiles.keys;
+  parallel_for_with_scratch(
+      key_tiles, [&] { return KeyPassScratch<T>(tiles, key_dim, value_dim, Modifier::active); },
+      [&](Index tile, KeyPassScratch<T>& scratch) {
+        const Index k0 = tile * tiles.keys;
+        backward_key_tile<T>(&head, &mask, 1, k, v, scale, modifier, tiles, k0, std::min(tiles.keys, k.rows() - k0),
+                             dk, dv, scratch, sink, tile);
+      });
+  const Index query_tiles = (head.q.rows() + tiles.queries - 1) / tiles.queries;
+  parallel_for_with_scratch(
+      query_tiles, [&] { return QueryPassScratch<T>(tiles, key_dim, value_dim, Modifier::active); },
+      [&](Index tile, QueryPassScratch<T>& scratch) {
+        const Index q0 = tile * tiles.queries;
+        backward_query_tile<T>(head, k, v, scale, modifier, mask, tiles, q0,
+                               std::min(tiles.queries, head.q.rows() - q0), dq, scratch);
+      });
+}
+
+}  // namespace attend::detail

@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/backward_materialized.hpp
+/// \brief The materialized backward: the readable version of the blocked backward's math, with
+/// whole (Lq, Lk) matrices.
+#pragma once
+
+#include "../masks.hpp"
+#include "../types.hpp"
+#include "../detail/backward_kernels.hpp"
+#include "../detail/parallel.hpp"
+#include "backward_blocked.hpp"
+
+#include <cmath>
+#include <limits>
+
+namespace attend::detail {
+
+/// Gradients of out = softmax(S) V with S = modifier(scale Q K^T), masked:
+///   P = exp(S - lse)            (the forward's weights, from its log-sum-exp)
+///   dV = P^T dO
+///   dP = dO V^T,  D_i = sum_j P_ij dP_ij (= <dO_i, O_i>),  dS = P * (dP - D)   (0 where P = 0)
+///   dZ = dS * modifier'(Z)      (Z = scale Q K^T)
+///   dQ = scale dZ K,  dK = dZ^T (scale Q)
+/// `sink` receives dS whole (task 0). Products run in parallel over blocks of rows.
+template <class T, class Modifier, class BoundMask, class Sink>
+void materialized_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                           T scale, const Modifier& modifier, const BoundMask& mask, MatrixRef<T> dq,
+                           MatrixRef<T> dk, MatrixRef<T> dv, const Sink& sink) {
+  const Index num_queries = head.q.rows(), num_keys = k.rows();
+  if (num_queries == 0 || num_keys == 0) {  // nothing seen: zero gradients
+    dq.setZero();
+    dk.setZero();
+    dv.setZero();
+    return;
+  }
+  const Matrix<T> sq = scale * head.q;  // (Lq, Dk)
+  Matrix<T> p(num_queries, num_keys);   // Z, S, then P
+  parallel_product(p, sq, k.transpose());
+  Matrix<T> slope;  // (Lq, Lk) dS/dZ
+  if constexpr (Modifier::active) {
+    slope.resize(num_queries, num_keys);
+    modifier.forward(p, slope);
+  }
+  switch (mask.classify(0, num_queries, 0, num_keys)) {
+    case TileKind::Empty: p.setConstant(-std::numeric_limits<T>::infinity()); break;
+    case TileKind::Partial: apply_mask(mask, p, 0, 0); break;
+    case TileKind::Full: break;
+  }
+  Matrix<T> ds(num_queries, num_keys);  // dP, then dS
+  parallel_product(ds, head.d_out, v.transpose());
+  for (Index i = 0; i < num_queries; ++i) {
+    const T u = weight_shift(head.lse(i));
+    T d = 0;
+    for (Index j = 0; j < num_keys; ++j) {
+      p(i, j) = p(i, j) == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(p(i, j) - u);
+      if (p(i, j) != T(0)) d += p(i, j) * ds(i, j);
+    }
+    for (Index j = 0; j < num_keys; ++j) ds(i, j) = p(i, j) == T(0) ? T(0) : p(i, j) * (ds(i, j) - d);
+  }
+  parallel_product(dv, p.transpose(), head.d_out);
+  if constexpr (Sink::active) sink.add(ds, 0, 0, 0);
+  if constexpr (Modifier::active) ds.array() *= slope.array();
+  parallel_product(dk, ds.transpose(), sq);
+  parallel_product(dq, ds, k);
+  dq *= scale;
+}
+
+}  // namespace attend::detail
