@@ -26,6 +26,7 @@
 #include "attention/dot_family.hpp"
 #include "attention/local_window.hpp"
 #include "attention/top_k.hpp"
+#include "attention/backward.hpp"
 
 // Users of attend::precompiled (which defines this) call its compiled cores (extern_templates.hpp).
 #ifdef ATTEND_EXTERN_TEMPLATES
