@@ -126,8 +126,18 @@ RingPlan make_plan(const Mask& mask, Sharding sharding, Index num_queries, Index
   return plan;
 }
 
+/// Scratch of one thread: the blocked kernel's, and one query tile's partial (output, lse).
+template <class T>
+struct RingScratch {
+  RingScratch(attend::detail::TileShape tiles, Index key_dim, Index value_dim)
+      : kernel(tiles, key_dim, value_dim), out(tiles.queries, value_dim), lse(tiles.queries) {}
+  attend::detail::BlockedScratch<T> kernel;
+  Matrix<T> out;  // (Bq, d_v)
+  Vector<T> lse;  // (Bq)
+};
+
 /// The running result of one rank: its output (the caller's view) and log-sum-exp per head,
-/// and the step's partial, merged into it block by block.
+/// into which each query tile's partial over a key block is merged as soon as it is computed.
 template <class T, class Mask>
 class RingAccumulator {
  public:
@@ -137,7 +147,6 @@ class RingAccumulator {
       : q_(q), layout_(layout), mask_(mask), plan_(plan), rank_(rank), num_queries_(num_queries),
         num_keys_(num_keys), out_(out),
         lse_(Matrix<T>::Constant(layout.heads, q.rows(), -std::numeric_limits<T>::infinity())),
-        part_out_(q.rows(), layout.heads * layout.value_dim), part_lse_(layout.heads, q.rows()),
         score_{attend::detail::resolve_scale<T>(options, layout.key_dim)} {
     Index longest_q = 1, longest_k = 1;
     for (const Segment& s : plan.queries[std::size_t(rank)]) longest_q = std::max(longest_q, s.length);
@@ -152,48 +161,46 @@ class RingAccumulator {
   template <class Progress>
   void add_block(int block, const ConstMatrixRef<T>& kv, Progress&& progress) {
     const Index kv_width = layout_.kv_heads * layout_.key_dim, d = layout_.key_dim, dv = layout_.value_dim;
-    using Bound = decltype(shard_mask(mask_, 0, 0, 0, 0).bind(0, 0));
     Index k_offset = 0;
     for (const Segment& ks : plan_.keys[std::size_t(block)]) {
       const ConstMatrixRef<T> keys = kv.middleRows(k_offset, ks.length);
       k_offset += ks.length;
       // Work items (query segment, head, query tile) of the pairs the mask does not empty.
       struct Item {
-        Index segment, offset, length, head, q0;
+        Index begin, offset, head, q0, rows;  // global first query of the tile's segment, its local row
       };
       std::vector<Item> items;
-      std::vector<Bound> bound;
       Index q_offset = 0;
       for (const Segment& qs : plan_.queries[std::size_t(rank_)]) {
         const Index offset = q_offset;
         q_offset += qs.length;
         if (qs.length == 0 || ks.length == 0) continue;
-        const Bound b = shard_mask(mask_, num_queries_, num_keys_, qs.begin, ks.begin).bind(qs.length, ks.length);
-        const KeyRange seen = b.keys(0, qs.length);
+        const KeyRange seen =
+            shard_mask(mask_, num_queries_, num_keys_, qs.begin, ks.begin).bind(qs.length, ks.length).keys(0, qs.length);
         if (seen.begin >= seen.end) continue;
-        bound.push_back(b);
         for (Index h = 0; h < layout_.heads; ++h)
           for (Index q0 = 0; q0 < qs.length; q0 += tiles_.queries)
-            items.push_back({Index(bound.size()) - 1, offset, qs.length, h, q0});
+            items.push_back({qs.begin, offset, h, q0, std::min(tiles_.queries, qs.length - q0)});
       }
-      // Each item computes its rows of the partial and merges them into the running result at
-      // once (while they are in cache); items own disjoint rows, so they run in any order.
+      // Each item computes one query tile against the key segment, with the mask seen from the
+      // tile's first query, into its thread's scratch, and merges it into the running result at
+      // once; items own disjoint rows, so they run in any order.
       parallel_for_with_progress(
-          Index(items.size()), [&] { return attend::detail::BlockedScratch<T>(tiles_, d, dv); },
-          [&](Index i, attend::detail::BlockedScratch<T>& scratch) {
+          Index(items.size()), [&] { return RingScratch<T>(tiles_, d, dv); },
+          [&](Index i, RingScratch<T>& scratch) {
             const Item& it = items[std::size_t(i)];
-            const Index g = layout_.kv_head_of(it.head), rows = std::min(tiles_.queries, it.length - it.q0);
-            const ConstMatrixRef<T> qh = q_.block(it.offset, it.head * d, it.length, d);        // (lq, d)
-            const ConstMatrixRef<T> kh = keys.middleCols(g * d, d);                              // (lk, d)
-            const ConstMatrixRef<T> vh = keys.middleCols(kv_width + g * dv, dv);                 // (lk, d_v)
-            MatrixRef<T> oh = part_out_.block(it.offset, it.head * dv, it.length, dv);           // (lq, d_v)
-            VectorRef<T> lh = Eigen::Map<Vector<T>>(&part_lse_(it.head, it.offset), it.length);  // (lq)
-            attend::detail::blocked_query_tile<T>(qh, kh, vh, score_, bound[std::size_t(it.segment)], tiles_, it.q0,
-                                                  rows, oh, lh, scratch);
-            const Index row = it.offset + it.q0;
-            merge_partial_into<T>(out_.block(row, it.head * dv, rows, dv), Eigen::Map<Vector<T>>(&lse_(it.head, row), rows),
-                                  part_out_.block(row, it.head * dv, rows, dv),
-                                  Eigen::Map<const Vector<T>>(&part_lse_(it.head, row), rows));
+            const Index g = layout_.kv_head_of(it.head), row = it.offset + it.q0;
+            const auto bound =
+                shard_mask(mask_, num_queries_, num_keys_, it.begin + it.q0, ks.begin).bind(it.rows, ks.length);
+            const ConstMatrixRef<T> qh = q_.block(row, it.head * d, it.rows, d);  // (rows, d)
+            const ConstMatrixRef<T> kh = keys.middleCols(g * d, d);                // (lk, d)
+            const ConstMatrixRef<T> vh = keys.middleCols(kv_width + g * dv, dv);   // (lk, d_v)
+            MatrixRef<T> part = scratch.out.topRows(it.rows);                      // (rows, d_v)
+            VectorRef<T> part_lse = scratch.lse.head(it.rows);                     // (rows)
+            attend::detail::blocked_query_tile<T>(qh, kh, vh, score_, bound, tiles_, 0, it.rows, part, part_lse,
+                                                  scratch.kernel);
+            merge_partial_into<T>(out_.block(row, it.head * dv, it.rows, dv),
+                                  Eigen::Map<Vector<T>>(&lse_(it.head, row), it.rows), part, part_lse);
           },
           progress);
     }
@@ -211,8 +218,6 @@ class RingAccumulator {
   Index num_queries_, num_keys_;
   MatrixRef<T> out_;
   Matrix<T> lse_;       // (H, Lq_local) running log-sum-exp, -inf until a key is seen
-  Matrix<T> part_out_;  // (Lq_local, H d_v) a step's partial output
-  Matrix<T> part_lse_;  // (H, Lq_local) its log-sum-exp
   attend::detail::ScaledDot<T> score_;
   attend::detail::TileShape tiles_{};
 };
@@ -303,11 +308,11 @@ void ring_attention_into(MPI_Comm comm, const Eigen::MatrixBase<DQ>& q, const Ei
     if (options.profile) options.profile->steps[std::size_t(step)] = {block, computed, compute, wait, sent, received};
   };
 
-  Matrix<T> own(k.rows(), kv_width);  // this rank's packed [K | V]
-  if (k.rows() != 0) {  // (no column block of an empty matrix at an offset)
-    own.leftCols(k.cols()) = k;
-    own.rightCols(v.cols()) = v;
-  }
+  const auto pack = [&](MatrixRef<T> into) {  // this rank's [K | V], (Lk_r, H_kv (d + d_v))
+    if (k.rows() == 0) return;                 // (no column block of an empty matrix at an offset)
+    into.leftCols(k.cols()) = k;
+    into.rightCols(v.cols()) = v;
+  };
 
   if (options.exchange == KVExchange::AllGather) {
     std::vector<int> counts(static_cast<std::size_t>(ranks)), displacements(static_cast<std::size_t>(ranks));
@@ -316,7 +321,8 @@ void ring_attention_into(MPI_Comm comm, const Eigen::MatrixBase<DQ>& q, const Ei
       displacements[std::size_t(r)] = offset;
       offset += counts[std::size_t(r)];
     }
-    Matrix<T> all(num_keys, kv_width);  // every rank's packed rows, in rank order
+    Matrix<T> own(k.rows(), kv_width), all(num_keys, kv_width);  // this rank's and every rank's rows
+    pack(own);
     const double t0 = MPI_Wtime();
     detail::check_mpi(MPI_Allgatherv(own.data(), counts[std::size_t(rank)], row.get(), all.data(), counts.data(),
                                      displacements.data(), row.get(), comm),
@@ -336,7 +342,7 @@ void ring_attention_into(MPI_Comm comm, const Eigen::MatrixBase<DQ>& q, const Ei
     Index longest = 0;
     for (Index rows : plan.key_rows) longest = std::max(longest, rows);
     Matrix<T> buffers[2] = {Matrix<T>(longest, kv_width), Matrix<T>(longest, kv_width)};
-    buffers[0].topRows(k.rows()) = own;
+    pack(buffers[0].topRows(k.rows()));
     int current = 0;
     const int next = (rank + 1) % ranks, previous = (rank + ranks - 1) % ranks;
     for (int step = 0; step < ranks; ++step) {
