@@ -149,14 +149,13 @@ int run(const Config& c) {
   if (rank == 0) {
     const double flops_total = (c.causal ? 2.0 * double(length) * double(length + 1) : 4.0 * double(length) * double(length)) *
                                double(d) * double(c.heads);
-    const Index tile_bytes = attend::detail::BlockedScratch<T>::bytes(attend::detail::kDefaultTiles, d, d);
-    const double memory = double(sizeof(T)) * double(rows) *
-                          (3.0 * double(c.heads * d) + 2.0 * double(c.heads) + 3.0 * 2.0 * double(c.kv_heads * d));
-#ifdef _OPENMP
-    const int threads = omp_get_max_threads();
-#else
-    const int threads = 1;
-#endif
+    // What a ring call allocates: two K/V buffers, the running log-sum-exp, and per thread the
+    // kernel's scratch plus one query tile's partial; the caller holds the Q, K, V and output shards.
+    const attend::detail::TileShape tiles = attend::detail::kDefaultTiles;
+    const double scratch = double(attend::detail::BlockedScratch<T>::bytes(tiles, d, d)) +
+                           double(sizeof(T)) * double(tiles.queries * (d + 1));
+    const double allocated = double(sizeof(T)) * double(rows) * (2.0 * 2.0 * double(c.kv_heads * d) + double(c.heads));
+    const double held = double(sizeof(T)) * double(rows) * (2.0 * double(c.heads * d) + 2.0 * double(c.kv_heads * d));
     std::printf("ring attention: %d ranks x %d threads, L = %d x %ld = %ld tokens, H = %ld, H_kv = %ld, d = %ld, %s, "
                 "%s, %s shards\n",
                 ranks, threads, ranks, long(c.chunk), long(length), long(c.heads), long(c.kv_heads), long(d),
@@ -188,8 +187,9 @@ int run(const Config& c) {
                 exposed_base * 1e3);
     std::printf("ideal (FLOPs / (N x kernel rate)) %.2f ms: parallel efficiency %.1f%%\n", ideal * 1e3,
                 100 * ideal / best_total);
-    std::printf("memory per rank: %.1f MiB (Q, output, partial, 3 K/V shards) + %.2f MiB scratch per thread\n",
-                memory / 1048576.0, double(tile_bytes) / 1048576.0);
+    std::printf("memory per rank: %.1f MiB allocated by the call (2 K/V buffers, lse) + %.2f MiB per thread; "
+                "%.1f MiB of Q, K, V and output shards\n",
+                allocated / 1048576.0, scratch / 1048576.0, held / 1048576.0);
   }
   return 0;
 }
