@@ -6,7 +6,9 @@
 // Gaussian-kernel pooling is softmax attention with the score -(w (x_q - x_k))^2 / 2. Expanding
 // the square, -w^2/2 x_q^2 is the same for every key of a query and cancels in the softmax, so
 // the score equals w^2 (x_q x_k - x_k^2 / 2): a scaled dot product of Q = [x_q, 1] and
-// K = [x_k, -x_k^2 / 2] with scale w^2. So attend's scaled dot-product attention computes it.
+// K = [x_k, -x_k^2 / 2] with scale w^2. So attend's scaled dot-product attention computes it,
+// and attend's backward gives the gradient that trains w: with the queries w^2 Q (scale 1),
+// the backward returns dL/d(w^2 Q), and the chain rule gives dL/dw = 2 w <dL/d(w^2 Q), Q>.
 //
 // Prints the falling training loss and the test error of each pooling; writes
 // nadaraya_watson.svg.
@@ -114,24 +116,19 @@ int main() {
   //    point attending to the others (the diagonal is masked so it cannot copy its own target).
   const attend::BoolMatrix others = (1 - Eigen::MatrixXi::Identity(n_train, n_train).array()).cast<bool>();
   const Mat train_queries = as_queries(x_train);
+  attend::AttentionOptions unit_scale;
+  unit_scale.scale = 1.0;  // the width is in the queries: w^2 Q
+  const attend::BooleanMask mask(others);
   double w = 0.5;
   const double learning_rate = 0.1;
   std::vector<double> losses;
   for (int epoch = 0; epoch < 30; ++epoch) {
-    attend::AttentionOptions options;
-    options.scale = w * w;
-    const auto fit = attend::scaled_dot_product_attention_with_weights(train_queries, keys, values,
-                                                                       attend::BooleanMask(others), options);
-    // d out_i / d scale = sum_j p_ij (s_ij - sum_j' p_ij' s_ij') y_j with s = Q K^T unscaled,
-    // and d scale / d w = 2 w.
-    const Mat scores = train_queries * keys.transpose();
-    double gradient = 0;
-    for (Index i = 0; i < n_train; ++i) {
-      const double mean_score = (fit.weights.row(i).array() * scores.row(i).array()).sum();
-      double d_out = 0;
-      for (Index j = 0; j < n_train; ++j) d_out += fit.weights(i, j) * (scores(i, j) - mean_score) * y_train[j];
-      gradient += 2 * (fit.output(i, 0) - y_train[i]) * d_out * 2 * w / n_train;
-    }
+    const Mat scaled_queries = w * w * train_queries;  // (n, 2)
+    const auto fit = attend::scaled_dot_product_attention_with_lse(scaled_queries, keys, values, mask, unit_scale);
+    const Mat d_out = 2 * (fit.output - values) / double(n_train);  // d MSE / d out: targets are the values
+    const auto grad =
+        attend::scaled_dot_product_attention_backward(scaled_queries, keys, values, fit, d_out, mask, unit_scale);
+    const double gradient = 2 * w * (grad.dq.array() * train_queries.array()).sum();  // chain rule through w^2 Q
     losses.push_back(mse(fit.output, y_train));
     if (epoch % 5 == 0 || epoch == 29)
       std::cout << "epoch " << epoch << "  w " << w << "  training loss " << losses.back() << "\n";
