@@ -156,6 +156,11 @@ int run(const Config& c) {
                            double(sizeof(T)) * double(tiles.queries * (d + 1));
     const double allocated = double(sizeof(T)) * double(rows) * (2.0 * 2.0 * double(c.kv_heads * d) + double(c.heads));
     const double held = double(sizeof(T)) * double(rows) * (2.0 * double(c.heads * d) + 2.0 * double(c.kv_heads * d));
+#ifdef _OPENMP
+    const int threads = omp_get_max_threads();
+#else
+    const int threads = 1;
+#endif
     std::printf("ring attention: %d ranks x %d threads, L = %d x %ld = %ld tokens, H = %ld, H_kv = %ld, d = %ld, %s, "
                 "%s, %s shards\n",
                 ranks, threads, ranks, long(c.chunk), long(length), long(c.heads), long(c.kv_heads), long(d),
