@@ -27,6 +27,8 @@
 #include "attention/local_window.hpp"
 #include "attention/top_k.hpp"
 #include "attention/backward.hpp"
+#include "attention/additive_backward.hpp"
+#include "attention/multi_head_training.hpp"
 
 // Users of attend::precompiled (which defines this) call its compiled cores (extern_templates.hpp).
 #ifdef ATTEND_EXTERN_TEMPLATES
