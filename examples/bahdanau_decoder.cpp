@@ -11,7 +11,6 @@
 // gradients of attend's backward (additive_attention_backward) under Adam; the learned weights
 // form the diagonal alignment, printed at the end.
 #include <attend/attend.hpp>
-#include <attend/attention/additive_backward.hpp>
 
 #include <cmath>
 #include <iostream>

@@ -14,7 +14,6 @@
 // Prints the falling loss and the token and sequence accuracy on held-out sequences; fails
 // (exit 1) unless the loss falls below kTargetLoss.
 #include <attend/attend.hpp>
-#include <attend/attention/multi_head_training.hpp>
 
 #include <chrono>
 #include <cmath>
