@@ -186,7 +186,8 @@ MaskData<T> make_mask(const Config& c, ValueSource<T>& src, Index lq, Index lk) 
   m.valid = c.valid;
   m.structural = BoolMatrix::Constant(lq, lk, true);
   const bool bad_shape = c.perturb == Perturb::MaskShape && (has_boolean(m.kind) || has_bias(m.kind));
-  const Index rows = lq + (bad_shape ? 1 : 0);
+  // One key column too many: a wrong row count could be a valid stack of per-head slices.
+  const Index cols = lk + (bad_shape ? 1 : 0);
   const Layout dense_layout = c.dense_column_major ? Layout::ColumnMajor : Layout::Contiguous;
   if (has_window(m.kind) && (m.left < -1 || m.right < -1)) m.invalid = true;
   if (has_padding(m.kind) && (m.valid < 0 || m.valid > lk)) m.invalid = true;
@@ -200,16 +201,16 @@ MaskData<T> make_mask(const Config& c, ValueSource<T>& src, Index lq, Index lk) 
       m.structural(i, j) = visible;
     }
   if (has_boolean(m.kind)) {
-    BoolMatrix b(rows, lk);
-    for (Index i = 0; i < rows; ++i)
-      for (Index j = 0; j < lk; ++j) b(i, j) = src.next_bit(c.bool_density);
+    BoolMatrix b(lq, cols);
+    for (Index i = 0; i < lq; ++i)
+      for (Index j = 0; j < cols; ++j) b(i, j) = src.next_bit(c.bool_density);
     if (!bad_shape) m.structural = m.structural.array() && b.array();
     m.visible.emplace(b, dense_layout);
   }
   if (has_bias(m.kind)) {
-    Matrix<T> b(rows, lk);
-    for (Index i = 0; i < rows; ++i)
-      for (Index j = 0; j < lk; ++j) b(i, j) = src.next_bias();
+    Matrix<T> b(lq, cols);
+    for (Index i = 0; i < lq; ++i)
+      for (Index j = 0; j < cols; ++j) b(i, j) = src.next_bias();
     m.bias = b;
     m.bias_view.emplace(b, dense_layout);
   }

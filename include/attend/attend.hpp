@@ -13,6 +13,7 @@
 #include "scores/additive.hpp"
 #include "scores/soft_cap.hpp"
 #include "biases.hpp"
+#include "custom.hpp"
 #include "attention/materialized.hpp"
 #include "attention/blocked.hpp"
 #include "attention/scaled_dot_product.hpp"

@@ -23,7 +23,8 @@
 ///   materialized paths for their bound forms: every scaled_dot_product_attention* and
 ///   multi-head call with those masks;
 /// - the projection `detail::linear<T>` of MultiHeadAttention, the decode step
-///   `decode_step_into` over Matrix<T> inputs (what decode_step with a layer calls), and the classes
+///   `decode_step_into` over Matrix<T> inputs without a mask (what decode_step with a layer
+///   calls), and the classes
 ///   MultiHeadAttention<T>, RotaryEmbedding<T> and KVCache<T>.
 /// Other entry points, scalars and masks (e.g. `a & b`) compile from the headers as before.
 ///
@@ -90,9 +91,10 @@
   ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, BooleanMask)                                                            \
   ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, AdditiveMask<T>)                                                        \
   PREFIX Matrix<T> detail::linear<T>(const ConstMatrixRef<T>&, const Matrix<T>&, const Vector<T>&, const char*); \
-  PREFIX void decode_step_into<T, Matrix<T>, Matrix<T>, Matrix<T>>(                                              \
+  PREFIX void decode_step_into<T, Matrix<T>, Matrix<T>, Matrix<T>, NoMask>(                                      \
       KVCache<T>&, const Eigen::MatrixBase<Matrix<T>>&, const Eigen::MatrixBase<Matrix<T>>&,                     \
-      const Eigen::MatrixBase<Matrix<T>>&, Index, MatrixRef<T>, const AttentionOptions&);                        \
+      const Eigen::MatrixBase<Matrix<T>>&, Index, MatrixRef<T>, const MaskBase<NoMask>&,                         \
+      const AttentionOptions&);                                                                                  \
   PREFIX class MultiHeadAttention<T>;                                                                            \
   PREFIX class RotaryEmbedding<T>;                                                                               \
   PREFIX class KVCache<T>;
@@ -110,7 +112,7 @@
 #define ATTEND_PRECOMPILED_DISPATCH(PREFIX, T, MASK)                                                             \
   PREFIX void detail::attention_into<T, detail::ScaledDot<T>, MASK>(                                             \
       const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::ScaledDot<T>&, \
-      const MASK&, const AttentionOptions&, MatrixRef<T>, VectorRef<T>);
+      const MASK&, const AttentionOptions&, MatrixRef<T>, VectorRef<T>, const HeadIndex&);
 
 #if defined(ATTEND_INSTANTIATE_PRECOMPILED)
 #define ATTEND_PRECOMPILED_PREFIX template

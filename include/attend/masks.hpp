@@ -28,10 +28,12 @@
 #include "types.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace attend {
 
@@ -303,18 +305,106 @@ struct Window : MaskBase<Window> {
   }
 };
 
-/// Only the first `valid_length` keys are visible (padding after them is never read).
-struct KeyPadding : MaskBase<KeyPadding> {
-  Index valid_length = 0;
+namespace detail {
 
-  explicit KeyPadding(Index valid) : valid_length(valid) {}
-
-  detail::Band bind(Index /*num_queries*/, Index num_keys) const {
-    ATTEND_CHECK(valid_length >= 0 && valid_length <= num_keys,
-                 "key padding valid length " + std::to_string(valid_length) + " is outside [0, Lk=" +
-                     std::to_string(num_keys) + "]");
-    return {valid_length, 0, -1, -1};
+/// The integers of `values` (any integer type, any container with begin and end) as Indexes.
+/// \throws attend::invalid_argument naming `what` and the entry when one is negative or beyond
+///         an Index.
+template <class Integers>
+std::vector<Index> index_vector(const Integers& values, const char* what) {
+  std::vector<Index> result;
+  for (const auto& value : values) {
+    using V = std::decay_t<decltype(value)>;
+    static_assert(std::is_integral_v<V> && !std::is_same_v<V, bool>, "attend: lengths and offsets are integers");
+    const bool fits = (std::is_signed_v<V> ? value >= 0 : true) &&
+                      static_cast<std::make_unsigned_t<V>>(value) <= static_cast<std::uint64_t>(std::numeric_limits<Index>::max());
+    ATTEND_CHECK(fits, std::string(what) + "[" + std::to_string(result.size()) + "] = " + std::to_string(value) +
+                           " is negative or beyond the index range");
+    result.push_back(static_cast<Index>(value));
   }
+  return result;
+}
+
+}  // namespace detail
+
+/// Only the first `valid_length` keys are visible (trailing padding, never read). One length
+/// for every sequence, or one per sequence of a batched call (sequence b sees its first
+/// lengths[b] keys; PyTorch's key_padding_mask with trailing True entries).
+struct KeyPadding : MaskBase<KeyPadding> {
+  std::vector<Index> valid_lengths;  ///< one, or one per sequence
+
+  explicit KeyPadding(Index valid) : valid_lengths{valid} {}
+  /// \param per_sequence the valid length of each sequence, of any integer type
+  template <class Lengths, class = std::enable_if_t<!std::is_arithmetic_v<Lengths>>>
+  explicit KeyPadding(const Lengths& per_sequence)
+      : valid_lengths(detail::index_vector(per_sequence, "key padding lengths")) {}
+
+  detail::Band bind(const HeadIndex& at, Index /*num_queries*/, Index num_keys) const {
+    const Index count = Index(valid_lengths.size());
+    ATTEND_CHECK(count == 1 || count == at.batch_size,
+                 "key padding of " + std::to_string(count) + " lengths in a call of " +
+                     std::to_string(at.batch_size) + " sequences");
+    const Index valid = valid_lengths[std::size_t(count == 1 ? 0 : at.batch)];
+    ATTEND_CHECK(valid >= 0 && valid <= num_keys, "key padding valid length " + std::to_string(valid) +
+                                                      " is outside [0, Lk=" + std::to_string(num_keys) + "]" +
+                                                      (count == 1 ? "" : " for sequence " + std::to_string(at.batch)));
+    return {valid, 0, -1, -1};
+  }
+  detail::Band bind(Index num_queries, Index num_keys) const { return bind(HeadIndex{}, num_queries, num_keys); }
+};
+
+namespace detail {
+
+/// Keys whose entry of one row of a key padding mask is true are hidden from every query.
+struct PaddedKeys {
+  StridedView<bool> padding;  // (1, Lk)
+  KeyRange valid;             // the first and one past the last key that is not padding
+
+  TileKind classify(Index, Index, Index k0, Index k1) const {
+    return k1 <= valid.begin || k0 >= valid.end ? TileKind::Empty : TileKind::Partial;
+  }
+  KeyRange keys(Index, Index) const { return valid; }
+  template <class Scores>
+  void add_bias(Scores&&, Index, Index) const {}
+  template <class Scores>
+  void hide(Scores&& s, Index, Index k0) const {
+    using T = typename std::decay_t<Scores>::Scalar;
+    for (Index c = 0; c < s.cols(); ++c)
+      if (padding(0, k0 + c)) s.col(c).setConstant(-std::numeric_limits<T>::infinity());
+  }
+};
+
+}  // namespace detail
+
+/// PyTorch's `key_padding_mask`: a (B, Lk) boolean matrix, or (1, Lk) for every sequence, where
+/// **true marks a padding key** that no query of sequence b may see (the opposite of
+/// BooleanMask's true = may attend, as torch's convention). Keys before the first and after the
+/// last non-padding key are never read. A view: the matrix must outlive the call.
+class KeyPaddingMask : public MaskBase<KeyPaddingMask> {
+ public:
+  template <class D>
+  explicit KeyPaddingMask(const Eigen::DenseBase<D>& padding) : padding_(detail::strided_view(padding)) {
+    static_assert(std::is_same_v<typename D::Scalar, bool>, "attend: KeyPaddingMask takes a matrix of bool");
+  }
+
+  detail::PaddedKeys bind(const HeadIndex& at, Index /*num_queries*/, Index num_keys) const {
+    ATTEND_CHECK((padding_.rows == 1 || padding_.rows == at.batch_size) && padding_.cols == num_keys,
+                 "key padding mask of shape (" + std::to_string(padding_.rows) + " x " + std::to_string(padding_.cols) +
+                     ") must be (B x Lk) = (" + std::to_string(at.batch_size) + " x " + std::to_string(num_keys) +
+                     ") or (1 x Lk)");
+    detail::StridedView<bool> row = padding_;
+    row.data += (padding_.rows == 1 ? 0 : at.batch) * padding_.row_stride;
+    row.rows = 1;
+    KeyRange valid{0, 0};
+    Index first = 0, last = num_keys;
+    while (first < num_keys && row(0, first)) ++first;
+    while (last > first && row(0, last - 1)) --last;
+    if (first < last) valid = {first, last};
+    return {row, valid};
+  }
+
+ private:
+  detail::StridedView<bool> padding_;
 };
 
 /// Dense boolean mask of shape (Lq, Lk), true = may attend; or one such slice per head, stacked
@@ -356,6 +446,73 @@ class AdditiveMask : public MaskBase<AdditiveMask<T>> {
 
 template <class D>
 AdditiveMask(const Eigen::DenseBase<D>&) -> AdditiveMask<typename D::Scalar>;
+
+namespace detail {
+
+/// A bound policy of a larger problem applied to the block whose first query and key are
+/// query `query_offset` and key `key_offset` of it: every call is forwarded with the block's
+/// coordinates moved by the offsets, and `keys` is clipped to the block's `num_keys` keys.
+template <class Bound>
+struct OffsetPolicy {
+  Bound inner;
+  Index query_offset, key_offset, num_keys;
+
+  TileKind classify(Index q0, Index q1, Index k0, Index k1) const {
+    return inner.classify(q0 + query_offset, q1 + query_offset, k0 + key_offset, k1 + key_offset);
+  }
+  KeyRange keys(Index q0, Index q1) const {
+    const KeyRange r = inner.keys(q0 + query_offset, q1 + query_offset);
+    const Index begin = std::clamp(r.begin - key_offset, Index(0), num_keys);
+    const Index end = std::clamp(r.end - key_offset, Index(0), num_keys);
+    return begin < end ? KeyRange{begin, end} : KeyRange{0, 0};
+  }
+  template <class Scores>
+  void add_bias(Scores&& s, Index q0, Index k0) const {
+    inner.add_bias(s, q0 + query_offset, k0 + key_offset);
+  }
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
+    inner.hide(s, q0 + query_offset, k0 + key_offset);
+  }
+};
+
+}  // namespace detail
+
+/// `mask` as it applies to a (total_queries, total_keys) problem, seen from the block of it
+/// whose first query is query `query_offset` and first key is key `key_offset`: what the block's
+/// entries get in the whole problem. Decoding uses it to apply a mask at the cache's absolute
+/// positions (attention/kv_cache.hpp), so that a step over a cache equals the corresponding rows
+/// of the whole computation; a split of the keys can use it to keep the whole problem's mask.
+template <class Mask>
+struct OffsetMask : MaskBase<OffsetMask<Mask>> {
+  Mask mask;
+  Index query_offset = 0, key_offset = 0;  ///< where the block starts in the whole problem
+  Index total_queries = 0, total_keys = 0;  ///< the whole problem's (Lq, Lk)
+
+  OffsetMask(const MaskBase<Mask>& mask_, Index query_offset_, Index key_offset_, Index total_queries_,
+             Index total_keys_)
+      : mask(mask_.derived()),
+        query_offset(query_offset_),
+        key_offset(key_offset_),
+        total_queries(total_queries_),
+        total_keys(total_keys_) {}
+
+  /// \throws attend::invalid_argument when the (Lq, Lk) block does not lie inside the whole problem.
+  auto bind(const HeadIndex& at, Index num_queries, Index num_keys) const {
+    ATTEND_CHECK(query_offset >= 0 && key_offset >= 0 && query_offset <= total_queries - num_queries &&
+                     key_offset <= total_keys - num_keys,
+                 "a block of (" + std::to_string(num_queries) + " x " + std::to_string(num_keys) + ") at (" +
+                     std::to_string(query_offset) + ", " + std::to_string(key_offset) +
+                     ") does not lie inside the whole problem (" + std::to_string(total_queries) + " x " +
+                     std::to_string(total_keys) + ")");
+    auto inner = detail::bind_mask(mask, at, total_queries, total_keys);
+    return detail::OffsetPolicy<decltype(inner)>{std::move(inner), query_offset, key_offset, num_keys};
+  }
+  auto bind(Index num_queries, Index num_keys) const { return bind(HeadIndex{}, num_queries, num_keys); }
+};
+
+template <class Mask>
+OffsetMask(const MaskBase<Mask>&, Index, Index, Index, Index) -> OffsetMask<Mask>;
 
 /// The intersection of two masks; build it with `a & b`.
 template <class A, class B>

@@ -3,8 +3,11 @@
 // full causal (or sliding-window) multi-head attention over the whole sequence, checked against
 // the long-double reference.
 #include <attend/attention/kv_cache.hpp>
+#include <attend/biases.hpp>
+#include <attend/custom.hpp>
 
 #include "support/expect.hpp"
+#include "support/head_policy_reference.hpp"
 #include "support/baseline.hpp"
 #include "support/masks.hpp"
 #include "support/multi_head_reference.hpp"
@@ -185,6 +188,109 @@ TYPED_TEST(DecodeTest, LayerDecodeEqualsTheLayerOverTheWholeSequence) {
   }
 }
 
+/// Decodes the sequence in steps of the given sizes (cycled) with the mask mask_at(P) in the step
+/// that ends at position P, and returns the stacked outputs.
+template <class T, class MaskAt>
+Matrix<T> decode_with_mask(const DecodeCase& c, Index capacity, const std::vector<Index>& steps, const Matrix<T>& q,
+                           const Matrix<T>& k, const Matrix<T>& v, const MaskAt& mask_at) {
+  KVCache<T> cache(capacity, c.kv_heads, c.d, {c.window, c.dv});
+  AttentionOptions o;
+  o.block_k = 4;  // several splits per step
+  Matrix<T> out(q.rows(), c.heads * c.dv);
+  for (Index t = 0, s = 0; t < q.rows(); ++s) {
+    const Index n = std::min(steps[std::size_t(s) % steps.size()], q.rows() - t);
+    decode_step_into(cache, q.middleRows(t, n), k.middleRows(t, n), v.middleRows(t, n), c.heads,
+                     out.middleRows(t, n), mask_at(t + n), o);
+    t += n;
+  }
+  return out;
+}
+
+// Masks while decoding: per-head ALiBi, a per-head T5 table, soft-capping, a window narrower than
+// the cache, a custom predicate with the head index and a dense (P, P) mask, each decoded token
+// by token and in chunks, with and without a sliding-window cache, equal the long-double
+// reference of the whole sequence with Causal() & policy (and the cache's window).
+TYPED_TEST(DecodeTest, EveryPolicyDecodesAsTheWholeSequenceComputes) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 34, heads = 4, kv_heads = 2, d = 8, buckets = 16, max_distance = 20;
+  const double cap = 1.5;
+  const Real scale = 1 / std::sqrt(Real(d));
+  const Matrix<T> q = rng.normal<T>(len, heads * d, 1.5), k = rng.normal<T>(len, kv_heads * d, 1.5),
+                  v = rng.normal<T>(len, kv_heads * d);
+  const std::vector<double> slopes = alibi_slopes(heads);
+  const Matrix<T> table = rng.normal<T>(buckets, heads);
+  const BoolMatrix dense = rng.bernoulli(len, len, 0.75);
+  const auto custom = [](Index h, Index q_pos, Index k_pos) { return (q_pos - k_pos) % (h + 2) != 1; };
+  // The raw scaled score of head h, query i, key j, for the soft cap's expected bias.
+  const auto raw = [&](Index h, Index i, Index j) {
+    const Index g = h / (heads / kv_heads);
+    Real dot = 0;
+    for (Index c = 0; c < d; ++c) dot += Real(q(i, h * d + c)) * Real(k(j, g * d + c));
+    return scale * dot;
+  };
+  enum Policy { AlibiHeads, T5Heads, SoftCapped, NarrowWindow, Custom, Dense };
+  for (const Policy policy : {AlibiHeads, T5Heads, SoftCapped, NarrowWindow, Custom, Dense})
+    for (const Index window : {-1, 9})
+      for (const std::vector<Index>& steps : {std::vector<Index>{1}, std::vector<Index>{5, 1, 3}}) {
+        SCOPED_TRACE("policy " + std::to_string(int(policy)) + ", cache window " + std::to_string(window) +
+                     ", first step of " + std::to_string(steps[0]));
+        const DecodeCase c{heads, kv_heads, d, d, window};
+        const Index capacity = window < 0 ? len : window - 1 + 5;
+        HeadPolicies expected;
+        for (Index h = 0; h < heads; ++h) {
+          BoolMatrix visible = window_visibility(len, len, window < 0 ? -1 : window - 1, 0, Alignment::TopLeft);
+          RealMatrix bias = RealMatrix::Zero(len, len);
+          for (Index i = 0; i < len; ++i)
+            for (Index j = 0; j <= i; ++j) {
+              if (policy == AlibiHeads) bias(i, j) = -Real(slopes[std::size_t(h)]) * Real(i - j);
+              if (policy == T5Heads) bias(i, j) = Real(table(relative_position_bucket(j - i, false, buckets, max_distance), h));
+              if (policy == SoftCapped) bias(i, j) = Real(cap) * std::tanh(raw(h, i, j) / Real(cap)) - raw(h, i, j);
+              if (policy == NarrowWindow) visible(i, j) = visible(i, j) && i - j <= 3;
+              if (policy == Custom) visible(i, j) = visible(i, j) && custom(h, i, j);
+              if (policy == Dense) visible(i, j) = visible(i, j) && dense(i, j);
+            }
+          expected.visible.push_back(visible);
+          expected.bias.push_back(bias);
+        }
+        Matrix<T> out;
+        switch (policy) {
+          case AlibiHeads: out = decode_with_mask<T>(c, capacity, steps, q, k, v, [&](Index) { return Alibi::for_heads(heads); }); break;
+          case T5Heads:
+            out = decode_with_mask<T>(c, capacity, steps, q, k, v,
+                                      [&](Index) { return RelativePositionBias(table, false, max_distance); });
+            break;
+          case SoftCapped: out = decode_with_mask<T>(c, capacity, steps, q, k, v, [&](Index) { return SoftCap(cap); }); break;
+          case NarrowWindow: out = decode_with_mask<T>(c, capacity, steps, q, k, v, [&](Index) { return Window(3, 0); }); break;
+          case Custom: out = decode_with_mask<T>(c, capacity, steps, q, k, v, [&](Index) { return MaskMod(custom); }); break;
+          case Dense:
+            out = decode_with_mask<T>(c, capacity, steps, q, k, v,
+                                      [&](Index p) { return BooleanMask(dense.topLeftCorner(p, p)); });
+            break;
+        }
+        expect_heads_match_reference<T>(q, k, v, heads, out, expected, scale);
+      }
+}
+
+// The layer decodes with a policy as its forward over the whole sequence computes.
+TYPED_TEST(DecodeTest, LayerDecodeWithAPolicyEqualsTheLayerForward) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 21;
+  const Shape s{4, 2, 8, 8, 32, 32, 32, 32, true};
+  MultiHeadAttention<T> layer(s.heads, random_weights<T>(s, rng), s.kv_heads);
+  const Matrix<T> x = rng.normal<T>(len, s.eq);
+  const auto policy = SoftCap(2.0) & Alibi::for_heads(s.heads);
+  const Matrix<T> whole = layer.forward(x, Causal() & policy).output;
+  KVCache<T> cache(layer, len);
+  Matrix<T> out(len, s.eout);
+  for (Index t = 0; t < len; t += 3) {
+    const Index n = std::min(Index(3), len - t);
+    out.middleRows(t, n) = decode_step(layer, cache, x.middleRows(t, n), policy);
+  }
+  EXPECT_LE((out - whole).cwiseAbs().maxCoeff(), 64 * std::numeric_limits<T>::epsilon());
+}
+
 TEST(DecodeErrors, ClearMessagesAndUnchangedCache) {
   ATTEND_SEEDED_RNG(rng);
   KVCache<double> cache(4, 2, 8);
@@ -207,6 +313,16 @@ TEST(DecodeErrors, ClearMessagesAndUnchangedCache) {
   KVCache<double> other(4, 2, 6);
   expect_invalid([&] { decode_step(layer, other, rng.normal<double>(1, 16)); },
                  {"kv_heads=2, head_dim=6", "num_kv_heads=2, head_dim=8"});
+  // A mask that does not fit the heads throws after the append, which is then undone.
+  KVCache<double> kept(8, 2, 8);
+  kept.append(k.topRows(2), v.topRows(2));
+  const Matrix<double> keys_before = kept.keys(), values_before = kept.values();
+  for (const Index n : {1, 2})
+    expect_invalid([&] { decode_step(kept, q.topRows(1).leftCols(32).replicate(n, 1), k.topRows(n), v.topRows(n), 4, Alibi(0.5)); },
+                   {"one slope to all 4 heads"});
+  EXPECT_EQ(kept.position(), 2);
+  EXPECT_EQ(Matrix<double>(kept.keys()), keys_before);
+  EXPECT_EQ(Matrix<double>(kept.values()), values_before);
   KVCache<double> fitted(layer, 4);
   expect_invalid([&] { decode_step(layer, fitted, rng.normal<double>(1, 15)); }, {"q_proj input (1 x 15)"});
   EXPECT_EQ(fitted.size(), 0);

@@ -2,10 +2,13 @@
 // Multi-head self and cross attention with projections, GQA/MQA, need_weights and the batch API,
 // against a long-double reference written here from the definition (project, per-head reference
 // attention, concatenate, out-project), which is what torch.nn.MultiheadAttention computes.
+#include <attend/attention/batched.hpp>
 #include <attend/attention/kv_cache.hpp>
 #include <attend/attention/multi_head.hpp>
+#include <attend/biases.hpp>
 
 #include "support/expect.hpp"
+#include "support/head_policy_reference.hpp"
 #include "support/baseline.hpp"
 #include "support/masks.hpp"
 #include "support/multi_head_reference.hpp"
@@ -332,6 +335,152 @@ TYPED_TEST(MultiHeadTest, HeadsAreViewsOfStridedInputs) {
   }
 }
 
+// Per-head policies through the layer: ALiBi with the standard slopes, a T5 table with a column
+// per head and torch-style stacked (H Lq, Lk) boolean and additive masks, with GQA. Each head
+// equals the single-head call with that head's policy, bitwise (the same engine on the same
+// views), and the long-double reference.
+TYPED_TEST(MultiHeadTest, PerHeadPoliciesEqualPerHeadSingleCalls) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 4, kv_heads = 2, d = 8, len = 29, e = heads * d, buckets = 16, max_distance = 20;
+  const Shape s{heads, kv_heads, d, d, e, e, e, e, true};
+  const MultiHeadAttention<T> mha(heads, random_weights<T>(s, rng), kv_heads);
+  const Matrix<T> x = rng.normal<T>(len, e);
+  const Matrix<T> q = mha.project_query(x), k = mha.project_key(x), v = mha.project_value(x);
+  const std::vector<double> slopes = alibi_slopes(heads);
+  const Matrix<T> table = rng.normal<T>(buckets, heads);                // (num_buckets, H)
+  const BoolMatrix stacked = rng.bernoulli(heads * len, len, 0.8);      // (H Lq, Lk)
+  const Matrix<T> additive = rng.normal<T>(heads * len, len, 0.5);      // (H Lq, Lk)
+  const Real scale = 1 / std::sqrt(Real(d));
+  HeadPolicies expected;
+  for (Index h = 0; h < heads; ++h) {
+    BoolMatrix visible = causal_visibility(len, len, Alignment::TopLeft);
+    RealMatrix bias(len, len);
+    for (Index i = 0; i < len; ++i)
+      for (Index j = 0; j < len; ++j) {
+        visible(i, j) = visible(i, j) && stacked(h * len + i, j);
+        bias(i, j) = -Real(slopes[std::size_t(h)]) * Real(std::abs(j - i)) +
+                     Real(table(relative_position_bucket(j - i, true, buckets, max_distance), h)) +
+                     Real(additive(h * len + i, j));
+      }
+    expected.visible.push_back(visible);
+    expected.bias.push_back(bias);
+  }
+  for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 8, 8)}) {
+    const auto policy = Causal() & Alibi::for_heads(heads) & RelativePositionBias(table, true, max_distance) &
+                        BooleanMask(stacked) & AdditiveMask(additive);
+    const Matrix<T> out = mha.forward(x, policy, o).output;
+    Matrix<T> per_head(len, heads * d);
+    for (Index h = 0; h < heads; ++h) {
+      const Index g = h / (heads / kv_heads);
+      per_head.middleCols(h * d, d) = scaled_dot_product_attention(
+          q.middleCols(h * d, d), k.middleCols(g * d, d), v.middleCols(g * d, d),
+          Causal() & Alibi(slopes[std::size_t(h)]) & RelativePositionBias(table.col(h), true, max_distance) &
+              BooleanMask(stacked.middleRows(h * len, len)) & AdditiveMask(additive.middleRows(h * len, len)),
+          o);
+    }
+    EXPECT_TRUE(identical(out, mha.project_output(per_head)));
+    expect_heads_match_reference<T>(q, k, v, heads, per_head, expected, scale);
+    const Matrix<T> direct = multi_head_attention(q, k, v, heads, policy, o);
+    EXPECT_TRUE(identical(direct, per_head));
+  }
+}
+
+// A batch: (B H Lq, Lk) masks give each (sequence, head) its own slice.
+TYPED_TEST(MultiHeadTest, BatchedCallsTakeASliceOfTheMaskPerSequenceAndHead) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 2, batch = 3, d = 4, len = 11;
+  const Matrix<T> q = rng.normal<T>(batch * len, heads * d), k = rng.normal<T>(batch * len, heads * d),
+                  v = rng.normal<T>(batch * len, heads * d);
+  const BoolMatrix stacked = rng.bernoulli(batch * heads * len, len, 0.7);  // (B H Lq, Lk)
+  for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 4, 4)}) {
+    const Matrix<T> out = batched_attention(q, k, v, BatchLayout{heads, batch}, BooleanMask(stacked), o);
+    for (Index b = 0; b < batch; ++b) {
+      SCOPED_TRACE("sequence " + std::to_string(b));
+      HeadPolicies expected;
+      for (Index h = 0; h < heads; ++h) expected.visible.push_back(stacked.middleRows((b * heads + h) * len, len));
+      expect_heads_match_reference<T>(q.middleRows(b * len, len), k.middleRows(b * len, len),
+                                      v.middleRows(b * len, len), heads, out.middleRows(b * len, len), expected,
+                                      1 / std::sqrt(Real(d)));
+    }
+  }
+}
+
+// A padded (B L, E) buffer and packed sequences (cu_seqlens), read in place: the layer's batch
+// equals the layer on each sequence alone (reference), returns each sequence's weights, and
+// zeroes the rows of no sequence; the attention part on projected inputs equals per-sequence
+// calls bitwise, with key padding per sequence as lengths of any integer type or torch's
+// boolean key_padding_mask.
+TYPED_TEST(MultiHeadTest, BatchesReadInPlaceEqualPerSequenceCalls) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 4, kv_heads = 2, d = 8, e = heads * d, padded = 13;
+  const Shape s{heads, kv_heads, d, d, e, e, e, e, true};
+  const MultiHeadAttention<T> mha(heads, random_weights<T>(s, rng), kv_heads);
+  const std::vector<int> lengths{13, 7, 0, 10};
+  const Index batch = Index(lengths.size());
+  const Matrix<T> x = rng.normal<T>(batch * padded, e);  // (B L, E), padding rows included
+  for (const bool packed : {false, true}) {
+    SCOPED_TRACE(packed ? "packed" : "padded");
+    std::vector<unsigned> offsets{0};
+    for (const int n : lengths) offsets.push_back(offsets.back() + unsigned(n));
+    const SequenceRows rows = packed ? SequenceRows::packed(offsets) : SequenceRows::padded(padded, lengths);
+    MultiHeadOptions o = path<T>(Algorithm::Materialized);
+    o.need_weights = NeedWeights::PerHead;
+    const MultiHeadBatchResult<T> r = mha.forward_batch(x, rows, Causal(), o);
+    ASSERT_EQ(r.weights.size(), std::size_t(batch));
+    std::vector<bool> used(std::size_t(x.rows()), false);
+    for (Index b = 0; b < batch; ++b) {
+      SCOPED_TRACE("sequence " + std::to_string(b));
+      const Index r0 = rows.begin(b), n = rows.length(b);
+      for (Index i = r0; i < r0 + n; ++i) used[std::size_t(i)] = true;
+      const Matrix<T> seq = x.middleRows(r0, n);
+      const Expected<T> ex = expected_mha<T>(s, mha.weights(), seq, seq, seq, causal_visibility(n, n, Alignment::TopLeft));
+      EXPECT_TRUE(within_tolerance<T>(Matrix<T>(r.output.middleRows(r0, n)), ex.output, ex.base_output));
+      ASSERT_EQ(r.weights[std::size_t(b)].size(), std::size_t(heads));
+      for (Index h = 0; h < heads; ++h)
+        EXPECT_TRUE(within_tolerance<T>(r.weights[std::size_t(b)][std::size_t(h)], ex.weights[std::size_t(h)],
+                                        ex.base_weights[std::size_t(h)]));
+    }
+    for (Index i = 0; i < x.rows(); ++i) {
+      if (!used[std::size_t(i)]) {
+        EXPECT_TRUE(r.output.row(i).isZero(0)) << "row " << i << " is in no sequence";
+      }
+    }
+    // The attention core on projected inputs: bitwise the per-sequence calls.
+    const Matrix<T> q = rng.normal<T>(x.rows(), heads * d), k = rng.normal<T>(x.rows(), kv_heads * d),
+                    v = rng.normal<T>(x.rows(), kv_heads * d);
+    Matrix<T> out(x.rows(), heads * d);
+    multi_head_attention_into(q, k, v, heads, rows, rows, out, Causal() & KeyPadding(std::vector<short>{9, 7, 0, 4}),
+                              path<T>(Algorithm::Blocked, 4, 4));
+    const std::vector<Index> valid{9, 7, 0, 4};
+    for (Index b = 0; b < batch; ++b) {
+      const Index r0 = rows.begin(b), n = rows.length(b);
+      EXPECT_TRUE(identical(Matrix<T>(out.middleRows(r0, n)),
+                            multi_head_attention(q.middleRows(r0, n), k.middleRows(r0, n), v.middleRows(r0, n), heads,
+                                                 Causal() & KeyPadding(valid[std::size_t(b)]),
+                                                 path<T>(Algorithm::Blocked, 4, 4))))
+          << "sequence " << b;
+    }
+  }
+  // The (B L, H d) batched layout with torch's key_padding_mask (true = padding) per sequence.
+  const Index len = 9;
+  const Matrix<T> q = rng.normal<T>(batch * len, heads * d), k = rng.normal<T>(batch * len, heads * d),
+                  v = rng.normal<T>(batch * len, heads * d);
+  const BoolMatrix padding = rng.bernoulli(batch, len, 0.3);
+  const Matrix<T> out = batched_attention(q, k, v, BatchLayout{heads, batch}, KeyPaddingMask(padding));
+  for (Index b = 0; b < batch; ++b) {
+    HeadPolicies expected;
+    BoolMatrix visible(len, len);
+    for (Index i = 0; i < len; ++i)
+      for (Index j = 0; j < len; ++j) visible(i, j) = !padding(b, j);
+    expected.visible.assign(std::size_t(heads), visible);
+    expect_heads_match_reference<T>(q.middleRows(b * len, len), k.middleRows(b * len, len), v.middleRows(b * len, len),
+                                    heads, out.middleRows(b * len, len), expected, 1 / std::sqrt(Real(d)));
+  }
+}
+
 TEST(MultiHeadErrors, ClearMessagesNamingTheValues) {
   ATTEND_SEEDED_RNG(rng);
   const Shape s{4, 4, 8, 8, 32, 32, 32, 32, true};
@@ -363,7 +512,31 @@ TEST(MultiHeadErrors, ClearMessagesNamingTheValues) {
                  {"key (6 x 32)", "value (7 x 32)"});
   expect_invalid([&] { MultiHeadAttention<double>::from_packed(4, x, {}, x, {}); }, {"in_proj_weight (5 x 32)"});
   expect_invalid([&] { mha.forward_batch({x, x}, {x}); }, {"1 memories for 2"});
-  expect_invalid([&] { mha.forward_batch({x}, {}, NoMask{}, {6}); }, {"key_valid_lengths[0] = 6", "Lk=5"});
+  expect_invalid([&] { mha.forward_batch({x}, {}, NoMask{}, std::vector<Index>{6}); }, {"key_valid_lengths[0] = 6", "Lk=5"});
+  // Per-head policies that do not fit the heads: one ALiBi slope for four heads names the
+  // per-head form; slope and table counts, and stacked masks, must match the heads.
+  expect_invalid([&] { mha.forward(x, Causal() & Alibi(0.5)); },
+                 {"Alibi(slope) gives one slope to all 4 heads", "Alibi::for_heads(4)"});
+  expect_invalid([&] { multi_head_attention(x, x, x, 4, Alibi(0.5)); }, {"one slope to all 4 heads"});
+  expect_invalid([&] { mha.forward(x, Alibi::for_heads(3)); }, {"Alibi of 3 slopes in a call of 4 heads"});
+  const Matrix<double> table3 = rng.normal<double>(16, 3);
+  expect_invalid([&] { mha.forward(x, RelativePositionBias(table3)); }, {"table of 3 heads", "call of 4 heads"});
+  const BoolMatrix stacked3 = BoolMatrix::Constant(15, 5, true);
+  expect_invalid([&] { mha.forward(x, BooleanMask(stacked3)); }, {"boolean mask of shape (15 x 5)", "(H Lq x Lk) = (20 x 5)"});
+  expect_invalid([&] { scaled_dot_product_attention(x, x, x, Alibi::for_heads(2)); }, {"2 slopes in a call of 1 heads"});
+  // Batches read in place: layouts that do not fit.
+  expect_invalid([&] { SequenceRows::packed(std::vector<int>{1, 4}); }, {"must start with 0"});
+  expect_invalid([&] { SequenceRows::packed(std::vector<int>{0, 4, 3}); }, {"offsets[2] = 3 < offsets[1] = 4"});
+  expect_invalid([&] { SequenceRows::padded(4, std::vector<int>{2, 5}); }, {"lengths[1] = 5", "padded length 4"});
+  expect_invalid([&] { SequenceRows::padded(4, std::vector<int>{2, -1}); }, {"sequence lengths[1] = -1"});
+  expect_invalid([&] { mha.forward_batch(x, SequenceRows::packed(std::vector<int>{0, 3, 6})); },
+                 {"use 6 query rows", "(5 x 32)"});
+  expect_invalid([&] { mha.forward_batch(x, SequenceRows::uniform(1, 5), x, SequenceRows::uniform(2, 2)); },
+                 {"1 query sequences and 2 memory sequences"});
+  expect_invalid([&] { mha.forward_batch(x, SequenceRows::uniform(1, 5), KeyPadding(std::vector<int>{1, 2})); },
+                 {"key padding of 2 lengths in a call of 1 sequences"});
+  const BoolMatrix padding = BoolMatrix::Constant(2, 4, false);
+  expect_invalid([&] { mha.forward(x, KeyPaddingMask(padding)); }, {"key padding mask of shape (2 x 4)", "(1 x 5)"});
   // A rotary embedding for another head width.
   MultiHeadAttention<double> rotary_mha(4, good);
   expect_invalid([&] { rotary_mha.set_rotary(RotaryEmbedding<double>(6)); }, {"head_dim=6", "head_dim=8"});

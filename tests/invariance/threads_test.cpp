@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
@@ -128,6 +129,57 @@ TYPED_TEST(ThreadsTest, EveryEntryPointIsBitwiseIndependentOfRunsAndThreadSettin
     ++visited;
   });
   EXPECT_GE(visited, 30u);
+}
+
+/// The results of every entry point, in order, with `sizes` (its options included) and inputs
+/// drawn from a copy of `rng`.
+template <class T>
+std::vector<Results<T>> run_every_entry(const EntrySizes& sizes, Rng rng) {
+  const EntryPoints<T> entries(sizes, rng);
+  std::vector<Results<T>> results;
+  entries.for_each([&](const auto& entry) {
+    const Inputs<T> in = draw_inputs<T>(entry.problem, rng);
+    results.push_back(run_entry<T>(entry, in.q, in.k, in.v));
+  });
+  return results;
+}
+
+// options.num_threads = 1, 2, 3 on every entry point, and two std::thread callers at once (which
+// share OpenMP's threads between them by default), give the bits of a lone call with the default.
+TYPED_TEST(ThreadsTest, PerCallThreadCountsAndConcurrentCallersGiveTheSameBits) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const std::vector<Results<T>> expected = run_every_entry<T>(thread_sizes(), rng);
+  ASSERT_GE(expected.size(), 30u);
+  const auto expect_same = [&](const std::vector<Results<T>>& results, const std::string& what) {
+    ASSERT_EQ(results.size(), expected.size());
+    for (std::size_t i = 0; i < results.size(); ++i)
+      EXPECT_TRUE(identical_results(results[i], expected[i])) << what << ", entry point " << i;
+  };
+  for (const int threads : {1, 2, 3}) {
+    EntrySizes sizes = thread_sizes();
+    sizes.blocked.num_threads = threads;
+    expect_same(run_every_entry<T>(sizes, rng), "num_threads=" + std::to_string(threads));
+  }
+  std::vector<Results<T>> first, second;
+  std::thread a([&] { first = run_every_entry<T>(thread_sizes(), rng); });
+  std::thread b([&] { second = run_every_entry<T>(thread_sizes(), rng); });
+  a.join();
+  b.join();
+  expect_same(first, "first of two concurrent callers");
+  expect_same(second, "second of two concurrent callers");
+}
+
+TEST(ThreadsErrors, NegativeThreadCountIsRejected) {
+  const Matrix<float> x = Matrix<float>::Ones(3, 4);
+  AttentionOptions options;
+  options.num_threads = -1;
+  try {
+    scaled_dot_product_attention(x, x, x, NoMask{}, options);
+    ADD_FAILURE() << "no exception";
+  } catch (const attend::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("num_threads=-1"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

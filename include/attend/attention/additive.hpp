@@ -63,6 +63,7 @@ class AdditiveAttention {
                     const AttentionOptions& options = {}, VectorRef<T> lse = detail::no_vector<T>()) const {
     static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     check_inputs(q, k, values, options);
+    const detail::ThreadScope threads(options.num_threads);  // for the projections too
     const Matrix<T> q_proj = project_queries(q), k_proj = project_keys(k);  // (Lq, h), (Lk, h)
     const ConstMatrixRef<T> values_ref(values);
     detail::attention_into<T>(q_proj, k_proj, values_ref, score(), mask, options, out, lse);
@@ -101,7 +102,8 @@ class AdditiveAttention {
     AttentionResult<T> result{Matrix<T>(q.rows(), values.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};
     const Matrix<T> q_proj = project_queries(q), k_proj = project_keys(k);
     const ConstMatrixRef<T> values_ref(values);
-    detail::materialized_attention<T>(q_proj, k_proj, values_ref, score(), mask.derived().bind(q.rows(), k.rows()),
+    detail::materialized_attention<T>(q_proj, k_proj, values_ref, score(),
+                                      detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows()),
                                       result.output, result.lse, result.weights);
     return result;
   }

@@ -193,17 +193,25 @@ class UndoableAppend {
 /// the split-KV kernel (decode_attention_into); several (a prefill chunk) through the multi-head
 /// engine with the mask Window(w - 1, 0, BottomRight), -1 left side when unbounded.
 ///
+/// `mask` (any mask, bias, score modifier or custom policy; per-head policies bind per head)
+/// applies at absolute positions: after the append the cache holds positions [P - size, P),
+/// P = cache.position(), and the new queries are positions [P - n, P), so the step computes rows
+/// P - n .. P - 1 of `forward(sequence, Causal() & mask)` over the whole (P, P) sequence, where
+/// a dense mask is (P, P) and a bias sees the relative position of each key to its query. It is
+/// OffsetMask(mask, P - n, P - size, P, P) intersected with the cache's own causality and window.
+///
 /// \param q     (n, H d) queries of the new tokens
 /// \param k_new (n, H_kv d) their keys, v_new (n, H_kv d_v) their values
 /// \param out   (n, H d_v), not sharing memory with q, k_new or v_new
-/// \throws attend::invalid_argument on mismatched shapes, H not divisible by H_kv, overflow, or
-///         `out` aliasing an input; std::bad_alloc when memory runs out. The cache is then
-///         unchanged, whatever throws and wherever (the append is undone).
-template <class T, class DQ, class DK, class DV>
+/// \throws attend::invalid_argument on mismatched shapes, H not divisible by H_kv, overflow, a mask
+///         that does not fit, or `out` aliasing an input; std::bad_alloc when memory runs out. The
+///         cache is then unchanged, whatever throws and wherever (the append is undone).
+template <class T, class DQ, class DK, class DV, class Mask>
 void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
-                      const AttentionOptions& options = {}) {
+                      const MaskBase<Mask>& mask, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+  const detail::ThreadScope threads(options.num_threads);
   detail::check_head_counts(num_heads, cache.kv_heads());
   detail::resolve_tiles(options);  // throws on a negative block size before the cache changes
   ATTEND_CHECK(q.cols() == num_heads * cache.head_dim(),
@@ -217,42 +225,63 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
   detail::check_no_alias(out, "output", v_new, "input v_new");
   detail::resolve_scale<T>(options, cache.head_dim());  // throws on a bad scale before the cache changes
   detail::UndoableAppend<T> appended(cache, k_new, v_new);  // undone if the attention throws
-  if (q.rows() == 1) {  // after a one-row append, every kept key is visible
-    decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, options);
+  const Index n = q.rows(), position = cache.position(), size = cache.size();
+  const OffsetMask<Mask> absolute(mask, position - n, position - size, position, position);
+  if (n == 1) {  // after a one-row append, every kept key is causally visible
+    decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, absolute, options);
   } else {
     const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
     multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out,
-                              Window(left, 0, Alignment::BottomRight), options);
+                              Window(left, 0, Alignment::BottomRight) & absolute, options);
   }
   appended.commit();
+}
+
+/// A decoding step without a mask beyond the cache's causality and window. See the overload
+/// with a mask.
+template <class T, class DQ, class DK, class DV>
+void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+                      const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                      const AttentionOptions& options = {}) {
+  decode_step_into(cache, q, k_new, v_new, num_heads, out, NoMask{}, options);
+}
+
+/// Returns the outputs (n, H d_v) of a decoding step with a mask. See decode_step_into.
+template <class T, class DQ, class DK, class DV, class Mask>
+Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+                      const Eigen::MatrixBase<DV>& v_new, Index num_heads, const MaskBase<Mask>& mask,
+                      const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+  Matrix<T> out(q.rows(), num_heads * cache.value_head_dim());
+  decode_step_into(cache, q, k_new, v_new, num_heads, out, mask, options);
+  return out;
 }
 
 /// Returns the outputs (n, H d_v) of a decoding step. See decode_step_into.
 template <class T, class DQ, class DK, class DV>
 Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
-  Matrix<T> out(q.rows(), num_heads * cache.value_head_dim());
-  decode_step_into(cache, q, k_new, v_new, num_heads, out, options);
-  return out;
+  return decode_step(cache, q, k_new, v_new, num_heads, NoMask{}, options);
 }
 
 /// One decoding step of a MultiHeadAttention layer with its projections (self attention over
 /// the tokens decoded so far): the n new tokens x (n, E_q) are projected, their queries and keys
 /// rotated at positions cache.position() + i when the layer has a rotary embedding, their K/V
-/// rows appended to `cache`, and the step attends as decode_step_into does; the output is
-/// projected by W_o. Decoding a sequence token by token (or in chunks) equals
-/// layer.forward(sequence, Causal()), or Window(w - 1, 0) for a cache of window w, row by row.
+/// rows appended to `cache`, and the step attends as decode_step_into does, with `mask` at
+/// absolute positions; the output is projected by W_o. Decoding a sequence token by token (or in
+/// chunks) equals layer.forward(sequence, Causal() & mask), or Window(w - 1, 0) & mask for a
+/// cache of window w, row by row.
 ///
 /// \param cache shaped for the layer, e.g. KVCache<T>(layer, capacity)
 /// \param x     (n, E_q) the new tokens
+/// \param mask  any mask, bias, score modifier or custom policy (per-head ones bind per head)
 /// \return (n, E_out)
 /// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's,
-///         on a wrong input width, or on overflow; std::bad_alloc when memory runs out (the
-///         cache is then unchanged).
-template <class T, class DX>
+///         on a wrong input width, a mask that does not fit, or on overflow; std::bad_alloc when
+///         memory runs out (the cache is then unchanged).
+template <class T, class DX, class Mask>
 Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
-                      const AttentionOptions& options = {}) {
+                      const MaskBase<Mask>& mask, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<T, DX>);
   ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
                    cache.value_head_dim() == layer.value_head_dim(),
@@ -263,7 +292,14 @@ Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, con
   const detail::ThreadScope threads(options.num_threads);  // for the projections too
   const Index position = cache.position();
   const Matrix<T> q = layer.project_query(x, position), k = layer.project_key(x, position), v = layer.project_value(x);
-  return layer.project_output(decode_step(cache, q, k, v, layer.num_heads(), options));
+  return layer.project_output(decode_step(cache, q, k, v, layer.num_heads(), mask, options));
+}
+
+/// A decoding step of a layer without a mask beyond the cache's. See the overload with a mask.
+template <class T, class DX>
+Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
+                      const AttentionOptions& options = {}) {
+  return decode_step(layer, cache, x, NoMask{}, options);
 }
 
 }  // namespace attend

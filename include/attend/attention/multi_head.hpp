@@ -36,6 +36,7 @@
 #include "../scores.hpp"
 #include "../types.hpp"
 #include "../positional/rotary.hpp"
+#include "../sequences.hpp"
 #include "materialized.hpp"
 #include "scaled_dot_product.hpp"
 
@@ -63,6 +64,13 @@ template <class T>
 struct MultiHeadResult {
   Matrix<T> output;                ///< (Lq, E_out)
   std::vector<Matrix<T>> weights;  ///< empty, H per-head (Lq, Lk), or one head-averaged (Lq, Lk)
+};
+
+/// Output of a multi-head call over a batch read in place (forward_batch with SequenceRows).
+template <class T>
+struct MultiHeadBatchResult {
+  Matrix<T> output;                             ///< (rows, E_out): sequence b in its rows, zeros elsewhere
+  std::vector<std::vector<Matrix<T>>> weights;  ///< per sequence, as MultiHeadResult::weights
 };
 
 namespace detail {
@@ -224,6 +232,47 @@ Matrix<typename DQ::Scalar> multi_head_attention(const Eigen::MatrixBase<DQ>& q,
   return out;
 }
 
+/// Multi-head attention of a batch of sequences of different lengths read in place (FlashAttention's
+/// varlen attention): sequence b attends from rows query_rows(b) of q over rows key_rows(b) of k
+/// and v, and writes rows query_rows(b) of `out`; rows of `out` in no sequence are set to zero.
+/// `mask` is bound for head h of sequence b with HeadIndex{b, h, B, H} and that sequence's
+/// (Lq_b, Lk_b): per-sequence policies such as KeyPadding(lengths) take their entry b.
+///
+/// \param q   (rows, H d), k (rows_k, H_kv d), v (rows_k, H_kv d_v); projected inputs
+/// \param query_rows, key_rows where the B sequences lie (packed or padded; sequences.hpp)
+/// \param out (rows, H d_v), not sharing memory with q, k or v
+/// \throws attend::invalid_argument when the layouts disagree on B or reach past the matrices,
+///         and as multi_head_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                               const Eigen::MatrixBase<DV>& v, Index num_heads, const SequenceRows& query_rows,
+                               const SequenceRows& key_rows, MatrixRef<typename DQ::Scalar> out,
+                               const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
+  using T = typename DQ::Scalar;
+  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
+                                         " must have the same number of rows (keys)");
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  detail::check_shape(out, q.rows(), layout.heads * layout.value_dim, "output");
+  ATTEND_CHECK(query_rows.size() == key_rows.size(), std::to_string(query_rows.size()) + " query sequences and " +
+                                                         std::to_string(key_rows.size()) + " key sequences");
+  ATTEND_CHECK(query_rows.rows_used() <= q.rows() && key_rows.rows_used() <= k.rows(),
+               "the sequences use " + std::to_string(query_rows.rows_used()) + " query rows and " +
+                   std::to_string(key_rows.rows_used()) + " key rows of q " + detail::shape_of(q) + " and k " +
+                   detail::shape_of(k));
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, detail::no_vector<T>());
+  std::vector<detail::SequenceViews<T>> sequences;
+  for (Index b = 0; b < query_rows.size(); ++b) {
+    const Index q0 = query_rows.begin(b), lq = query_rows.length(b), k0 = key_rows.begin(b), lk = key_rows.length(b);
+    sequences.push_back({q_ref.middleRows(q0, lq), k_ref.middleRows(k0, lk), v_ref.middleRows(k0, lk),
+                         out.middleRows(q0, lq)});
+  }
+  out.setZero();  // the rows of no sequence; the others are overwritten
+  detail::multi_head_attention_batch<T>(
+      sequences, layout, [&](Index) -> const Mask& { return mask.derived(); }, options);
+}
+
 /// Projection weights in PyTorch's nn.Linear layout (out_features, in_features). An empty bias
 /// vector means no bias.
 template <class T>
@@ -366,13 +415,7 @@ class MultiHeadAttention {
     detail::multi_head_attention_batch<T>(
         sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options);
     result.output = project_output(heads);
-    if (options.need_weights == NeedWeights::PerHead) {
-      result.weights = std::move(per_head);
-    } else if (options.need_weights == NeedWeights::Averaged) {
-      Matrix<T> mean = per_head[0];
-      for (std::size_t h = 1; h < per_head.size(); ++h) mean += per_head[h];
-      result.weights.push_back(mean / T(layout_.heads));
-    }
+    if (want) result.weights = collect_weights(std::move(per_head), options);
     return result;
   }
 
@@ -394,47 +437,114 @@ class MultiHeadAttention {
 
   /// A batch of sequences of different lengths, threaded over (sequence, head). Sequence s
   /// attends from queries[s] (Lq_s, E_q) over memories[s] (Lk_s, E_k = E_v), or over itself when
-  /// `memories` is empty. `mask` applies to every sequence (bound to its own lengths: NoMask,
-  /// Causal, Window); `key_valid_lengths`, when given, adds KeyPadding(key_valid_lengths[s])
+  /// `memories` is empty. `mask` is bound for each sequence s (HeadIndex::batch = s) and head;
+  /// `key_valid_lengths` (any integer type), when given, adds KeyPadding(key_valid_lengths)
   /// (PyTorch key_padding_mask with trailing True entries). Returns the (Lq_s, E_out) outputs.
-  template <class Mask = NoMask>
+  /// The forward_batch overload with SequenceRows reads one padded or packed matrix in place.
+  template <class Mask = NoMask, class Lengths = std::vector<Index>>
   std::vector<Matrix<T>> forward_batch(const std::vector<Matrix<T>>& queries, const std::vector<Matrix<T>>& memories,
-                                       const MaskBase<Mask>& mask = NoMask{},
-                                       const std::vector<Index>& key_valid_lengths = {},
+                                       const MaskBase<Mask>& mask = NoMask{}, const Lengths& key_valid_lengths = {},
                                        const AttentionOptions& options = {}) const {
     const std::size_t n = queries.size();
     ATTEND_CHECK(memories.empty() || memories.size() == n,
                  std::to_string(memories.size()) + " memories for " + std::to_string(n) +
                      " query sequences (give one per sequence, or none for self attention)");
-    ATTEND_CHECK(key_valid_lengths.empty() || key_valid_lengths.size() == n,
-                 std::to_string(key_valid_lengths.size()) + " key valid lengths for " + std::to_string(n) +
-                     " sequences");
+    std::vector<Index> valid = detail::index_vector(key_valid_lengths, "key_valid_lengths");
+    ATTEND_CHECK(valid.empty() || valid.size() == n,
+                 std::to_string(valid.size()) + " key valid lengths for " + std::to_string(n) + " sequences");
+    const bool given = !valid.empty();
     const detail::ThreadScope threads(options.num_threads);  // for the projections too
     std::vector<Matrix<T>> q(n), k(n), v(n), heads(n);
     std::vector<detail::SequenceViews<T>> sequences;
     sequences.reserve(n);
     for (std::size_t s = 0; s < n; ++s) {
       const Matrix<T>& memory = memories.empty() ? queries[s] : memories[s];
-      ATTEND_CHECK(key_valid_lengths.empty() || (key_valid_lengths[s] >= 0 && key_valid_lengths[s] <= memory.rows()),
-                   "key_valid_lengths[" + std::to_string(s) + "] = " + std::to_string(key_valid_lengths[s]) +
-                       " is outside [0, Lk=" + std::to_string(memory.rows()) + "] of sequence " + std::to_string(s));
+      if (!given) valid.push_back(memory.rows());
+      ATTEND_CHECK(valid[s] <= memory.rows(), "key_valid_lengths[" + std::to_string(s) + "] = " +
+                                                  std::to_string(valid[s]) + " is outside [0, Lk=" +
+                                                  std::to_string(memory.rows()) + "] of sequence " + std::to_string(s));
       q[s] = project_query(queries[s]);
       k[s] = project_key(memory);
       v[s] = project_value(memory);
       heads[s].resize(q[s].rows(), layout_.heads * layout_.value_dim);
       sequences.push_back({q[s], k[s], v[s], heads[s]});
     }
-    const auto mask_of = [&](Index s) {
-      const Index valid = key_valid_lengths.empty() ? k[std::size_t(s)].rows() : key_valid_lengths[std::size_t(s)];
-      return mask.derived() & KeyPadding(valid);
-    };
-    detail::multi_head_attention_batch<T>(sequences, layout_, mask_of, options);
+    const auto padded = mask.derived() & KeyPadding(valid);
+    detail::multi_head_attention_batch<T>(
+        sequences, layout_, [&](Index) -> const auto& { return padded; }, options);
     std::vector<Matrix<T>> outputs(n);
     for (std::size_t s = 0; s < n; ++s) outputs[s] = project_output(heads[s]);
     return outputs;
   }
 
+  /// A batch read in place from one matrix per input, without copies: sequence b attends from
+  /// rows query_rows(b) of `queries` (rows, E_q) over rows memory_rows(b) of `memories`
+  /// (rows_m, E_k = E_v), a padded (B L, E) buffer with per-sequence lengths or packed sequences
+  /// with offsets (sequences.hpp). Rotary positions start at 0 in every sequence. `mask` is
+  /// bound for each (sequence, head) with that sequence's lengths, so per-sequence policies
+  /// (KeyPadding(lengths), KeyPaddingMask, (B H Lq, Lk) stacked masks for equal lengths) apply.
+  /// Returns output rows as the queries' (zero where no sequence is) and, when
+  /// options.need_weights asks, each sequence's weights as forward returns them.
+  template <class DX, class DM, class Mask = NoMask>
+  MultiHeadBatchResult<T> forward_batch(const Eigen::MatrixBase<DX>& queries, const SequenceRows& query_rows,
+                                        const Eigen::MatrixBase<DM>& memories, const SequenceRows& memory_rows,
+                                        const MaskBase<Mask>& mask = NoMask{},
+                                        const MultiHeadOptions& options = {}) const {
+    static_assert(detail::supported_scalars<T, DX, DM>);
+    const Index batch = query_rows.size();
+    ATTEND_CHECK(memory_rows.size() == batch, std::to_string(batch) + " query sequences and " +
+                                                  std::to_string(memory_rows.size()) + " memory sequences");
+    ATTEND_CHECK(query_rows.rows_used() <= queries.rows() && memory_rows.rows_used() <= memories.rows(),
+                 "the sequences use " + std::to_string(query_rows.rows_used()) + " query rows and " +
+                     std::to_string(memory_rows.rows_used()) + " memory rows of queries " + detail::shape_of(queries) +
+                     " and memories " + detail::shape_of(memories));
+    const detail::ThreadScope threads(options.num_threads);  // for the projections too
+    Matrix<T> q = detail::linear<T>(queries, w_.q_proj_weight, w_.q_proj_bias, "q_proj");   // (rows, H d)
+    Matrix<T> k = detail::linear<T>(memories, w_.k_proj_weight, w_.k_proj_bias, "k_proj");  // (rows_m, H_kv d)
+    const Matrix<T> v = detail::linear<T>(memories, w_.v_proj_weight, w_.v_proj_bias, "v_proj");
+    Matrix<T> heads = Matrix<T>::Zero(queries.rows(), layout_.heads * layout_.value_dim);  // (rows, H d_v)
+    std::vector<std::vector<Matrix<T>>> per_head(static_cast<std::size_t>(batch));
+    std::vector<detail::SequenceViews<T>> sequences;
+    std::vector<bool> used(std::size_t(queries.rows()), false);
+    const bool want = options.need_weights != NeedWeights::None;
+    for (Index b = 0; b < batch; ++b) {
+      const Index q0 = query_rows.begin(b), lq = query_rows.length(b);
+      const Index k0 = memory_rows.begin(b), lk = memory_rows.length(b);
+      if (rope_) {
+        rope_->apply(q.middleRows(q0, lq), 0);
+        rope_->apply(k.middleRows(k0, lk), 0);
+      }
+      std::fill(used.begin() + q0, used.begin() + q0 + lq, true);
+      sequences.push_back({q.middleRows(q0, lq), k.middleRows(k0, lk), v.middleRows(k0, lk), heads.middleRows(q0, lq),
+                           want ? &per_head[std::size_t(b)] : nullptr});
+    }
+    detail::multi_head_attention_batch<T>(
+        sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options);
+    MultiHeadBatchResult<T> result{project_output(heads), {}};
+    for (Index r = 0; r < result.output.rows(); ++r)
+      if (!used[std::size_t(r)]) result.output.row(r).setZero();
+    if (want)
+      for (std::vector<Matrix<T>>& w : per_head) result.weights.push_back(collect_weights(std::move(w), options));
+    return result;
+  }
+
+  /// Self attention of a batch read in place: forward_batch(x, rows, x, rows, mask, options).
+  template <class DX, class Mask = NoMask>
+  MultiHeadBatchResult<T> forward_batch(const Eigen::MatrixBase<DX>& x, const SequenceRows& rows,
+                                        const MaskBase<Mask>& mask = NoMask{},
+                                        const MultiHeadOptions& options = {}) const {
+    return forward_batch(x, rows, x, rows, mask, options);
+  }
+
  private:
+  /// The weights a call returns from the H per-head ones: all of them, or their mean.
+  std::vector<Matrix<T>> collect_weights(std::vector<Matrix<T>> per_head, const MultiHeadOptions& options) const {
+    if (options.need_weights != NeedWeights::Averaged) return per_head;
+    Matrix<T> mean = per_head[0];
+    for (std::size_t h = 1; h < per_head.size(); ++h) mean += per_head[h];
+    return {mean / T(layout_.heads)};
+  }
+
   static void check_bias(const Vector<T>& bias, Index rows, const char* what) {
     ATTEND_CHECK(bias.size() == 0 || bias.size() == rows, std::string(what) + " of size " +
                                                               std::to_string(bias.size()) + " must be empty or " +

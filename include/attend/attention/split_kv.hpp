@@ -204,13 +204,16 @@ void for_blocks_of_4(Index count, F&& f) {
 /// (all H_kv heads side by side, contiguous) is read from memory once; its segment of kv head g
 /// then serves the G query heads of group g from registers and cache:
 ///   s_hj = <q_h, k_j^(g)> (q pre-scaled),  p_h = softmax(s_h) (lse_h),  out_h = sum_j p_hj v_j^(g).
+/// The mask of head h, masks[h], then acts on its scores as on a (1, n) tile of query 0 and keys
+/// [k0, k0 + n).
 /// \param q       (H d) the query row, pre-scaled
 /// \param scores  (H, >= n) scratch
 /// \param out     (H, d_v) normalized partial output
 /// \param lse     (H) its log-sum-exp
-template <class T>
+template <class T, class BoundMask>
 void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const HeadLayout& layout,
-                  Index k0, Index n, MatrixRef<T> scores, MatrixRef<T> out, VectorRef<T> lse) {
+                  const std::vector<BoundMask>& masks, Index k0, Index n, MatrixRef<T> scores, MatrixRef<T> out,
+                  VectorRef<T> lse) {
   const Index d = layout.key_dim, dv = layout.value_dim, group = layout.heads / layout.kv_heads;
   const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
   const Index k_stride = k.outerStride(), v_stride = v.outerStride();
@@ -223,6 +226,14 @@ void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T
                                                                  &scores(h, j), s_stride);
       });
   });
+  for (Index h = 0; h < layout.heads; ++h) {
+    auto row = scores.block(h, 0, 1, n);  // (1, n)
+    switch (masks[std::size_t(h)].classify(0, 1, k0, k0 + n)) {
+      case TileKind::Empty: row.setConstant(-std::numeric_limits<T>::infinity()); break;
+      case TileKind::Partial: apply_mask(masks[std::size_t(h)], row, 0, k0); break;
+      case TileKind::Full: break;
+    }
+  }
   softmax_rows_inplace<T>(scores.leftCols(n), lse);
   out.setZero();
   if (dv == 0) return;  // (no output column to address)
@@ -239,26 +250,31 @@ void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T
 
 }  // namespace detail
 
-/// One decode step: a single query token with H heads attends over all Lk keys of H_kv
-/// key/value heads (bottom-right causal with Lq = 1 sees every key; pass `k.bottomRows(w)` for a
-/// window of w keys). The keys are cut into fixed splits of `block_k` rows run in parallel; each
-/// split reads its K and V rows once, the G = H / H_kv query heads sharing a kv head reuse its
-/// segment from cache (GQA-aware). The partials are then merged in split order, so results are
-/// bitwise identical for any thread count.
+/// One decode step: a single query token with H heads attends over the Lk keys of H_kv
+/// key/value heads, with `mask` bound for each head h as HeadIndex{0, h, 1, H} on the (1, Lk)
+/// problem (query 0 against keys 0..Lk-1: pass NoMask to see every key, `k.bottomRows(w)` for
+/// a window of w keys, or an OffsetMask to apply a mask at absolute positions as decode_step
+/// does). Only the keys some head may see (the union of the masks' key ranges) are read. They
+/// are cut into fixed splits of `block_k` rows run in parallel; each split reads its K and V rows
+/// once, the G = H / H_kv query heads sharing a kv head reuse its segment from cache (GQA-aware).
+/// The partials are then merged in split order, so results are bitwise identical for any thread
+/// count. A head that sees no key gets a zero output and log-sum-exp -inf.
 ///
 /// \param q   (1, H d) the new token's queries, heads side by side
 /// \param k   (Lk, H_kv d) keys, e.g. `KVCache::keys()`
 /// \param v   (Lk, H_kv d_v) values
 /// \param num_heads H; H_kv = k.cols() / d, d = q.cols() / H
 /// \param out (1, H d_v), not sharing memory with q, k or v
+/// \param mask any mask, bias or score modifier; per-head policies bind per head
 /// \param options scale (default 1/sqrt(d)); block_k = keys per split (0: detail::kDecodeSplitKeys;
-///                more than Lk: one split)
+///                more than Lk: one split); num_threads
 /// \param lse (H) log-sum-exp of each head, or empty
-/// \throws attend::invalid_argument on mismatched shapes or when `out` or `lse` aliases an input.
-template <class DQ, class DK, class DV>
+/// \throws attend::invalid_argument on mismatched shapes, a mask that does not fit, or when
+///         `out` or `lse` aliases an input.
+template <class DQ, class DK, class DV, class Mask>
 void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                            const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
-                           const AttentionOptions& options = {},
+                           const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                            VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
@@ -275,12 +291,22 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                                                            " entries");
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, lse);
+  // Each head's policy, and the keys any head may see.
+  std::vector<decltype(detail::bind_mask(mask.derived(), HeadIndex{}, 1, 0))> masks;
+  masks.reserve(std::size_t(heads));
+  KeyRange seen{k.rows(), 0};
+  for (Index h = 0; h < heads; ++h) {
+    masks.push_back(detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, heads}, 1, k.rows()));
+    const KeyRange r = masks.back().keys(0, 1);
+    if (r.begin < r.end) seen = {std::min(seen.begin, r.begin), std::max(seen.end, r.end)};
+  }
+  const Index num_seen = std::max(seen.end - seen.begin, Index(0));
   const Vector<T> q_scaled = detail::resolve_scale<T>(options, layout.key_dim) * q_ref.row(0).transpose();  // (H d)
   // A split longer than the keys is all of them: the scratch stays within the problem's size.
   const Index split =
-      std::min(options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys, std::max(k.rows(), Index(1)));
-  const Index splits = (k.rows() + split - 1) / split;
-  if (splits == 0) {  // no keys: zero output, lse -inf
+      std::min(options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys, std::max(num_seen, Index(1)));
+  const Index splits = (num_seen + split - 1) / split;
+  if (splits == 0) {  // no key to see: zero output, lse -inf
     out.setZero();
     if (lse.size() != 0) lse.setConstant(-std::numeric_limits<T>::infinity());
     return;
@@ -291,15 +317,24 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
   detail::parallel_for_with_scratch(
       splits, [&] { return Matrix<T>(heads, split); },
       [&](Index c, Matrix<T>& scores) {
-        detail::decode_split<T>(q_scaled.data(), k_ref, v_ref, layout, c * split,
-                                std::min(split, k.rows() - c * split), scores, part_out.middleRows(c * heads, heads),
-                                part_lse.segment(c * heads, heads));
+        const Index k0 = seen.begin + c * split;
+        detail::decode_split<T>(q_scaled.data(), k_ref, v_ref, layout, masks, k0, std::min(split, seen.end - k0),
+                                scores, part_out.middleRows(c * heads, heads), part_lse.segment(c * heads, heads));
       });
   for (Index c = 1; c < splits; ++c)
     merge_partial_into<T>(part_out.topRows(heads), part_lse.head(heads), part_out.middleRows(c * heads, heads),
                           part_lse.segment(c * heads, heads));
   for (Index h = 0; h < heads; ++h) out.row(0).segment(h * dv, dv) = part_out.row(h);
   if (lse.size() != 0) lse = part_lse.head(heads);
+}
+
+/// One decode step over every key: decode_attention_into with NoMask.
+template <class DQ, class DK, class DV>
+void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                           const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                           const AttentionOptions& options = {},
+                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+  decode_attention_into(q, k, v, num_heads, out, NoMask{}, options, lse);
 }
 
 }  // namespace attend
