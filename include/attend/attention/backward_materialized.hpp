@@ -5,6 +5,7 @@
 #pragma once
 
 #include "../masks.hpp"
+#include "../softmax.hpp"
 #include "../types.hpp"
 #include "../detail/backward_kernels.hpp"
 #include "../detail/parallel.hpp"
@@ -16,7 +17,8 @@
 namespace attend::detail {
 
 /// Gradients of out = softmax(S) V with S = modifier(scale Q K^T), masked:
-///   P = exp(S - lse)            (the forward's weights, from its log-sum-exp)
+///   P = softmax(S)              (the forward's weights, recomputed whole: the saved log-sum-exp
+///                                is not needed, and a row that sees one key has P = 1 exactly)
 ///   dV = P^T dO
 ///   dP = dO V^T,  D_i = sum_j P_ij dP_ij (= <dO_i, O_i>),  dS = P * (dP - D)   (0 where P = 0)
 ///   dZ = dS * modifier'(Z)      (Z = scale Q K^T)
@@ -48,13 +50,11 @@ void materialized_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>&
   }
   Matrix<T> ds(num_queries, num_keys);  // dP, then dS
   parallel_product(ds, head.d_out, v.transpose());
+  softmax_rows_inplace<T>(p);
   for (Index i = 0; i < num_queries; ++i) {
-    const T u = weight_shift(head.lse(i));
     T d = 0;
-    for (Index j = 0; j < num_keys; ++j) {
-      p(i, j) = p(i, j) == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(p(i, j) - u);
+    for (Index j = 0; j < num_keys; ++j)
       if (p(i, j) != T(0)) d += p(i, j) * ds(i, j);
-    }
     for (Index j = 0; j < num_keys; ++j) ds(i, j) = p(i, j) == T(0) ? T(0) : p(i, j) * (ds(i, j) - d);
   }
   parallel_product(dv, p.transpose(), head.d_out);
