@@ -80,6 +80,7 @@ void check_finite_differences(const LayerShape& s, Index lq, Index lk, const Mas
     SCOPED_TRACE(describe(options));
     MultiHeadOptions mh_options;
     static_cast<AttentionOptions&>(mh_options) = options;
+    mh_options.num_threads = 1;  // thousands of tiny forwards: a thread team each would dominate
     const MultiHeadAttention<double> layer = make_layer(s, w);
     const MultiHeadTrainingForward<double> forward =
         inputs == Inputs::Self     ? multi_head_layer_forward(layer, query, mask, options)
