@@ -174,7 +174,7 @@ TYPED_TEST(RingTest, ShortSequenceLeavesSomeRanksEmpty) {
   }
 }
 
-// Bitwise: the same call twice, on 1 and 3 threads, gives the same bits.
+// Bitwise: the same call twice, on 1, 3 (num_threads) and 2 (OpenMP's default) threads, gives the same bits.
 TYPED_TEST(RingTest, BitwiseRepeatableAcrossRunsAndThreads) {
   using T = TypeParam;
   const Problem<T> p(300, 300, 2, 1, 32, 32, 14);
@@ -185,13 +185,18 @@ TYPED_TEST(RingTest, BitwiseRepeatableAcrossRunsAndThreads) {
   const Shard<T> again = run_ring(p, Causal(), options);
   EXPECT_TRUE(identical(first.out, again.out));
   EXPECT_TRUE(identical(first.lse, again.lse));
-#ifdef _OPENMP
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(3);
+  options.num_threads = 3;
   const Shard<T> threaded = run_ring(p, Causal(), options);
-  omp_set_num_threads(threads);
   EXPECT_TRUE(identical(first.out, threaded.out));
   EXPECT_TRUE(identical(first.lse, threaded.lse));
+#ifdef _OPENMP
+  options.num_threads = 0;  // OpenMP's default team
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(2);
+  const Shard<T> defaulted = run_ring(p, Causal(), options);
+  omp_set_num_threads(threads);
+  EXPECT_TRUE(identical(first.out, defaulted.out));
+  EXPECT_TRUE(identical(first.lse, defaulted.lse));
 #endif
 }
 

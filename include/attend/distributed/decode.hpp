@@ -39,7 +39,7 @@ namespace attend::distributed {
 /// \param v   (Lk_r, H_kv d_v) this rank's cached values
 /// \param num_heads H
 /// \param out (1, H d_v) on every rank, not sharing memory with q, k or v
-/// \param options scale (default 1/sqrt(d)), block_k = keys per split of the local step
+/// \param options scale (default 1/sqrt(d)), block_k = keys per split of the local step, num_threads
 /// \param lse (H) log-sum-exp of each head over all ranks' keys, or empty
 /// \throws attend::invalid_argument on every rank when any rank's arguments are invalid.
 template <class DQ, class DK, class DV>

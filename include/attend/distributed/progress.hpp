@@ -12,6 +12,7 @@
 #include "../detail/parallel.hpp"
 #include "mpi.hpp"
 
+#include <algorithm>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -27,17 +28,18 @@ inline bool funneled() {
 }
 
 /// Calls body(i, scratch) for i in [0, count) like attend::detail::parallel_for_with_scratch
-/// (in parallel with OpenMP, exceptions carried out of the region), and progress() after each
+/// (on the call's team_size() threads, exceptions carried out of the region), and progress() after each
 /// item that the calling thread runs. Under MPI_THREAD_SINGLE with several threads, progress()
 /// is called only once the loop is done (MPI may not be called while other threads run).
 template <class MakeScratch, class Body, class Progress>
 void parallel_for_with_progress(Index count, MakeScratch&& make_scratch, Body&& body, Progress&& progress) {
   if (count <= 0) return;
 #ifdef _OPENMP
-  if (!omp_in_parallel() && omp_get_max_threads() > 1) {
+  const int threads = int(std::min<Index>(attend::detail::team_size(), count));
+  if (threads > 1) {
     const bool may_progress = funneled();
     attend::detail::FirstException failure;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
       std::optional<std::decay_t<decltype(make_scratch())>> scratch;
       failure.run([&] { scratch.emplace(make_scratch()); });

@@ -66,8 +66,8 @@ struct RingProfile {
   std::vector<RingStep> steps;
 };
 
-/// Options of a ring call: those of one head (scale, block_q, block_k; always the blocked path)
-/// plus the sharding of the sequence and the K/V exchange.
+/// Options of a ring call: those of one head (scale, block_q, block_k, num_threads of this rank;
+/// always the blocked path) plus the sharding of the sequence and the K/V exchange.
 struct RingOptions : AttentionOptions {
   Sharding sharding = Sharding::Contiguous;
   KVExchange exchange = KVExchange::Ring;
@@ -237,7 +237,7 @@ class RingAccumulator {
 /// \param num_heads H
 /// \param out   (Lq_r, H d_v), not sharing memory with q
 /// \param mask  NoMask, Causal, Window, KeyPadding or their `&`, in global positions
-/// \param options scale (default 1/sqrt(d)), block_q, block_k, sharding, exchange, profile
+/// \param options scale (default 1/sqrt(d)), block_q, block_k, num_threads, sharding, exchange, profile
 /// \param lse   (Lq_r, H) log-sum-exp of each row and head (-inf where no key is seen), or empty
 /// \throws attend::invalid_argument on every rank when any rank's arguments are invalid (shapes,
 ///         heads, a shard that is not its part of the sharding of the global lengths, options
@@ -274,7 +274,10 @@ void ring_attention_into(MPI_Comm comm, const Eigen::MatrixBase<DQ>& q, const Ei
         attend::detail::check_no_alias(lse, "log-sum-exp", out, "output");
         attend::detail::resolve_tiles(options);
         attend::detail::resolve_scale<T>(options, layout.key_dim);
+        ATTEND_CHECK(options.num_threads >= 0, "num_threads=" + std::to_string(options.num_threads) +
+                                                   " must be positive, or 0 for the default");
       });
+  const attend::detail::ThreadScope threads(options.num_threads);
   constexpr std::size_t kFacts = 10;
   const auto fact = [&](int r, std::size_t c) { return Index(facts[std::size_t(r) * kFacts + c]); };
   static const char* const kNames[kFacts] = {"q rows",  "k rows", "q width", "k width", "v width",
