@@ -117,6 +117,37 @@ TYPED_TEST(MaskPolicyTest, ClassifyKeysAndApplyAgreeWithReference) {
     }
 }
 
+// OffsetMask: a block of a whole problem gets exactly what the whole problem's mask says of its
+// entries (every mask of the catalogue, random tiles and three tilings of each block), and a block
+// that does not lie inside the whole problem is an error.
+TYPED_TEST(MaskPolicyTest, OffsetMaskGivesABlockTheWholeProblemsMask) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index total_q = 40, total_k = 50;
+  struct Block {
+    Index q0, k0, rows, cols;
+  };
+  for (const MaskSpec& spec : all_mask_specs())
+    with_mask<T>(spec, total_q, total_k, rng, [&](const auto& mask, const MaskCase& whole) {
+      for (const Block& b : {Block{0, 0, 40, 50}, Block{13, 7, 9, 30}, Block{39, 25, 1, 25}, Block{20, 0, 20, 1}}) {
+        SCOPED_TRACE(whole.description + " block at (" + std::to_string(b.q0) + ", " + std::to_string(b.k0) + ")");
+        MaskCase c = whole;
+        c.visible = whole.visible.block(b.q0, b.k0, b.rows, b.cols);
+        if (whole.bias) c.bias = RealMatrix(whole.bias->block(b.q0, b.k0, b.rows, b.cols));
+        check_tiles<T>(OffsetMask(mask, b.q0, b.k0, total_q, total_k).bind(b.rows, b.cols), c, b.rows, b.cols, 10, rng);
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+      try {
+        OffsetMask(mask, 35, 0, total_q, total_k).bind(6, total_k);
+        ADD_FAILURE() << "a block past the last query was accepted";
+      } catch (const attend::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("(6 x 50) at (35, 0) does not lie inside the whole problem (40 x 50)"),
+                  std::string::npos)
+            << e.what();
+      }
+    });
+}
+
 // Every pair of built-in masks and biases, both ways round, with +inf, NaN and -inf planted in
 // each operand's data where the other hides the key (and a NaN at one key both let through, which
 // must stay NaN): the intersection's reference throughout.
