@@ -165,33 +165,37 @@ class RingAccumulator {
     for (const Segment& ks : plan_.keys[std::size_t(block)]) {
       const ConstMatrixRef<T> keys = kv.middleRows(k_offset, ks.length);
       k_offset += ks.length;
-      // Work items (query segment, head, query tile) of the pairs the mask does not empty.
+      // Work items: (head, query tile) of every query segment, for the tiles that see some key
+      // of this key segment.
       struct Item {
-        Index begin, offset, head, q0, rows;  // global first query of the tile's segment, its local row
+        Index begin;   // global position of the tile's first query
+        Index row;     // its local row
+        Index rows;    // rows of the tile
+        Index head;
       };
       std::vector<Item> items;
       Index q_offset = 0;
       for (const Segment& qs : plan_.queries[std::size_t(rank_)]) {
         const Index offset = q_offset;
         q_offset += qs.length;
-        if (qs.length == 0 || ks.length == 0) continue;
-        const KeyRange seen =
-            shard_mask(mask_, num_queries_, num_keys_, qs.begin, ks.begin).bind(qs.length, ks.length).keys(0, qs.length);
-        if (seen.begin >= seen.end) continue;
-        for (Index h = 0; h < layout_.heads; ++h)
-          for (Index q0 = 0; q0 < qs.length; q0 += tiles_.queries)
-            items.push_back({qs.begin, offset, h, q0, std::min(tiles_.queries, qs.length - q0)});
+        if (ks.length == 0) continue;
+        for (Index q0 = 0; q0 < qs.length; q0 += tiles_.queries) {
+          const Index rows = std::min(tiles_.queries, qs.length - q0);
+          const KeyRange seen =
+              shard_mask(mask_, num_queries_, num_keys_, qs.begin + q0, ks.begin).bind(rows, ks.length).keys(0, rows);
+          if (seen.begin >= seen.end) continue;
+          for (Index h = 0; h < layout_.heads; ++h) items.push_back({qs.begin + q0, offset + q0, rows, h});
+        }
       }
-      // Each item computes one query tile against the key segment, with the mask seen from the
-      // tile's first query, into its thread's scratch, and merges it into the running result at
-      // once; items own disjoint rows, so they run in any order.
+      // Each item computes one query tile of one head against the key segment, with the mask
+      // seen from the tile's first query, into its thread's scratch, and merges it into the
+      // running result at once; items own disjoint rows, so they run in any order.
       parallel_for_with_progress(
           Index(items.size()), [&] { return RingScratch<T>(tiles_, d, dv); },
           [&](Index i, RingScratch<T>& scratch) {
             const Item& it = items[std::size_t(i)];
-            const Index g = layout_.kv_head_of(it.head), row = it.offset + it.q0;
-            const auto bound =
-                shard_mask(mask_, num_queries_, num_keys_, it.begin + it.q0, ks.begin).bind(it.rows, ks.length);
+            const Index g = layout_.kv_head_of(it.head), row = it.row;
+            const auto bound = shard_mask(mask_, num_queries_, num_keys_, it.begin, ks.begin).bind(it.rows, ks.length);
             const ConstMatrixRef<T> qh = q_.block(row, it.head * d, it.rows, d);  // (rows, d)
             const ConstMatrixRef<T> kh = keys.middleCols(g * d, d);                // (lk, d)
             const ConstMatrixRef<T> vh = keys.middleCols(kv_width + g * dv, dv);   // (lk, d_v)
