@@ -71,13 +71,13 @@ struct AdditiveBackwardInputs {
   const Vector<T>& delta;                  // (Lq) D_i = sum_c dO_ic O_ic
   const ConstMatrixRef<T>& d_out;          // (Lq, Dv)
 
-  /// Writes t = tanh(qp_i + kp_j) (h), P_ij = exp(v^T t + bias - lse_i) and dS_ij (both 0 when
-  /// the row sees nothing).
-  void pair(Index i, Index j, T bias, Eigen::Array<T, 1, Eigen::Dynamic>& t, T& p, T& ds) const {
+  /// Writes t = tanh(qp_i + kp_j) (h), P_ij = exp(v^T t + bias - lse_i) and
+  /// dS_ij = P_ij (dP_ij - D_i), given dP_ij = dO_i . V_j (both 0 when the row sees nothing).
+  void pair(Index i, Index j, T bias, T dp, Eigen::Array<T, 1, Eigen::Dynamic>& t, T& p, T& ds) const {
     t = (q_proj.row(i) + k_proj.row(j)).array().tanh();
     const T s = t.matrix().dot(v.transpose()) + bias;
     p = lse(i) == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(s - lse(i));
-    ds = p * (d_out.row(i).dot(values.row(j)) - delta(i));
+    ds = p * (dp - delta(i));
   }
 };
 
@@ -93,36 +93,51 @@ void mask_tile(const BoundMask& mask, Matrix<T>& tile, Index q0, Index rows, Ind
   }
 }
 
-/// The blocked backward: writes dqp (Lq, h), dkp (Lk, h), dvalues (Lk, Dv) and dw_v (h).
+/// The blocked backward: writes dqp (Lq, h), dkp (Lk, h), dvalues (Lk, Dv) and dw_v (h). Each
+/// tile's dP = dO V^T and (key pass) dV += P^T dO are products; the tanh, P and dS are per pair.
 template <class T, class BoundMask>
 void additive_backward_blocked(const AdditiveBackwardInputs<T>& in, const BoundMask& mask, TileShape tiles,
                                Matrix<T>& dqp, Matrix<T>& dkp, Matrix<T>& dvalues, Vector<T>& dw_v) {
-  const Index lq = in.q_proj.rows(), lk = in.k_proj.rows(), h = in.v.size();
+  const Index lq = in.q_proj.rows(), lk = in.k_proj.rows(), h = in.v.size(), dv = in.values.cols();
   const Index query_tiles = (lq + tiles.queries - 1) / tiles.queries;
   const Index key_tiles = (lk + tiles.keys - 1) / tiles.keys;
   struct Scratch {
     Matrix<T> bias;                        // (Bq, Bk) the mask's values on a tile
+    Matrix<T> dp;                          // (Bq, Bk) dO V^T
+    Matrix<T> p;                           // (Bq, Bk) P (key pass)
+    Matrix<T> d_values;                    // (Bk, Dv) P^T dO (key pass)
     Eigen::Array<T, 1, Eigen::Dynamic> t;  // (h) tanh(qp_i + kp_j)
   };
-  const auto make_scratch = [&] {
-    return Scratch{Matrix<T>(tiles.queries, tiles.keys), Eigen::Array<T, 1, Eigen::Dynamic>(h)};
+  const auto make_scratch = [&](bool key_pass) {
+    return [&, key_pass] {
+      return Scratch{Matrix<T>(tiles.queries, tiles.keys), Matrix<T>(tiles.queries, tiles.keys),
+                     key_pass ? Matrix<T>(tiles.queries, tiles.keys) : Matrix<T>(),
+                     key_pass ? Matrix<T>(tiles.keys, dv) : Matrix<T>(), Eigen::Array<T, 1, Eigen::Dynamic>(h)};
+    };
+  };
+  // The mask's values and dP of a tile; false when the mask hides all of it.
+  const auto prepare = [&](Scratch& scratch, Index q0, Index rows, Index k0, Index cols) {
+    if (mask.classify(q0, q0 + rows, k0, k0 + cols) == TileKind::Empty) return false;
+    mask_tile(mask, scratch.bias, q0, rows, k0, cols);
+    serial_product(scratch.dp.topLeftCorner(rows, cols), in.d_out.middleRows(q0, rows),
+                   in.values.middleRows(k0, cols).transpose());
+    return true;
   };
   const auto v = in.v.transpose().array();  // (h)
   // Pass 1, over query tiles: dqp for the tile's rows, and the tile's partial of dv.
   Matrix<T> dw_v_partials = Matrix<T>::Zero(query_tiles, h);  // (query tiles, h)
-  parallel_for_with_scratch(query_tiles, make_scratch, [&](Index tile, Scratch& scratch) {
+  parallel_for_with_scratch(query_tiles, make_scratch(false), [&](Index tile, Scratch& scratch) {
     const Index q0 = tile * tiles.queries, rows = std::min(tiles.queries, lq - q0);
     const KeyRange keys = mask.keys(q0, q0 + rows);
     for (Index k0 = keys.begin - keys.begin % tiles.keys; k0 < keys.end; k0 += tiles.keys) {
       const Index cols = std::min(tiles.keys, lk - k0);
-      if (mask.classify(q0, q0 + rows, k0, k0 + cols) == TileKind::Empty) continue;
-      mask_tile(mask, scratch.bias, q0, rows, k0, cols);
+      if (!prepare(scratch, q0, rows, k0, cols)) continue;
       for (Index i = q0; i < q0 + rows; ++i)
         for (Index j = k0; j < k0 + cols; ++j) {
           const T bias = scratch.bias(i - q0, j - k0);
           if (bias == -std::numeric_limits<T>::infinity()) continue;
           T p, ds;
-          in.pair(i, j, bias, scratch.t, p, ds);
+          in.pair(i, j, bias, scratch.dp(i - q0, j - k0), scratch.t, p, ds);
           if (p == T(0)) continue;
           dqp.row(i).array() += ds * v * (T(1) - scratch.t.square());
           dw_v_partials.row(tile).array() += ds * scratch.t;
@@ -131,22 +146,25 @@ void additive_backward_blocked(const AdditiveBackwardInputs<T>& in, const BoundM
   });
   dw_v = dw_v_partials.colwise().sum().transpose();
   // Pass 2, over key tiles: dkp and dV for the tile's keys, from every query tile that sees them.
-  parallel_for_with_scratch(key_tiles, make_scratch, [&](Index tile, Scratch& scratch) {
+  parallel_for_with_scratch(key_tiles, make_scratch(true), [&](Index tile, Scratch& scratch) {
     const Index k0 = tile * tiles.keys, cols = std::min(tiles.keys, lk - k0);
     for (Index q0 = 0; q0 < lq; q0 += tiles.queries) {
       const Index rows = std::min(tiles.queries, lq - q0);
-      if (mask.classify(q0, q0 + rows, k0, k0 + cols) == TileKind::Empty) continue;
-      mask_tile(mask, scratch.bias, q0, rows, k0, cols);
+      if (!prepare(scratch, q0, rows, k0, cols)) continue;
+      auto p_tile = scratch.p.topLeftCorner(rows, cols);
+      p_tile.setZero();
       for (Index j = k0; j < k0 + cols; ++j)
         for (Index i = q0; i < q0 + rows; ++i) {
           const T bias = scratch.bias(i - q0, j - k0);
           if (bias == -std::numeric_limits<T>::infinity()) continue;
-          T p, ds;
-          in.pair(i, j, bias, scratch.t, p, ds);
-          if (p == T(0)) continue;
+          T ds;
+          in.pair(i, j, bias, scratch.dp(i - q0, j - k0), scratch.t, p_tile(i - q0, j - k0), ds);
+          if (p_tile(i - q0, j - k0) == T(0)) continue;
           dkp.row(j).array() += ds * v * (T(1) - scratch.t.square());
-          dvalues.row(j) += p * in.d_out.row(i);
         }
+      auto d_values = scratch.d_values.topRows(cols);
+      serial_product(d_values, p_tile.transpose(), in.d_out.middleRows(q0, rows));  // (Bk, Dv) P^T dO
+      dvalues.middleRows(k0, cols) += d_values;
     }
   });
 }
@@ -156,18 +174,16 @@ template <class T, class BoundMask>
 void additive_backward_materialized(const AdditiveBackwardInputs<T>& in, const BoundMask& mask, Matrix<T>& dqp,
                                     Matrix<T>& dkp, Matrix<T>& dvalues, Vector<T>& dw_v) {
   const Index lq = in.q_proj.rows(), lk = in.k_proj.rows();
-  Matrix<T> bias(lq, lk);  // the mask's values, then dS
+  Matrix<T> bias(lq, lk);  // the mask's values
   mask_tile(mask, bias, 0, lq, 0, lk);
+  Matrix<T> dp(lq, lk);  // dO V^T, then dS
+  parallel_product(dp, in.d_out, in.values.transpose());
   Matrix<T> p = Matrix<T>::Zero(lq, lk);  // (Lq, Lk)
-  Matrix<T>& ds = bias;
+  Matrix<T>& ds = dp;
   Eigen::Array<T, 1, Eigen::Dynamic> t(in.v.size());  // (h)
   for (Index i = 0; i < lq; ++i)
     for (Index j = 0; j < lk; ++j) {
-      if (bias(i, j) == -std::numeric_limits<T>::infinity()) {
-        ds(i, j) = 0;
-        continue;
-      }
-      in.pair(i, j, bias(i, j), t, p(i, j), ds(i, j));
+      if (bias(i, j) != -std::numeric_limits<T>::infinity()) in.pair(i, j, bias(i, j), dp(i, j), t, p(i, j), ds(i, j));
       if (p(i, j) == T(0)) ds(i, j) = 0;
     }
   parallel_product(dvalues, p.transpose(), in.d_out);  // dV = P^T dO
