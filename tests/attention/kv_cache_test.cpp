@@ -49,6 +49,27 @@ TEST(KVCache, AppendKeepsRowsInOrderAndViewsTheValidPart) {
   EXPECT_EQ(cache.position(), 0);
 }
 
+TEST(KVCache, TruncateRollsBackAndAppendsContinue) {
+  ATTEND_SEEDED_RNG(rng);
+  KVCache<double> cache(12, 1, 2);
+  const Matrix<double> k = rng.normal<double>(12, 2), v = rng.normal<double>(12, 2);
+  cache.append(k.topRows(9), v.topRows(9));
+  cache.truncate(5);
+  EXPECT_EQ(cache.position(), 5);
+  cache.append(k.bottomRows(3), v.bottomRows(3));
+  Matrix<double> expected(8, 2);
+  expected << k.topRows(5), k.bottomRows(3);
+  EXPECT_EQ(Matrix<double>(cache.keys()), expected);
+  expect_invalid([&] { cache.truncate(9); }, {"truncate(9)", "[0, position=8]"});
+  KVCache<double> windowed(6, 1, 2, {3});
+  windowed.append(k.topRows(5), v.topRows(5));  // holds positions 0..4
+  windowed.append(k.topRows(1), v.topRows(1));  // holds 3..5
+  windowed.truncate(5);                         // position 5 sees 3..5: still held
+  EXPECT_EQ(windowed.size(), 2);
+  expect_invalid([&] { windowed.truncate(4); }, {"sees positions from 2", "holds positions from 3"});
+  EXPECT_EQ(windowed.position(), 5);
+}
+
 TEST(KVCache, SlidingWindowKeepsTheLastKeysAcrossMovesToTheFront) {
   ATTEND_SEEDED_RNG(rng);
   const Index window = 4, total = 23;

@@ -126,6 +126,27 @@ class KVCache {
   /// Forgets every row; capacity and shapes stay.
   void clear() { begin_ = size_ = position_ = 0; }
 
+  /// Rolls the cache back to its first `length` tokens (speculative decoding's rollback): the
+  /// rows of positions [length, position()) are forgotten and the next token is at `length`.
+  /// With a window of w, the token at `length` sees positions length - w + 1 .. length, so the
+  /// cache must still hold them: the first held position, position() - size(), must be at most
+  /// max(0, length - w + 1). On error the cache is unchanged.
+  /// 	hrows attend::invalid_argument when length > position(), length < 0, or a windowed cache
+  ///         no longer holds the keys the next token would see.
+  void truncate(Index length) {
+    const Index first = position_ - size_;  // first held position
+    const Index needed = window_ < 0 ? 0 : std::max(Index(0), length - window_ + 1);
+    ATTEND_CHECK(length >= 0 && length <= position_,
+                 "KV cache truncate(" + std::to_string(length) + ") must be in [0, position=" +
+                     std::to_string(position_) + "]");
+    ATTEND_CHECK(first <= needed, "KV cache truncate(" + std::to_string(length) + "): the token at position " +
+                                      std::to_string(length) + " sees positions from " + std::to_string(needed) +
+                                      " (window=" + std::to_string(window_) +
+                                      "), but the cache holds positions from " + std::to_string(first) + " only");
+    size_ -= position_ - length;
+    position_ = length;
+  }
+
  private:
   friend class detail::UndoableAppend<T>;
 

@@ -200,12 +200,77 @@ void for_blocks_of_4(Index count, F&& f) {
   for (; i < count; ++i) f(std::integral_constant<int, 1>{}, i);
 }
 
-/// The partial of one decode split, keys [k0, k0 + n), for all H heads at once. Each K and V row
-/// (all H_kv heads side by side, contiguous) is read from memory once; its segment of kv head g
-/// then serves the G query heads of group g from registers and cache:
-///   s_hj = <q_h, k_j^(g)> (q pre-scaled),  p_h = softmax(s_h) (lse_h),  out_h = sum_j p_hj v_j^(g).
-/// The mask of head h, masks[h], then acts on its scores as on a (1, n) tile of query 0 and keys
-/// [k0, k0 + n).
+/// `count` contiguous key rows from `key` and value rows from `value` (at the strides of their
+/// buffers): a stretch of the keys a decode split reads, e.g. one block of a paged cache.
+template <class T>
+struct KeyRun {
+  const T* key;
+  const T* value;
+  Index count;
+};
+
+/// The partial of one decode split for Q query rows and n keys, all H heads at once. `runs(j)`
+/// returns the contiguous rows that start at key j of the split (j < n; a run may extend past
+/// the split). Each K and V row (all H_kv heads side by side) is read from memory once; its
+/// segment of kv head g then serves the G query heads of group g of every query row from
+/// registers and cache:
+///   s_rhj = <q_rh, k_j^(g)> (q pre-scaled),  p_rh = softmax(s_rh) (lse_rh),
+///   out_rh = sum_j p_rhj v_j^(g),
+/// at row r H + h of scores, out and lse. The mask of head h, masks[h], acts on the scores of
+/// query row r as on a (1, n) tile of query q0 + r and keys [k0, k0 + n). Keys are taken 4 at a
+/// time within each run, so a key's score depends only on its position within its run.
+/// \param q       (Q, H d) contiguous rows of queries, pre-scaled
+/// \param scores  (Q H, >= n) scratch
+/// \param out     (Q H, d_v) normalized partial output
+/// \param lse     (Q H) its log-sum-exp
+template <class T, class BoundMask, class Runs>
+void decode_split_runs(const T* q, Index num_queries, Index k_stride, Index v_stride, const HeadLayout& layout,
+                       const std::vector<BoundMask>& masks, Index q0, Index k0, Index n, const Runs& runs,
+                       MatrixRef<T> scores, MatrixRef<T> out, VectorRef<T> lse) {
+  const Index heads = layout.heads, d = layout.key_dim, dv = layout.value_dim, group = heads / layout.kv_heads;
+  const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
+  const auto for_keys = [&](auto&& f) {  // f(keys, j, key row j, value row j), 4 or 1 keys at a time
+    for (Index j = 0; j < n;) {
+      const KeyRun<T> run = runs(j);
+      const Index count = std::min(run.count, n - j);
+      for_blocks_of_4(count, [&](auto keys, Index i) { f(keys, j + i, run.key + i * k_stride, run.value + i * v_stride); });
+      j += count;
+    }
+  };
+  for_keys([&](auto keys, Index j, const T* key, const T*) {
+    for (Index r = 0; r < num_queries; ++r)
+      for (Index g = 0; g < layout.kv_heads; ++g)
+        for_blocks_of_4(group, [&](auto block, Index i) {
+          const Index h = g * group + i;
+          dot_block<decltype(block)::value, decltype(keys)::value>(q + (r * heads + h) * d, d, key + g * d, k_stride,
+                                                                   d, &scores(r * heads + h, j), s_stride);
+        });
+  });
+  for (Index r = 0; r < num_queries; ++r)
+    for (Index h = 0; h < heads; ++h) {
+      auto row = scores.block(r * heads + h, 0, 1, n);  // (1, n)
+      switch (masks[std::size_t(h)].classify(q0 + r, q0 + r + 1, k0, k0 + n)) {
+        case TileKind::Empty: row.setConstant(-std::numeric_limits<T>::infinity()); break;
+        case TileKind::Partial: apply_mask(masks[std::size_t(h)], row, q0 + r, k0); break;
+        case TileKind::Full: break;
+      }
+    }
+  softmax_rows_inplace<T>(scores.topLeftCorner(num_queries * heads, n), lse);
+  out.setZero();
+  if (dv == 0) return;  // (no output column to address)
+  for_keys([&](auto keys, Index j, const T*, const T* value) {
+    for (Index r = 0; r < num_queries; ++r)
+      for (Index g = 0; g < layout.kv_heads; ++g)
+        for_blocks_of_4(group, [&](auto block, Index i) {
+          const Index h = r * heads + g * group + i;
+          accumulate_block<decltype(block)::value, decltype(keys)::value>(&scores(h, j), s_stride, value + g * dv,
+                                                                          v_stride, dv, &out(h, 0), out_stride);
+        });
+  });
+}
+
+/// The partial of one decode split of one query row over the contiguous keys [k0, k0 + n) of k
+/// and v (mask row 0, mask keys [k0, k0 + n)). See decode_split_runs.
 /// \param q       (H d) the query row, pre-scaled
 /// \param scores  (H, >= n) scratch
 /// \param out     (H, d_v) normalized partial output
@@ -214,38 +279,8 @@ template <class T, class BoundMask>
 void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const HeadLayout& layout,
                   const std::vector<BoundMask>& masks, Index k0, Index n, MatrixRef<T> scores, MatrixRef<T> out,
                   VectorRef<T> lse) {
-  const Index d = layout.key_dim, dv = layout.value_dim, group = layout.heads / layout.kv_heads;
-  const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
-  const Index k_stride = k.outerStride(), v_stride = v.outerStride();
-  for_blocks_of_4(n, [&](auto keys, Index j) {
-    const T* key = k.row(k0 + j).data();
-    for (Index g = 0; g < layout.kv_heads; ++g)
-      for_blocks_of_4(group, [&](auto heads, Index i) {
-        const Index h = g * group + i;
-        dot_block<decltype(heads)::value, decltype(keys)::value>(q + h * d, d, key + g * d, k_stride, d,
-                                                                 &scores(h, j), s_stride);
-      });
-  });
-  for (Index h = 0; h < layout.heads; ++h) {
-    auto row = scores.block(h, 0, 1, n);  // (1, n)
-    switch (masks[std::size_t(h)].classify(0, 1, k0, k0 + n)) {
-      case TileKind::Empty: row.setConstant(-std::numeric_limits<T>::infinity()); break;
-      case TileKind::Partial: apply_mask(masks[std::size_t(h)], row, 0, k0); break;
-      case TileKind::Full: break;
-    }
-  }
-  softmax_rows_inplace<T>(scores.leftCols(n), lse);
-  out.setZero();
-  if (dv == 0) return;  // (no output column to address)
-  for_blocks_of_4(n, [&](auto keys, Index j) {
-    const T* value = v.row(k0 + j).data();
-    for (Index g = 0; g < layout.kv_heads; ++g)
-      for_blocks_of_4(group, [&](auto heads, Index i) {
-        const Index h = g * group + i;
-        accumulate_block<decltype(heads)::value, decltype(keys)::value>(&scores(h, j), s_stride, value + g * dv,
-                                                                        v_stride, dv, &out(h, 0), out_stride);
-      });
-  });
+  const auto runs = [&](Index j) { return KeyRun<T>{k.row(k0 + j).data(), v.row(k0 + j).data(), n - j}; };
+  decode_split_runs<T>(q, 1, k.outerStride(), v.outerStride(), layout, masks, 0, k0, n, runs, scores, out, lse);
 }
 
 }  // namespace detail

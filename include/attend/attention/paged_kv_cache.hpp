@@ -1,0 +1,665 @@
+// SPDX-License-Identifier: MIT
+/// \file attention/paged_kv_cache.hpp
+/// \brief A paged key/value cache shared by many sequences (vLLM's layout): a pool of
+/// fixed-size blocks, a block table per sequence, copy-on-write forks, truncation, and
+/// sliding-window layers that hold window-sized memory.
+///
+/// One `PagedKVCache` holds one attention layer (a model keeps one per layer, as with KVCache).
+/// Its pool is two buffers of num_blocks * B rows, B = block_size: block p is rows
+/// [p B, (p + 1) B) of the keys (H_kv d columns) and of the values (H_kv d_v columns), one token
+/// per row, all kv heads side by side, so a decode step reads each block's rows once for every
+/// head. Sequence s holds its tokens' positions in order: position t lies in row t mod B of
+/// block `block_table(s)[t / B]`.
+///
+/// Blocks carry reference counts. `fork` gives a new sequence the same blocks (beam search,
+/// parallel sampling); appending to a sequence whose last, partly filled block is shared first
+/// copies that block (copy on write), so forks diverge without copying their common prefix.
+/// `truncate` rolls a sequence back (speculative decoding), `free_sequence` returns its blocks.
+///
+/// With a sliding window of w keys, the token at position t sees positions t - w + 1 .. t. Before
+/// an append, a sequence releases the blocks whose positions all lie before P - w + 1 (P: its
+/// length), which no later token can see; their table entries become -1. So a sequence holds at
+/// most ceil((w - 1 + n) / B) + 1 blocks after appending n tokens, whatever its length.
+///
+/// Every member that can fail checks first: on error (attend::invalid_argument naming the
+/// values) the cache is unchanged.
+#pragma once
+
+#include "../detail/checks.hpp"
+#include "../detail/parallel.hpp"
+#include "../masks.hpp"
+#include "../options.hpp"
+#include "../sequences.hpp"
+#include "../types.hpp"
+#include "multi_head.hpp"
+#include "split_kv.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace attend {
+
+/// Scalars of a paged cache.
+struct PagedKVCacheOptions {
+  Index block_size = 16;     ///< B keys per block (vLLM uses 16; 16..256 are typical)
+  Index window = -1;         ///< w >= 1 keys seen by each query (itself included); -1 = unbounded
+  Index value_head_dim = 0;  ///< d_v; 0 = head_dim
+};
+
+template <class T>
+class PagedKVCache;
+
+namespace detail {
+template <class T>
+class UndoablePagedAppend;
+}  // namespace detail
+
+/// The blocks and block tables of one layer (see the file comment).
+template <class T>
+class PagedKVCache {
+ public:
+  static_assert(detail::supported_scalars<T>);
+
+  /// \param num_blocks blocks of the pool
+  /// \param kv_heads   H_kv
+  /// \param head_dim   d
+  /// \throws attend::invalid_argument on a size below 1, a bad window or a pool larger than any
+  ///         array can be; std::bad_alloc when memory runs out.
+  PagedKVCache(Index num_blocks, Index kv_heads, Index head_dim, const PagedKVCacheOptions& options = {})
+      : kv_heads_(kv_heads),
+        head_dim_(head_dim),
+        value_head_dim_(options.value_head_dim == 0 ? head_dim : options.value_head_dim),
+        block_size_(options.block_size),
+        window_(options.window) {
+    ATTEND_CHECK(num_blocks >= 1 && block_size_ >= 1 && kv_heads >= 1 && head_dim >= 1 && value_head_dim_ >= 1,
+                 "paged KV cache num_blocks=" + std::to_string(num_blocks) + ", block_size=" +
+                     std::to_string(block_size_) + ", kv_heads=" + std::to_string(kv_heads) + ", head_dim=" +
+                     std::to_string(head_dim) + ", value_head_dim=" + std::to_string(value_head_dim_) +
+                     " must all be at least 1");
+    ATTEND_CHECK(window_ == -1 || window_ >= 1,
+                 "paged KV cache window=" + std::to_string(window_) + " must be -1 (unbounded) or at least 1");
+    detail::check_array_size<T>(num_blocks, block_size_, "paged KV cache rows (num_blocks x block_size)");
+    detail::check_array_size<T>(kv_heads, head_dim, "paged KV cache key row (kv_heads x head_dim)");
+    detail::check_array_size<T>(kv_heads, value_head_dim_, "paged KV cache value row (kv_heads x value_head_dim)");
+    keys_ = detail::allocate_array<T>(num_blocks * block_size_, kv_heads * head_dim,
+                                      "paged KV cache keys (num_blocks * block_size x kv_heads * head_dim)");
+    values_ = detail::allocate_array<T>(num_blocks * block_size_, kv_heads * value_head_dim_,
+                                        "paged KV cache values (num_blocks * block_size x kv_heads * value_head_dim)");
+    ref_counts_.assign(std::size_t(num_blocks), 0);
+    free_.reserve(std::size_t(num_blocks));
+    for (Index p = num_blocks - 1; p >= 0; --p) free_.push_back(p);  // block 0 is handed out first
+  }
+
+  /// A pool shaped for `layer` (its H_kv, d and d_v); options.value_head_dim is ignored.
+  PagedKVCache(const MultiHeadAttention<T>& layer, Index num_blocks, PagedKVCacheOptions options = {})
+      : PagedKVCache(num_blocks, layer.num_kv_heads(), layer.head_dim(),
+                     PagedKVCacheOptions{options.block_size, options.window, layer.value_head_dim()}) {}
+
+  Index num_blocks() const { return Index(ref_counts_.size()); }
+  Index block_size() const { return block_size_; }
+  Index kv_heads() const { return kv_heads_; }
+  Index head_dim() const { return head_dim_; }
+  Index value_head_dim() const { return value_head_dim_; }
+  Index window() const { return window_; }
+  /// Blocks no sequence holds.
+  Index free_blocks() const { return Index(free_.size()); }
+  /// Sequences that hold blocks or may append (added or forked, not freed).
+  Index num_sequences() const {
+    return Index(std::count_if(sequences_.begin(), sequences_.end(), [](const Sequence& s) { return s.live; }));
+  }
+  /// Whether `seq` names a live sequence.
+  bool contains(Index seq) const { return seq >= 0 && seq < Index(sequences_.size()) && sequences_[std::size_t(seq)].live; }
+
+  /// (num_blocks B, H_kv d) the whole key pool; block p is rows [p B, (p + 1) B).
+  const Matrix<T>& keys() const { return keys_; }
+  /// (num_blocks B, H_kv d_v) the whole value pool.
+  const Matrix<T>& values() const { return values_; }
+  /// Sequences holding block p.
+  Index ref_count(Index block) const {
+    ATTEND_CHECK(block >= 0 && block < num_blocks(),
+                 "block " + std::to_string(block) + " is not in [0, num_blocks=" + std::to_string(num_blocks()) + ")");
+    return ref_counts_[std::size_t(block)];
+  }
+
+  /// Tokens appended to `seq` (less those truncated): the position of its next token.
+  Index length(Index seq) const { return at(seq).length; }
+  /// The first position `seq` still holds: 0 without a window, a multiple of B with one.
+  Index first_position(Index seq) const { return at(seq).first_block * block_size_; }
+  /// The block table of `seq`: entry i holds positions [i B, (i + 1) B); -1 for a block a window
+  /// released. ceil(length / B) entries.
+  const std::vector<Index>& block_table(Index seq) const { return at(seq).blocks; }
+  /// Blocks `seq` holds now.
+  Index held_blocks(Index seq) const {
+    const Sequence& s = at(seq);
+    return Index(s.blocks.size()) - s.first_block;
+  }
+
+  /// (length - first_position, H_kv d) the keys `seq` holds, in order, copied out of the pool.
+  Matrix<T> gather_keys(Index seq) const { return gather(seq, keys_); }
+  /// (length - first_position, H_kv d_v) the values `seq` holds, in order.
+  Matrix<T> gather_values(Index seq) const { return gather(seq, values_); }
+
+  /// A new empty sequence; returns its id (the lowest id not in use).
+  Index add_sequence() {
+    const auto free_slot = std::find_if(sequences_.begin(), sequences_.end(), [](const Sequence& s) { return !s.live; });
+    if (free_slot == sequences_.end()) {
+      sequences_.push_back(Sequence{});
+      sequences_.back().live = true;
+      return Index(sequences_.size()) - 1;
+    }
+    *free_slot = Sequence{};
+    free_slot->live = true;
+    return Index(free_slot - sequences_.begin());
+  }
+
+  /// A new sequence that shares every block of `seq` (copy on write); returns its id. Takes no
+  /// block from the pool.
+  /// \throws attend::invalid_argument when `seq` is not a live sequence.
+  Index fork(Index seq) {
+    const Sequence copy = at(seq);
+    const Index id = add_sequence();
+    sequences_[std::size_t(id)] = copy;
+    for (Index p : copy.blocks)
+      if (p >= 0) ++ref_counts_[std::size_t(p)];
+    return id;
+  }
+
+  /// Releases the blocks of `seq` (those no other sequence holds return to the pool) and retires
+  /// its id, which add_sequence may hand out again.
+  /// \throws attend::invalid_argument when `seq` is not a live sequence.
+  void free_sequence(Index seq) {
+    Sequence& s = at(seq);
+    for (Index p : s.blocks)
+      if (p >= 0) release(p);
+    s = Sequence{};
+  }
+
+  /// Appends n tokens' keys (n, H_kv d) and values (n, H_kv d_v) to `seq`. With a window, first
+  /// releases the blocks no token from position length(seq) on can see. On error the cache is
+  /// unchanged.
+  /// \throws attend::invalid_argument on an unknown sequence, a width mismatch, or when the pool
+  ///         has too few free blocks.
+  template <class DK, class DV>
+  void append(Index seq, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
+    check_append(seq, k_rows, v_rows, releasable(seq));
+    trim(seq, length(seq));
+    write(seq, k_rows, v_rows);
+  }
+
+  /// Rolls `seq` back to its first `length` tokens: later positions are forgotten and blocks
+  /// past ceil(length / B) released. With a window, the token at `length` sees positions from
+  /// max(0, length - w + 1), which the sequence must still hold. On error the cache is unchanged.
+  /// \throws attend::invalid_argument on an unknown sequence, a length outside [0, length(seq)],
+  ///         or a windowed sequence that no longer holds the keys its next token would see.
+  void truncate(Index seq, Index length) {
+    Sequence& s = at(seq);
+    ATTEND_CHECK(length >= 0 && length <= s.length, "paged KV cache truncate(sequence " + std::to_string(seq) + ", " +
+                                                        std::to_string(length) + ") must be in [0, length=" +
+                                                        std::to_string(s.length) + "]");
+    const Index needed = window_ < 0 ? 0 : std::max(Index(0), length - window_ + 1);
+    ATTEND_CHECK(s.first_block * block_size_ <= needed,
+                 "paged KV cache truncate(sequence " + std::to_string(seq) + ", " + std::to_string(length) +
+                     "): the token at position " + std::to_string(length) + " sees positions from " +
+                     std::to_string(needed) + " (window=" + std::to_string(window_) +
+                     "), but the sequence holds positions from " + std::to_string(s.first_block * block_size_) +
+                     " only");
+    const Index keep = blocks_for(length);
+    for (std::size_t i = std::size_t(keep); i < s.blocks.size(); ++i) release(s.blocks[i]);
+    s.blocks.resize(std::size_t(keep));
+    s.length = length;
+  }
+
+ private:
+  friend class detail::UndoablePagedAppend<T>;
+
+  struct Sequence {
+    std::vector<Index> blocks;  // the block table; -1 for released blocks
+    Index length = 0;           // positions appended
+    Index first_block = 0;      // first held entry of `blocks`
+    bool live = false;
+  };
+
+  Index blocks_for(Index positions) const { return (positions + block_size_ - 1) / block_size_; }
+
+  const Sequence& at(Index seq) const {
+    ATTEND_CHECK(contains(seq), "sequence " + std::to_string(seq) + " is not in the paged KV cache (" +
+                                    std::to_string(num_sequences()) + " live sequences of ids below " +
+                                    std::to_string(sequences_.size()) + ")");
+    return sequences_[std::size_t(seq)];
+  }
+  Sequence& at(Index seq) { return const_cast<Sequence&>(static_cast<const PagedKVCache&>(*this).at(seq)); }
+
+  void release(Index block) {
+    if (--ref_counts_[std::size_t(block)] == 0) free_.push_back(block);
+  }
+  Index take_block() {
+    const Index p = free_.back();
+    free_.pop_back();
+    ref_counts_[std::size_t(p)] = 1;
+    return p;
+  }
+
+  // The end of the entries [first_block, end) that a window lets go once no query before
+  // position `next` remains: the blocks whose positions all lie before next - w + 1.
+  Index trim_end(const Sequence& s, Index next) const {
+    if (window_ < 0) return s.first_block;
+    return std::max(s.first_block, std::max(Index(0), next - window_ + 1) / block_size_);
+  }
+  // Blocks that trim(seq, length(seq)) returns to the pool.
+  Index releasable(Index seq) const {
+    const Sequence& s = at(seq);
+    Index count = 0;
+    for (Index i = s.first_block; i < trim_end(s, s.length); ++i)
+      count += ref_counts_[std::size_t(s.blocks[std::size_t(i)])] == 1;
+    return count;
+  }
+  void trim(Index seq, Index next) {
+    Sequence& s = at(seq);
+    const Index end = trim_end(s, next);
+    for (Index i = s.first_block; i < end; ++i) {
+      release(s.blocks[std::size_t(i)]);
+      s.blocks[std::size_t(i)] = -1;
+    }
+    s.first_block = end;
+  }
+
+  // Blocks an append of n rows to `seq` takes from the pool: new blocks, and a copy of a shared,
+  // partly filled last block.
+  Index blocks_needed(Index seq, Index n) const {
+    const Sequence& s = at(seq);
+    if (n == 0) return 0;
+    const bool copy = s.length % block_size_ != 0 && ref_counts_[std::size_t(s.blocks.back())] > 1;
+    return blocks_for(s.length + n) - blocks_for(s.length) + (copy ? 1 : 0);
+  }
+
+  template <class DK, class DV>
+  void check_append(Index seq, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows,
+                    Index released) const {
+    at(seq);
+    const Index n = k_rows.rows();
+    ATTEND_CHECK(k_rows.cols() == keys_.cols() && v_rows.cols() == values_.cols() && v_rows.rows() == n,
+                 "appended k " + detail::shape_of(k_rows) + " and v " + detail::shape_of(v_rows) + " must be (n x " +
+                     std::to_string(keys_.cols()) + ") and (n x " + std::to_string(values_.cols()) +
+                     ") (kv_heads * head_dim columns)");
+    const Index needed = blocks_needed(seq, n);
+    ATTEND_CHECK(needed <= free_blocks() + released,
+                 "paged KV cache exhausted: appending " + std::to_string(n) + " rows to sequence " +
+                     std::to_string(seq) + " (length " + std::to_string(length(seq)) + ") needs " +
+                     std::to_string(needed) + " blocks of " + std::to_string(block_size_) + ", " +
+                     std::to_string(free_blocks() + released) + " free of num_blocks=" +
+                     std::to_string(num_blocks()));
+  }
+
+  // Appends without releasing anything: takes blocks_needed(seq, n) blocks from the pool.
+  template <class DK, class DV>
+  void write(Index seq, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
+    Sequence& s = at(seq);
+    const Index n = k_rows.rows(), B = block_size_;
+    if (n == 0) return;
+    if (s.length % B != 0 && ref_counts_[std::size_t(s.blocks.back())] > 1) {  // copy on write
+      const Index shared = s.blocks.back(), copy = take_block(), rows = s.length % B;
+      keys_.middleRows(copy * B, rows) = keys_.middleRows(shared * B, rows);
+      values_.middleRows(copy * B, rows) = values_.middleRows(shared * B, rows);
+      release(shared);
+      s.blocks.back() = copy;
+    }
+    for (Index t = 0; t < n;) {
+      const Index position = s.length + t, offset = position % B, count = std::min(B - offset, n - t);
+      if (offset == 0) s.blocks.push_back(take_block());
+      const Index row = s.blocks.back() * B + offset;
+      keys_.middleRows(row, count) = k_rows.middleRows(t, count);
+      values_.middleRows(row, count) = v_rows.middleRows(t, count);
+      t += count;
+    }
+    s.length += n;
+  }
+
+  Matrix<T> gather(Index seq, const Matrix<T>& pool) const {
+    const Sequence& s = at(seq);
+    const Index first = s.first_block * block_size_;
+    Matrix<T> rows(s.length - first, pool.cols());
+    for (Index t = first; t < s.length;) {
+      const Index offset = t % block_size_, count = std::min(block_size_ - offset, s.length - t);
+      rows.middleRows(t - first, count) =
+          pool.middleRows(s.blocks[std::size_t(t / block_size_)] * block_size_ + offset, count);
+      t += count;
+    }
+    return rows;
+  }
+
+  Matrix<T> keys_;    // (num_blocks B, H_kv d)
+  Matrix<T> values_;  // (num_blocks B, H_kv d_v)
+  Index kv_heads_, head_dim_, value_head_dim_, block_size_, window_;
+  std::vector<Index> ref_counts_;  // per block
+  std::vector<Index> free_;        // blocks with count 0; the last is handed out next
+  std::vector<Sequence> sequences_;
+};
+
+namespace detail {
+
+/// Appends to several sequences of a paged cache, undone when this object is destroyed before
+/// commit(): what gives paged_decode_step_into its strong guarantee. The appends release nothing
+/// (windows release their blocks at commit), so a block taken here was free before, and the undo
+/// restores the sequences' entries, the reference counts of copied blocks and the free list.
+template <class T>
+class UndoablePagedAppend {
+ public:
+  explicit UndoablePagedAppend(PagedKVCache<T>& cache) : cache_(cache), free_(cache.free_) {}
+  UndoablePagedAppend(const UndoablePagedAppend&) = delete;
+  UndoablePagedAppend& operator=(const UndoablePagedAppend&) = delete;
+
+  /// Appends the rows to `seq` (checked first), without releasing window blocks.
+  template <class DK, class DV>
+  void append(Index seq, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
+    cache_.check_append(seq, k_rows, v_rows, 0);
+    const auto& s = cache_.sequences_[std::size_t(seq)];
+    saved_.push_back({seq, s.blocks, s.length});
+    cache_.write(seq, k_rows, v_rows);
+  }
+
+  ~UndoablePagedAppend() {
+    if (committed_) return;
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      auto& s = cache_.sequences_[std::size_t(it->seq)];
+      for (Index p : s.blocks)  // what this append took, and what it copied from
+        if (p >= 0) --cache_.ref_counts_[std::size_t(p)];
+      s.blocks = std::move(it->blocks);
+      s.length = it->length;
+      for (Index p : s.blocks)
+        if (p >= 0) ++cache_.ref_counts_[std::size_t(p)];
+    }
+    cache_.free_ = std::move(free_);
+  }
+
+  /// Keeps the appends, then lets each windowed sequence release what no token from its
+  /// length before the appends on can see (as append does before appending), so that the step
+  /// can still be rolled back whole.
+  void commit() {
+    committed_ = true;
+    for (const Saved& s : saved_) cache_.trim(s.seq, s.length);
+  }
+
+ private:
+  struct Saved {
+    Index seq;
+    std::vector<Index> blocks;
+    Index length;
+  };
+  PagedKVCache<T>& cache_;
+  std::vector<Index> free_;  // the free list before the appends
+  std::vector<Saved> saved_;
+  bool committed_ = false;
+};
+
+/// An empty matrix view: "this optional output is not wanted".
+template <class T>
+MatrixRef<T> no_matrix() {
+  return MatrixRef<T>(Eigen::Map<Matrix<T>>(nullptr, 0, 0));
+}
+
+/// Merges the partial of a sink, output 0 and log-sum-exp `sink`, into (out, lse): the softmax
+/// gains the term e^sink in its denominator and nothing in its numerator,
+///   lse' = log(e^lse + e^sink),  out' = e^(lse - lse') out.
+/// Rows where both are -inf stay zero with lse -inf; a NaN sink makes the row NaN.
+template <class T>
+void merge_sink_into(MatrixRef<T> out, VectorRef<T> lse, T sink) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (Index i = 0; i < out.rows(); ++i) {
+    const T a = lse(i);
+    const T m = std::isnan(sink) ? sink : std::max(a, sink);
+    if (m == kNegInf) {
+      out.row(i).setZero();
+      continue;
+    }
+    const T wa = std::exp(a - m), wb = std::exp(sink - m), sum = wa + wb;
+    out.row(i) *= wa / sum;
+    lse(i) = m + std::log(sum);
+  }
+}
+
+}  // namespace detail
+
+/// Adds learned attention sinks (gpt-oss) to the result of any attention path: each head h has
+/// a logit sinks(h) that enters the softmax's denominator and carries no value,
+///   p_ij = e^(s_ij) / (e^(sinks_h) + sum_j' e^(s_ij')),   lse_i' = log(e^(sinks_h) + sum_j e^(s_ij)),
+/// which is the merge of (out, lse) with a partial of output 0 and log-sum-exp sinks(h) (exact
+/// up to one rounding per element). A row that saw no key keeps a zero output and gets
+/// lse = sinks(h).
+///
+/// \param out   (L, H d_v) outputs of H heads side by side (one head: (L, d_v)), updated in place
+/// \param lse   (L, H) each row's log-sum-exp per head, updated in place
+/// \param sinks (H) one logit per head
+/// \throws attend::invalid_argument on mismatched shapes.
+template <class T>
+void add_attention_sinks_into(MatrixRef<T> out, MatrixRef<T> lse, const Eigen::Ref<const Vector<T>>& sinks) {
+  static_assert(detail::supported_scalars<T>);
+  const Index heads = sinks.size();
+  ATTEND_CHECK(heads >= 1 && lse.rows() == out.rows() && lse.cols() == heads && out.cols() % heads == 0,
+               "sinks of size " + std::to_string(heads) + " need lse (L x " + std::to_string(heads) +
+                   ") and out (L x H d_v) with L = " + std::to_string(out.rows()) + ", got lse " +
+                   detail::shape_of(lse) + " and out " + detail::shape_of(out));
+  detail::check_no_alias(lse, "log-sum-exp", out, "output");
+  const Index dv = out.cols() / heads;
+  Vector<T> column(out.rows());
+  for (Index h = 0; h < heads; ++h) {
+    column = lse.col(h);
+    detail::merge_sink_into<T>(out.middleCols(h * dv, dv), column, sinks(h));
+    lse.col(h) = column;
+  }
+}
+
+/// Batched decoding from a paged cache: for each sequence b of the call, the last n_b =
+/// rows.length(b) tokens of sequence `sequences[b]` (already appended) attend with queries
+/// q.middleRows(rows.begin(b), n_b) over the keys the sequence holds. They are positions
+/// [P - n_b, P) of the sequence, P = cache.length(sequences[b]), and see the keys bottom-right
+/// causally (new token i sees every earlier position and the new tokens up to itself), within
+/// the cache's window. `mask` (any mask, bias, score modifier or custom policy) applies at
+/// absolute positions, as in decode_step_into: the step computes rows P - n_b .. P - 1 of
+/// `forward(sequence, Causal() & mask)` over the whole (P, P) sequence; a per-head policy binds
+/// for head h as HeadIndex{b, h, B, H}, b the sequence's index in this call.
+///
+/// Work items are (sequence, split of key blocks): each split is `block_k` keys rounded down to
+/// whole blocks (at least one; default detail::kDecodeSplitKeys), reads its K and V rows once
+/// for all heads and query rows (GQA-aware, decode_split_runs), and the partials of a sequence
+/// are merged in split order, then with each head's sink. So the result is bitwise the same for
+/// any thread count, and each sequence's rows are bitwise those of a call with it alone. Only
+/// the keys some head of some query row may see are read.
+///
+/// \param cache     the pool; every sequence holds the keys its queries see (a windowed sequence
+///                  must have appended the n_b tokens in one call: appending releases blocks)
+/// \param sequences B sequence ids (repeats allowed)
+/// \param rows      where each sequence's queries lie in q and out (SequenceRows)
+/// \param q         (rows, H d) queries
+/// \param out       (rows, H d_v); rows in no sequence are left as they are
+/// \param sinks     (H) learned sink logits, or empty (add_attention_sinks_into)
+/// \param lse       (rows, H) log-sum-exp of each query row and head (including the sink), or empty
+/// \throws attend::invalid_argument on an unknown sequence, n_b greater than the sequence's
+///         length, rows outside q, mismatched shapes, a mask that does not fit, a windowed
+///         sequence that released keys its queries see, or `out` or `lse` aliasing q.
+template <class T, class DQ, class Mask>
+void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+                          const Eigen::MatrixBase<DQ>& q, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                          const MaskBase<Mask>& mask, const AttentionOptions& options = {},
+                          const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>(),
+                          MatrixRef<typename DQ::Scalar> lse = detail::no_matrix<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<T, DQ>);
+  const detail::ThreadScope threads(options.num_threads);
+  const Index batch = Index(sequences.size()), B = cache.block_size();
+  detail::check_head_counts(num_heads, cache.kv_heads());
+  const detail::HeadLayout layout{num_heads, cache.kv_heads(), cache.head_dim(), cache.value_head_dim()};
+  const Index heads = num_heads, d = layout.key_dim, dv = layout.value_dim;
+  ATTEND_CHECK(rows.size() == batch, "rows of " + std::to_string(rows.size()) + " sequences for " +
+                                         std::to_string(batch) + " sequence ids");
+  ATTEND_CHECK(q.cols() == heads * d && rows.rows_used() <= q.rows(),
+               "q " + detail::shape_of(q) + " must have num_heads * head_dim = " + std::to_string(heads) + " * " +
+                   std::to_string(d) + " columns and at least the " + std::to_string(rows.rows_used()) +
+                   " rows the sequences use");
+  detail::check_shape(out, q.rows(), heads * dv, "output");
+  ATTEND_CHECK(sinks.size() == 0 || sinks.size() == heads,
+               "sinks of size " + std::to_string(sinks.size()) + " must be empty or num_heads = " + std::to_string(heads));
+  ATTEND_CHECK(lse.size() == 0 || (lse.rows() == q.rows() && lse.cols() == heads),
+               "log-sum-exp " + detail::shape_of(lse) + " must be empty or (" + std::to_string(q.rows()) + " x " +
+                   std::to_string(heads) + ")");
+  ATTEND_CHECK(options.block_k >= 0, "block_k=" + std::to_string(options.block_k) + " must be positive, or 0");
+  detail::check_no_alias(out, "output", q, "input q");
+  detail::check_no_alias(lse, "log-sum-exp", q, "input q");
+  detail::check_no_alias(lse, "log-sum-exp", out, "output");
+  const T scale = detail::resolve_scale<T>(options, d);
+
+  // Each sequence's policies (one per head) on its (n_b, P) problem, and the keys they may see.
+  const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
+  using Bound = decltype(detail::bind_mask(Window(left, 0, Alignment::BottomRight) &
+                                               OffsetMask<Mask>(mask, 0, 0, 0, 0),
+                                           HeadIndex{}, 0, 0));
+  std::vector<std::vector<Bound>> masks(static_cast<std::size_t>(batch));
+  std::vector<KeyRange> seen(static_cast<std::size_t>(batch));
+  Index max_queries = 0;
+  for (Index b = 0; b < batch; ++b) {
+    const Index seq = sequences[std::size_t(b)], n = rows.length(b);
+    ATTEND_CHECK(cache.contains(seq), "sequences[" + std::to_string(b) + "] = " + std::to_string(seq) +
+                                          " is not in the paged KV cache");
+    const Index length = cache.length(seq), first = cache.first_position(seq);
+    ATTEND_CHECK(n <= length, "sequence " + std::to_string(seq) + " has " + std::to_string(n) +
+                                  " queries but holds only " + std::to_string(length) + " positions");
+    ATTEND_CHECK(left < 0 || first <= std::max(Index(0), length - n - left),
+                 "sequence " + std::to_string(seq) + " holds positions from " + std::to_string(first) + ", but its " +
+                     std::to_string(n) + " queries at [" + std::to_string(length - n) + ", " + std::to_string(length) +
+                     ") see positions from " + std::to_string(std::max(Index(0), length - n - left)) +
+                     " (window=" + std::to_string(cache.window()) + "): append a step's tokens in one call");
+    max_queries = std::max(max_queries, n);
+    const auto absolute = Window(left, 0, Alignment::BottomRight) & OffsetMask<Mask>(mask, length - n, 0, length, length);
+    KeyRange r{length, 0};
+    for (Index h = 0; h < heads; ++h) {
+      masks[std::size_t(b)].push_back(detail::bind_mask(absolute, HeadIndex{b, h, batch, heads}, n, length));
+      const KeyRange k = masks[std::size_t(b)].back().keys(0, n);
+      if (k.begin < k.end) r = {std::min(r.begin, k.begin), std::max(r.end, k.end)};
+    }
+    seen[std::size_t(b)] = r.begin < r.end ? KeyRange{std::max(r.begin, first), r.end} : KeyRange{0, 0};
+  }
+
+  // Work items: splits of whole blocks of each sequence's visible keys, in (sequence, split) order.
+  const Index split_blocks = std::max(Index(1), (options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys) / B);
+  struct Item {
+    Index b, k0, n, part;  // sequence of the call, first key, keys, first row of its partial
+  };
+  std::vector<Item> items;
+  std::vector<Index> first_item(std::size_t(batch) + 1, 0);
+  Index part_rows = 0;
+  for (Index b = 0; b < batch; ++b) {
+    const KeyRange r = seen[std::size_t(b)];
+    for (Index k0 = r.begin; k0 < r.end;) {
+      const Index k1 = std::min(r.end, (k0 / B / split_blocks + 1) * split_blocks * B);
+      items.push_back({b, k0, k1 - k0, part_rows});
+      part_rows += rows.length(b) * heads;
+      k0 = k1;
+    }
+    first_item[std::size_t(b) + 1] = Index(items.size());
+  }
+  Matrix<T> q_scaled(max_queries * batch > 0 ? q.rows() : 0, heads * d);  // (rows, H d)
+  for (Index b = 0; b < batch; ++b)
+    q_scaled.middleRows(rows.begin(b), rows.length(b)) = scale * q.middleRows(rows.begin(b), rows.length(b));
+  Matrix<T> part_out(part_rows, dv);
+  Vector<T> part_lse(part_rows);
+  const Index k_stride = cache.keys().outerStride(), v_stride = cache.values().outerStride();
+  detail::parallel_for_with_scratch(
+      Index(items.size()), [&] { return Matrix<T>(max_queries * heads, split_blocks * B); },
+      [&](Index c, Matrix<T>& scores) {
+        const Item& item = items[std::size_t(c)];
+        const Index seq = sequences[std::size_t(item.b)], n = rows.length(item.b);
+        const std::vector<Index>& table = cache.block_table(seq);
+        const auto runs = [&](Index j) {
+          const Index position = item.k0 + j, offset = position % B;
+          const Index row = table[std::size_t(position / B)] * B + offset;
+          return detail::KeyRun<T>{cache.keys().row(row).data(), cache.values().row(row).data(), B - offset};
+        };
+        detail::decode_split_runs<T>(q_scaled.row(rows.begin(item.b)).data(), n, k_stride, v_stride, layout,
+                                     masks[std::size_t(item.b)], 0, item.k0, item.n, runs, scores,
+                                     part_out.middleRows(item.part, n * heads),
+                                     part_lse.segment(item.part, n * heads));
+      });
+  // Per sequence: merge its splits in order, then the sinks, and write its rows.
+  detail::parallel_for_with_scratch(
+      batch, [] { return 0; },
+      [&](Index b, int&) {
+        const Index n = rows.length(b), begin = rows.begin(b), count = n * heads;
+        const Index i0 = first_item[std::size_t(b)], i1 = first_item[std::size_t(b) + 1];
+        constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+        Matrix<T> merged(count, dv);  // (n H, d_v): no split is no key seen, zeros and lse -inf
+        Vector<T> merged_lse(count);
+        if (i0 == i1) {
+          merged.setZero();
+          merged_lse.setConstant(kNegInf);
+        } else {
+          merged = part_out.middleRows(items[std::size_t(i0)].part, count);
+          merged_lse = part_lse.segment(items[std::size_t(i0)].part, count);
+        }
+        for (Index i = i0 + 1; i < i1; ++i)
+          merge_partial_into<T>(merged, merged_lse, part_out.middleRows(items[std::size_t(i)].part, count),
+                                part_lse.segment(items[std::size_t(i)].part, count));
+        for (Index r = 0; r < n; ++r)
+          for (Index h = 0; h < heads; ++h) {
+            const Index row = r * heads + h;
+            if (sinks.size() != 0)
+              detail::merge_sink_into<T>(merged.middleRows(row, 1), merged_lse.segment(row, 1), sinks(h));
+            out.row(begin + r).segment(h * dv, dv) = merged.row(row);
+            if (lse.size() != 0) lse(begin + r, h) = merged_lse(row);
+          }
+      });
+}
+
+/// Batched decoding without a mask beyond the cache's causality and window. See the overload
+/// with a mask.
+template <class T, class DQ>
+void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+                          const Eigen::MatrixBase<DQ>& q, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                          const AttentionOptions& options = {}) {
+  paged_attention_into(cache, sequences, rows, q, num_heads, out, NoMask{}, options);
+}
+
+/// One decoding step of many sequences: appends each sequence's new K/V rows
+/// (k_new.middleRows(rows.begin(b), n_b), likewise v_new) to `cache`, then runs
+/// paged_attention_into. A sequence may appear once. With a window, each sequence then releases
+/// the blocks no later token can see. Chunked prefill is a step whose n_b is the chunk's length.
+///
+/// \param k_new (rows, H_kv d), v_new (rows, H_kv d_v) the new tokens' keys and values
+/// \throws attend::invalid_argument as paged_attention_into and append, on a sequence listed
+///         twice, or when the pool cannot hold every append; std::bad_alloc when memory runs out.
+///         The cache is then unchanged, whatever throws and wherever (the appends are undone).
+template <class T, class DQ, class DK, class DV, class Mask>
+void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+                            const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+                            const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                            const MaskBase<Mask>& mask, const AttentionOptions& options = {},
+                            const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+  const Index batch = Index(sequences.size());
+  ATTEND_CHECK(rows.size() == batch && rows.rows_used() <= k_new.rows() && k_new.rows() == v_new.rows(),
+               "k_new " + detail::shape_of(k_new) + " and v_new " + detail::shape_of(v_new) + " must hold the rows of " +
+                   std::to_string(batch) + " sequences (" + std::to_string(rows.rows_used()) + " rows)");
+  std::vector<Index> sorted = sequences;
+  std::sort(sorted.begin(), sorted.end());
+  const auto repeated = std::adjacent_find(sorted.begin(), sorted.end());
+  ATTEND_CHECK(repeated == sorted.end(), "sequence " + std::to_string(repeated == sorted.end() ? 0 : *repeated) +
+                                             " is listed twice in a decode step");
+  detail::UndoablePagedAppend<T> appended(cache);
+  for (Index b = 0; b < batch; ++b)
+    appended.append(sequences[std::size_t(b)], k_new.middleRows(rows.begin(b), rows.length(b)),
+                    v_new.middleRows(rows.begin(b), rows.length(b)));
+  paged_attention_into(cache, sequences, rows, q, num_heads, out, mask, options, sinks);
+  appended.commit();
+}
+
+/// One decoding step of many sequences without a mask beyond the cache's. See the overload with
+/// a mask.
+template <class T, class DQ, class DK, class DV>
+void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+                            const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+                            const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                            const AttentionOptions& options = {}) {
+  paged_decode_step_into(cache, sequences, rows, q, k_new, v_new, num_heads, out, NoMask{}, options);
+}
+
+}  // namespace attend
