@@ -15,7 +15,9 @@
 /// the gradients it touches. Results are bitwise identical for any thread count.
 #pragma once
 
+#include "../biases.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/parallel.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
 #include "../scores.hpp"
@@ -31,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace attend {
@@ -123,9 +126,10 @@ void attention_backward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>
                              const ConstMatrixRef<T>& d_out, T scale, const Modifier& modifier, const Mask& mask,
                              const AttentionOptions& options, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
                              const Sink& sink) {
+  const ThreadScope threads(options.num_threads);
   check_backward<T>(q, k, v, out, lse.size(), d_out, dq, dk, dv, v.cols());
   const TileShape tiles = resolve_backward_tiles(options, q.rows(), k.rows());
-  const auto bound = mask.bind(q.rows(), k.rows());
+  const auto bound = bind_mask(mask, HeadIndex{}, q.rows(), k.rows());
   const BackwardHead<T> head{q, out, d_out, lse};
   if (use_blocked(options, q.rows(), k.rows()))
     blocked_backward<T>(head, k, v, scale, modifier, bound, tiles, dq, dk, dv, sink);
@@ -273,6 +277,7 @@ BilinearGradients<typename DQ::Scalar> bilinear_attention_backward(
     const Eigen::MatrixBase<DD>& d_out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DW, DO, DL, DD>);
   using T = typename DQ::Scalar;
+  const detail::ThreadScope threads(options.num_threads);
   ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(),
                "bilinear weight W " + detail::shape_of(w) + " must be (d_q x d_k) for q " + detail::shape_of(q) +
                    " and k " + detail::shape_of(k));
@@ -308,6 +313,7 @@ CosineGradients<typename DQ::Scalar> cosine_attention_backward(
     const Eigen::MatrixBase<DD>& d_out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
   using T = typename DQ::Scalar;
+  const detail::ThreadScope threads(options.num_threads);
   ATTEND_CHECK(temperature > 0 && std::isfinite(temperature) && std::isfinite(static_cast<T>(1.0 / temperature)),
                "cosine attention temperature " + detail::number_string(temperature) +
                    " must be a positive finite number whose inverse is a finite " + detail::scalar_name<T>());
@@ -372,12 +378,14 @@ AttentionGradients<typename DQ::Scalar> top_k_attention_backward(
     const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
   using T = typename DQ::Scalar;
+  const detail::ThreadScope threads(options.num_threads);
   ATTEND_CHECK(top_k >= 1, "top-k attention needs k >= 1, got k=" + std::to_string(top_k));
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k);
   const T scale = detail::resolve_scale<T>(options, q.cols());
   const detail::KeySelection selection =
-      detail::select_top_keys<T>(q_ref, k_ref, detail::ScaledDot<T>{scale}, mask.derived().bind(q.rows(), k.rows()),
+      detail::select_top_keys<T>(q_ref, k_ref, detail::ScaledDot<T>{scale},
+                                 detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows()),
                                  std::min(top_k, k.rows()), detail::resolve_tiles(options, q.rows(), k.rows()));
   AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
   scaled_dot_product_attention_backward_into(q, k, v, out, lse, d_out, g.dq, g.dk, g.dv,
@@ -403,7 +411,8 @@ struct MultiHeadLseResult {
 
 /// Multi-head attention of projected inputs (as multi_head_attention) with each head's
 /// log-sum-exp: q (Lq, H d), k (Lk, H_kv d), v (Lk, H_kv d_v); query head h reads kv head
-/// h / (H / H_kv). Heads run in parallel, each on the single-head engine.
+/// h / (H / H_kv), and the mask is bound per head (HeadIndex{0, h, 1, H}). Heads run in
+/// parallel, each on the single-head engine.
 /// \throws attend::invalid_argument when the widths do not split into heads.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eigen::MatrixBase<DQ>& q,
@@ -413,6 +422,7 @@ MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eige
                                                                       const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
+  const detail::ThreadScope threads(options.num_threads);
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
@@ -422,7 +432,9 @@ MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eige
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   const T scale = detail::resolve_scale<T>(options, layout.key_dim);
   detail::resolve_tiles(options);
-  mask.derived().bind(num_queries, num_keys);  // validated before the parallel loop
+  const auto head_index = [&](Index h) { return HeadIndex{0, h, 1, layout.heads}; };
+  for (Index h = 0; h < layout.heads; ++h)  // every head's mask validated before the parallel loop
+    detail::bind_mask(mask.derived(), head_index(h), num_queries, num_keys);
   if (num_queries == 0) return result;
   const auto head = [&](Index h) {
     const Index g = layout.kv_head_of(h);
@@ -431,7 +443,7 @@ MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eige
                               k_ref.middleCols(g * layout.key_dim, layout.key_dim),
                               v_ref.middleCols(g * layout.value_dim, layout.value_dim), detail::ScaledDot<T>{scale},
                               mask.derived(), options,
-                              result.output.middleCols(h * layout.value_dim, layout.value_dim), lse);
+                              result.output.middleCols(h * layout.value_dim, layout.value_dim), lse, head_index(h));
     result.lse.col(h) = lse;
   };
   if (layout.heads == 1)
@@ -457,6 +469,7 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
                                         const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
   using T = typename DQ::Scalar;
+  const detail::ThreadScope threads(options.num_threads);
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
@@ -470,11 +483,13 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
   detail::check_no_alias(dv, "dv", lse_ref, "forward log-sum-exp");
   const T scale = detail::resolve_scale<T>(options, d);
   const detail::TileShape tiles = detail::resolve_backward_tiles(options, num_queries, num_keys);
-  using Bound = decltype(mask.derived().bind(num_queries, num_keys));
-  std::vector<Bound> masks;
+  const auto bind = [&](Index h) {
+    return detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, layout.heads}, num_queries, num_keys);
+  };
+  std::vector<decltype(bind(0))> masks;  // head h's policy (ALiBi slopes, T5 columns, stacked masks)
   std::vector<detail::BackwardHead<T>> heads;
   for (Index h = 0; h < layout.heads; ++h) {
-    masks.push_back(mask.derived().bind(num_queries, num_keys));
+    masks.push_back(bind(h));
     heads.push_back({q_ref.middleCols(h * d, d), out_ref.middleCols(h * dv_width, dv_width),
                      d_out_ref.middleCols(h * dv_width, dv_width), lse_ref.col(h)});
   }

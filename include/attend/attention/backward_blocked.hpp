@@ -72,6 +72,7 @@ struct NoBiasGradient {
 ///   g       (Bq, lanes_k)  ds/dz of the score modifier (when it has one)
 ///   dk, dv  (Bk, Dk), (Bk, Dv) accumulators
 ///   ones    (max(Bq, Bk)) the value kernel's rescale factors
+///   seen    (Bq) the keys each query row may see
 template <class T>
 struct KeyPassScratch {
   KeyPassScratch(TileShape tiles, Index key_dim, Index value_dim, bool modifier)
@@ -83,17 +84,20 @@ struct KeyPassScratch {
         g(modifier ? tiles.queries : 0, round_up_to_lanes<T>(tiles.keys)),
         dk(tiles.keys, key_dim),
         dv(tiles.keys, value_dim),
-        ones(Vector<T>::Ones(std::max(tiles.queries, tiles.keys))) {}
+        ones(Vector<T>::Ones(std::max(tiles.queries, tiles.keys))),
+        seen(std::size_t(tiles.queries)) {}
 
   static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
     const Index lanes = round_up_to_lanes<T>(tiles.keys);
     return Index(sizeof(T)) * ((key_dim + value_dim) * lanes + tiles.queries * key_dim +
                                (modifier ? 3 : 2) * tiles.queries * lanes + tiles.keys * (key_dim + value_dim) +
-                               std::max(tiles.queries, tiles.keys));
+                               std::max(tiles.queries, tiles.keys)) +
+           Index(sizeof(KeyRange)) * tiles.queries;
   }
 
   Matrix<T> kt, vt, sq, s, dp, g, dk, dv;
   Vector<T> ones;
+  std::vector<KeyRange> seen;  // (Bq) keys each row of a partial tile may see, relative to the tile
 };
 
 /// Per-thread scratch of the query pass. lanes = Bq rounded up to packets.
@@ -151,30 +155,49 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, Ind
       const Index rows = std::min(tiles.queries, num_queries - q0), q1 = q0 + rows;
       const TileKind kind = mask.classify(q0, q1, k0, k1);
       if (kind == TileKind::Empty) continue;
-      const auto all_rows = [&](Index, Index) { return KeyRange{0, rows}; };
+      // Keys each row of a partial tile may see (relative to k0), so that the kernels skip the
+      // rows that see none of a block of keys (a causal diagonal, the edges of a window).
+      if (kind == TileKind::Partial)
+        for (Index i = 0; i < rows; ++i) {
+          const KeyRange seen = mask.keys(q0 + i, q0 + i + 1);
+          scratch.seen[std::size_t(i)] = {seen.begin - k0, seen.end - k0};
+        }
+      // Rows of the tile, a range, holding every row that may see a key of [j0, j1).
+      const auto rows_seeing = [&](Index j0, Index j1) {
+        if (kind == TileKind::Full) return KeyRange{0, rows};
+        Index first = rows, last = -1;
+        for (Index i = 0; i < rows; ++i) {
+          const KeyRange& seen = scratch.seen[std::size_t(i)];
+          if (seen.begin < j1 && seen.end > j0 && seen.begin < seen.end) {
+            first = std::min(first, i);
+            last = i;
+          }
+        }
+        return last < first ? KeyRange{0, 0} : KeyRange{first, last + 1};
+      };
       // S (rows, cols) = (scale Q) K^T: the products of the forward's S^T, in the same order.
       auto sq = scratch.sq.topRows(rows);
       sq = scale * head.q.middleRows(q0, rows);
       const ConstMatrixRef<T> sq_ref(sq);
-      score_tile<T>(sq_ref, scratch.kt.data(), scratch.kt.outerStride(), lanes, scratch.s.data(), stride, all_rows);
+      score_tile<T>(sq_ref, scratch.kt.data(), scratch.kt.outerStride(), lanes, scratch.s.data(), stride, rows_seeing);
       auto s = scratch.s.topLeftCorner(rows, cols);
       if constexpr (Modifier::active) modifier.forward(s, scratch.g.topLeftCorner(rows, cols));
       if (kind == TileKind::Partial) apply_mask(mask, s, q0, k0);
       // dP (rows, cols) = dO V^T.
       const ConstMatrixRef<T> d_out = head.d_out.middleRows(q0, rows);
-      score_tile<T>(d_out, scratch.vt.data(), scratch.vt.outerStride(), lanes, scratch.dp.data(), stride, all_rows);
+      score_tile<T>(d_out, scratch.vt.data(), scratch.vt.outerStride(), lanes, scratch.dp.data(), stride, rows_seeing);
       for (Index i = 0; i < rows; ++i) {
         const T d = row_dot(head.d_out.row(q0 + i).data(), head.out.row(q0 + i).data(), value_dim);
         weights_and_score_gradient_row(scratch.s.row(i).data(), scratch.dp.row(i).data(), lanes,
                                        weight_shift(head.lse(q0 + i)), d);
       }
       // dV += P^T dO (P held as the value kernel's transposed weights: row i of P is query i).
-      value_tile<T>(scratch.s.data(), stride, d_out, scratch.ones.data(), dv_acc, all_rows);
+      value_tile<T>(scratch.s.data(), stride, d_out, scratch.ones.data(), dv_acc, rows_seeing);
       auto ds = scratch.dp.topLeftCorner(rows, cols);
       if constexpr (Sink::active) sink.add(ds, q0, k0, task);
       if constexpr (Modifier::active) ds.array() *= scratch.g.topLeftCorner(rows, cols).array();
       // dK += dS^T (scale Q).
-      value_tile<T>(scratch.dp.data(), stride, sq_ref, scratch.ones.data(), dk_acc, all_rows);
+      value_tile<T>(scratch.dp.data(), stride, sq_ref, scratch.ones.data(), dk_acc, rows_seeing);
     }
   }
   dk.middleRows(k0, cols) = dk_acc;
