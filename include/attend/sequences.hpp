@@ -64,11 +64,11 @@ class SequenceRows {
   Index begin(Index b) const { return begins_[std::size_t(b)]; }
   Index length(Index b) const { return lengths_[std::size_t(b)]; }
 
-  /// One past the last row any sequence uses: the matrix needs at least this many rows.
+  /// One past the last row of any sequence (an empty one counts at its start): the matrix
+  /// needs at least this many rows.
   Index rows_used() const {
     Index end = 0;
-    for (std::size_t b = 0; b < begins_.size(); ++b)
-      if (lengths_[b] > 0) end = std::max(end, begins_[b] + lengths_[b]);
+    for (std::size_t b = 0; b < begins_.size(); ++b) end = std::max(end, begins_[b] + lengths_[b]);
     return end;
   }
 

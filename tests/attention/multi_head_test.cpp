@@ -435,6 +435,7 @@ TYPED_TEST(MultiHeadTest, BatchesReadInPlaceEqualPerSequenceCalls) {
       SCOPED_TRACE("sequence " + std::to_string(b));
       const Index r0 = rows.begin(b), n = rows.length(b);
       for (Index i = r0; i < r0 + n; ++i) used[std::size_t(i)] = true;
+      if (n == 0) continue;  // (the reference takes heads of its matrices: none of an empty one)
       const Matrix<T> seq = x.middleRows(r0, n);
       const Expected<T> ex = expected_mha<T>(s, mha.weights(), seq, seq, seq, causal_visibility(n, n, Alignment::TopLeft));
       EXPECT_TRUE(within_tolerance<T>(Matrix<T>(r.output.middleRows(r0, n)), ex.output, ex.base_output));
