@@ -21,6 +21,7 @@
 #include "attention/multi_head.hpp"
 #include "attention/split_kv.hpp"
 #include "attention/kv_cache.hpp"
+#include "attention/paged_kv_cache.hpp"
 #include "positional/sinusoidal.hpp"
 #include "positional/rotary.hpp"
 #include "attention/additive.hpp"

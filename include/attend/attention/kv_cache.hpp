@@ -131,7 +131,7 @@ class KVCache {
   /// With a window of w, the token at `length` sees positions length - w + 1 .. length, so the
   /// cache must still hold them: the first held position, position() - size(), must be at most
   /// max(0, length - w + 1). On error the cache is unchanged.
-  /// 	hrows attend::invalid_argument when length > position(), length < 0, or a windowed cache
+  /// \throws attend::invalid_argument when length > position(), length < 0, or a windowed cache
   ///         no longer holds the keys the next token would see.
   void truncate(Index length) {
     const Index first = position_ - size_;  // first held position

@@ -662,4 +662,57 @@ void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& se
   paged_decode_step_into(cache, sequences, rows, q, k_new, v_new, num_heads, out, NoMask{}, options);
 }
 
+/// One decoding step of a MultiHeadAttention layer for many sequences: sequence b's new tokens
+/// x.middleRows(rows.begin(b), n_b) (n_b = rows.length(b); a prompt chunk or generated tokens)
+/// are projected, their queries and keys rotated at positions cache.length(sequences[b]) + i when
+/// the layer has a rotary embedding, appended, and attend as paged_decode_step_into does; the
+/// outputs are projected by W_o. Each sequence's rows equal layer.forward(sequence, Causal() &
+/// mask) (Window(w - 1, 0) & mask for a cache of window w) at its positions.
+///
+/// \param x (rows, E_q) the new tokens of every sequence
+/// \return (rows, E_out); rows in no sequence hold W_o 0 + b_o
+/// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's, and
+///         as paged_decode_step_into (the cache is then unchanged).
+template <class T, class DX, class Mask>
+Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<T>& cache,
+                            const std::vector<Index>& sequences, const SequenceRows& rows,
+                            const Eigen::MatrixBase<DX>& x, const MaskBase<Mask>& mask,
+                            const AttentionOptions& options = {},
+                            const Eigen::Ref<const Vector<typename DX::Scalar>>& sinks = Vector<typename DX::Scalar>()) {
+  static_assert(detail::supported_scalars<T, DX>);
+  ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
+                   cache.value_head_dim() == layer.value_head_dim(),
+               "a paged cache of kv_heads=" + std::to_string(cache.kv_heads()) + ", head_dim=" +
+                   std::to_string(cache.head_dim()) + ", value_head_dim=" + std::to_string(cache.value_head_dim()) +
+                   " for a layer of num_kv_heads=" + std::to_string(layer.num_kv_heads()) + ", head_dim=" +
+                   std::to_string(layer.head_dim()) + ", value_head_dim=" + std::to_string(layer.value_head_dim()));
+  ATTEND_CHECK(rows.size() == Index(sequences.size()) && rows.rows_used() <= x.rows(),
+               "x " + detail::shape_of(x) + " must hold the rows of " + std::to_string(sequences.size()) +
+                   " sequences (" + std::to_string(rows.rows_used()) + " rows)");
+  const detail::ThreadScope threads(options.num_threads);  // for the projections too
+  const Index heads = layer.num_heads();
+  Matrix<T> q = Matrix<T>::Zero(x.rows(), heads * layer.head_dim());
+  Matrix<T> k = Matrix<T>::Zero(x.rows(), layer.num_kv_heads() * layer.head_dim());
+  Matrix<T> v = layer.project_value(x);
+  for (Index b = 0; b < rows.size(); ++b) {
+    const Index seq = sequences[std::size_t(b)], begin = rows.begin(b), n = rows.length(b);
+    ATTEND_CHECK(cache.contains(seq), "sequences[" + std::to_string(b) + "] = " + std::to_string(seq) +
+                                          " is not in the paged KV cache");
+    q.middleRows(begin, n) = layer.project_query(x.middleRows(begin, n), cache.length(seq));
+    k.middleRows(begin, n) = layer.project_key(x.middleRows(begin, n), cache.length(seq));
+  }
+  Matrix<T> heads_out = Matrix<T>::Zero(x.rows(), heads * layer.value_head_dim());
+  paged_decode_step_into(cache, sequences, rows, q, k, v, heads, heads_out, mask, options, sinks);
+  return layer.project_output(heads_out);
+}
+
+/// A decoding step of a layer for many sequences without a mask beyond the cache's. See the
+/// overload with a mask.
+template <class T, class DX>
+Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<T>& cache,
+                            const std::vector<Index>& sequences, const SequenceRows& rows,
+                            const Eigen::MatrixBase<DX>& x, const AttentionOptions& options = {}) {
+  return paged_decode_step(layer, cache, sequences, rows, x, NoMask{}, options);
+}
+
 }  // namespace attend
