@@ -229,20 +229,25 @@ TEST(BackwardVariantsTest, LocalWindowTopKAndHardMatchFiniteDifferences) {
 TEST(BackwardVariantsTest, MultiHeadAndGroupedQueryMatchFiniteDifferences) {
   ATTEND_SEEDED_RNG(rng);
   const Index heads = 4, d = 3, dv = 2;
-  for (const Index kv_heads : {Index(4), Index(2), Index(1)}) {
+  const auto check = [&](Index kv_heads, const auto& mask, const std::string& name) {
     M q = rng.normal<double>(6, heads * d), k = rng.normal<double>(8, kv_heads * d), v = rng.normal<double>(8, kv_heads * dv);
     const M d_out = rng.normal<double>(6, heads * dv);
     for (const AttentionOptions& options : fd_paths()) {
-      SCOPED_TRACE("H_kv=" + std::to_string(kv_heads) + " " + describe(options));
-      const auto loss = [&] { return inner(d_out, multi_head_attention(q, k, v, heads, Causal(), options)); };
-      const MultiHeadLseResult<double> f = multi_head_attention_with_lse(q, k, v, heads, Causal(), options);
-      EXPECT_TRUE(f.output.isApprox(multi_head_attention(q, k, v, heads, Causal(), options)));
-      const AttentionGradients<double> g = multi_head_attention_backward(q, k, v, heads, f, d_out, Causal(), options);
+      SCOPED_TRACE("H_kv=" + std::to_string(kv_heads) + " " + name + " " + describe(options));
+      const auto loss = [&] { return inner(d_out, multi_head_attention(q, k, v, heads, mask, options)); };
+      const MultiHeadLseResult<double> f = multi_head_attention_with_lse(q, k, v, heads, mask, options);
+      EXPECT_TRUE(f.output.isApprox(multi_head_attention(q, k, v, heads, mask, options)));
+      const AttentionGradients<double> g = multi_head_attention_backward(q, k, v, heads, f, d_out, mask, options);
       expect_matches_finite_differences(loss, q, g.dq, "dq");
       expect_matches_finite_differences(loss, k, g.dk, "dk");
       expect_matches_finite_differences(loss, v, g.dv, "dv");
     }
-  }
+  };
+  for (const Index kv_heads : {Index(4), Index(2), Index(1)}) check(kv_heads, Causal(), "Causal");
+  // Policies bound per head: ALiBi's slopes and a T5 table of one column per head.
+  const M table = rng.normal<double>(8, heads);
+  check(2, Causal() & Alibi::for_heads(heads), "Causal & Alibi::for_heads");
+  check(2, RelativePositionBias(table, true, 6), "RelativePositionBias (8 x H)");
 }
 
 // In float, against the long-double reference with the tolerance rule.
@@ -395,6 +400,37 @@ TEST(BackwardVariantsTest, TopKLocalWindowAndGroupedQueryInFloatMatchTheReferenc
         EXPECT_TRUE(gradient_within_tolerance<float>(dvh, ref.dv, base.dv, ref.dv_terms, ref.max_abs_lse)) << "dv " << kv;
       }
     }
+  }
+}
+
+TEST(BackwardVariantsTest, BilinearInFloatMatchesTheReferenceThroughTheChainRule) {
+  ATTEND_SEEDED_RNG(rng);
+  const Index lq = 33, lk = 50, d_q = 12, d_k = 10, dv = 8;
+  const Matrix<float> q = rng.normal<float>(lq, d_q), k = rng.normal<float>(lk, d_k), v = rng.normal<float>(lk, dv);
+  const Matrix<float> w = rng.normal<float>(d_q, d_k, 0.3), d_out = rng.normal<float>(lq, dv);
+  GradientCase c;  // scale 1
+  const BoolMatrix visible = causal_visibility(lq, lk, Alignment::BottomRight);
+  // Q' = Q W in long double and in float; the engine's gradients of Q', then dQ = dQ' W^T and
+  // dW = Q^T dQ', with the terms of each sum carried along.
+  const RealMatrix q_w = q.cast<Real>() * w.cast<Real>(), w_abs = w.cast<Real>().cwiseAbs();
+  const Matrix<float> q_w_float = q * w;
+  const RealGradients ref = reference_gradients(q_w, k, v, d_out, visible, c);
+  const Gradients<float> base = baseline_gradients<float>(q_w_float, k, v, d_out, visible, c);
+  const RealMatrix dq_ref = ref.dq * w.cast<Real>().transpose(), dw_ref = q.cast<Real>().transpose() * ref.dq;
+  const RealMatrix dq_terms = ref.dq_terms * w_abs.transpose() + ref.dq.cwiseAbs() * w_abs.transpose();
+  const RealMatrix dw_terms = q.cast<Real>().cwiseAbs().transpose() * (ref.dq_terms + ref.dq.cwiseAbs());
+  const Matrix<float> dq_base = base.dq * w.transpose(), dw_base = q.transpose() * base.dq;
+  for (const AttentionOptions& options : {materialized_path(), blocked_path(), blocked_path(16, 32)}) {
+    SCOPED_TRACE(describe(options));
+    Matrix<float> out(lq, dv);
+    Vector<float> lse(lq);
+    bilinear_attention_into(q, k, v, w, out, Causal(Alignment::BottomRight), options, lse);
+    const BilinearGradients<float> g =
+        bilinear_attention_backward(q, k, v, w, out, lse, d_out, Causal(Alignment::BottomRight), options);
+    EXPECT_TRUE(gradient_within_tolerance<float>(g.dq, dq_ref, dq_base, dq_terms, ref.max_abs_lse)) << "dq";
+    EXPECT_TRUE(gradient_within_tolerance<float>(g.dk, ref.dk, base.dk, ref.dk_terms, ref.max_abs_lse)) << "dk";
+    EXPECT_TRUE(gradient_within_tolerance<float>(g.dv, ref.dv, base.dv, ref.dv_terms, ref.max_abs_lse)) << "dv";
+    EXPECT_TRUE(gradient_within_tolerance<float>(g.dw, dw_ref, dw_base, dw_terms, ref.max_abs_lse)) << "dw";
   }
 }
 
