@@ -434,6 +434,70 @@ TEST(BackwardVariantsTest, BilinearInFloatMatchesTheReferenceThroughTheChainRule
   }
 }
 
+/// x / max(||x||, 1e-12) per row, and the chain rule back through it, dx = (dy - y <y, dy>) / n
+/// (dy / 1e-12 below the floor), with the terms of each entry (|dy| + |y| sum |y||dy|) / n.
+template <class S>
+struct UnitRows {
+  Matrix<S> y;
+  Vector<S> norm;
+  template <class X>
+  explicit UnitRows(const X& x) : y(x.rows(), x.cols()), norm(x.rows()) {
+    for (Index i = 0; i < x.rows(); ++i) {
+      norm(i) = std::max(S(x.row(i).norm()), S(1e-12));
+      y.row(i) = x.row(i) / norm(i);
+    }
+  }
+  Matrix<S> back(const Matrix<S>& dy) const {
+    Matrix<S> dx(dy.rows(), dy.cols());
+    for (Index i = 0; i < dy.rows(); ++i)
+      dx.row(i) = norm(i) > S(1e-12) ? Matrix<S>((dy.row(i) - y.row(i) * y.row(i).dot(dy.row(i))) / norm(i))
+                                     : Matrix<S>(dy.row(i) / S(1e-12));
+    return dx;
+  }
+  Matrix<S> back_terms(const Matrix<S>& dy_terms) const {
+    Matrix<S> t(dy_terms.rows(), dy_terms.cols());
+    for (Index i = 0; i < dy_terms.rows(); ++i)
+      t.row(i) = (dy_terms.row(i) + y.row(i).cwiseAbs() * y.row(i).cwiseAbs().dot(dy_terms.row(i))) / norm(i);
+    return t;
+  }
+};
+
+TEST(BackwardVariantsTest, CosineInFloatMatchesTheReferenceThroughTheNormalization) {
+  ATTEND_SEEDED_RNG(rng);
+  const Index lq = 30, lk = 45, dk = 12, dv = 8;
+  const double temperature = 0.2;
+  const Matrix<float> q = rng.normal<float>(lq, dk), k = rng.normal<float>(lk, dk), v = rng.normal<float>(lk, dv);
+  const Matrix<float> d_out = rng.normal<float>(lq, dv);
+  GradientCase c;
+  c.scale = Real(float(1 / temperature));  // the scale the library uses
+  const BoolMatrix visible = causal_visibility(lq, lk, Alignment::TopLeft);
+  const UnitRows<Real> q_unit(q.cast<Real>()), k_unit(k.cast<Real>());
+  const UnitRows<float> q_unit_f(q), k_unit_f(k);
+  const RealGradients ref = reference_gradients(q_unit.y, k_unit.y, v, d_out, visible, c);
+  const Gradients<float> base = baseline_gradients<float>(q_unit_f.y, k_unit_f.y, v, d_out, visible, c);
+  const RealMatrix dq_ref = q_unit.back(ref.dq), dk_ref = k_unit.back(ref.dk);
+  const RealMatrix dq_terms = q_unit.back_terms(ref.dq_terms), dk_terms = k_unit.back_terms(ref.dk_terms);
+  const Matrix<float> dq_base = q_unit_f.back(base.dq), dk_base = k_unit_f.back(base.dk);
+  Eigen::Matrix<Real, 1, 1> dt_ref, dt_terms;
+  Eigen::Matrix<float, 1, 1> dt_base;
+  dt_ref(0, 0) = -(q_unit.y.cwiseProduct(ref.dq)).sum() / Real(temperature);
+  dt_terms(0, 0) = (q_unit.y.cwiseAbs().cwiseProduct(ref.dq_terms)).sum() / Real(temperature);
+  dt_base(0, 0) = -(q_unit_f.y.cwiseProduct(base.dq)).sum() / float(temperature);
+  for (const AttentionOptions& options : {materialized_path(), blocked_path(), blocked_path(16, 32)}) {
+    SCOPED_TRACE(describe(options));
+    Matrix<float> out(lq, dv);
+    Vector<float> lse(lq);
+    cosine_attention_into(q, k, v, temperature, out, Causal(), options, lse);
+    const CosineGradients<float> g = cosine_attention_backward(q, k, v, temperature, out, lse, d_out, Causal(), options);
+    Eigen::Matrix<float, 1, 1> dt;
+    dt(0, 0) = g.d_temperature;
+    EXPECT_TRUE(gradient_within_tolerance<float>(g.dq, dq_ref, dq_base, dq_terms, ref.max_abs_lse)) << "dq";
+    EXPECT_TRUE(gradient_within_tolerance<float>(g.dk, dk_ref, dk_base, dk_terms, ref.max_abs_lse)) << "dk";
+    EXPECT_TRUE(gradient_within_tolerance<float>(g.dv, ref.dv, base.dv, ref.dv_terms, ref.max_abs_lse)) << "dv";
+    EXPECT_TRUE(gradient_within_tolerance<float>(dt, dt_ref, dt_base, dt_terms, ref.max_abs_lse)) << "d_temperature";
+  }
+}
+
 TEST(BackwardVariantsTest, BadArgumentsThrowWithTheirValues) {
   const M q = M::Ones(3, 4), k = M::Ones(5, 4), v = M::Ones(5, 2), out = M::Zero(3, 2), d_out = M::Ones(3, 2);
   const V lse = V::Zero(3);
