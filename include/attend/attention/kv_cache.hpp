@@ -221,6 +221,8 @@ class UndoableAppend {
 /// a dense mask is (P, P) and a bias sees the relative position of each key to its query. It is
 /// OffsetMask(mask, P - n, P - size, P, P) intersected with the cache's own causality and window.
 ///
+/// Learned sinks (attention/sinks.hpp), one logit per head, enter every softmax of the step.
+///
 /// \param q     (n, H d) queries of the new tokens
 /// \param k_new (n, H_kv d) their keys, v_new (n, H_kv d_v) their values
 /// \param out   (n, H d_v), not sharing memory with q, k_new or v_new
@@ -230,7 +232,8 @@ class UndoableAppend {
 template <class T, class DQ, class DK, class DV, class Mask>
 void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
-                      const MaskBase<Mask>& mask, const AttentionOptions& options = {}) {
+                      const MaskBase<Mask>& mask, const AttentionOptions& options = {},
+                      const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<T, DQ, DK, DV>);
   const detail::ThreadScope threads(options.num_threads);
   detail::check_head_counts(num_heads, cache.kv_heads());
@@ -245,15 +248,20 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
   detail::check_no_alias(out, "output", k_new, "input k_new");
   detail::check_no_alias(out, "output", v_new, "input v_new");
   detail::resolve_scale<T>(options, cache.head_dim());  // throws on a bad scale before the cache changes
+  detail::check_sinks(sinks.size(), num_heads);
   detail::UndoableAppend<T> appended(cache, k_new, v_new);  // undone if the attention throws
   const Index n = q.rows(), position = cache.position(), size = cache.size();
   const OffsetMask<Mask> absolute(mask, position - n, position - size, position, position);
   if (n == 1) {  // after a one-row append, every kept key is causally visible
-    decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, absolute, options);
+    decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, absolute, options,
+                          detail::no_vector<typename DQ::Scalar>(), sinks);
   } else {
     const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
-    multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out,
-                              Window(left, 0, Alignment::BottomRight) & absolute, options);
+    const auto visible = Window(left, 0, Alignment::BottomRight) & absolute;
+    if (sinks.size() == 0)
+      multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out, visible, options);
+    else
+      multi_head_attention_with_sinks_into(q, cache.keys(), cache.values(), num_heads, out, visible, sinks, options);
   }
   appended.commit();
 }
@@ -271,10 +279,11 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
 template <class T, class DQ, class DK, class DV, class Mask>
 Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, const MaskBase<Mask>& mask,
-                      const AttentionOptions& options = {}) {
+                      const AttentionOptions& options = {},
+                      const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<T, DQ, DK, DV>);
   Matrix<T> out(q.rows(), num_heads * cache.value_head_dim());
-  decode_step_into(cache, q, k_new, v_new, num_heads, out, mask, options);
+  decode_step_into(cache, q, k_new, v_new, num_heads, out, mask, options, sinks);
   return out;
 }
 
@@ -296,13 +305,15 @@ Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
 /// \param cache shaped for the layer, e.g. KVCache<T>(layer, capacity)
 /// \param x     (n, E_q) the new tokens
 /// \param mask  any mask, bias, score modifier or custom policy (per-head ones bind per head)
+/// \param sinks (H) learned sink logits (attention/sinks.hpp), or empty
 /// \return (n, E_out)
 /// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's,
 ///         on a wrong input width, a mask that does not fit, or on overflow; std::bad_alloc when
 ///         memory runs out (the cache is then unchanged).
 template <class T, class DX, class Mask>
 Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
-                      const MaskBase<Mask>& mask, const AttentionOptions& options = {}) {
+                      const MaskBase<Mask>& mask, const AttentionOptions& options = {},
+                      const Eigen::Ref<const Vector<typename DX::Scalar>>& sinks = Vector<typename DX::Scalar>()) {
   static_assert(detail::supported_scalars<T, DX>);
   ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
                    cache.value_head_dim() == layer.value_head_dim(),
@@ -313,7 +324,7 @@ Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, con
   const detail::ThreadScope threads(options.num_threads);  // for the projections too
   const Index position = cache.position();
   const Matrix<T> q = layer.project_query(x, position), k = layer.project_key(x, position), v = layer.project_value(x);
-  return layer.project_output(decode_step(cache, q, k, v, layer.num_heads(), mask, options));
+  return layer.project_output(decode_step(cache, q, k, v, layer.num_heads(), mask, options, sinks));
 }
 
 /// A decoding step of a layer without a mask beyond the cache's. See the overload with a mask.

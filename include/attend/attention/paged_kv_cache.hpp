@@ -32,6 +32,7 @@
 #include "../sequences.hpp"
 #include "../types.hpp"
 #include "multi_head.hpp"
+#include "sinks.hpp"
 #include "split_kv.hpp"
 
 #include <algorithm>
@@ -394,62 +395,7 @@ class UndoablePagedAppend {
   bool committed_ = false;
 };
 
-/// An empty matrix view: "this optional output is not wanted".
-template <class T>
-MatrixRef<T> no_matrix() {
-  return MatrixRef<T>(Eigen::Map<Matrix<T>>(nullptr, 0, 0));
-}
-
-/// Merges the partial of a sink, output 0 and log-sum-exp `sink`, into (out, lse): the softmax
-/// gains the term e^sink in its denominator and nothing in its numerator,
-///   lse' = log(e^lse + e^sink),  out' = e^(lse - lse') out.
-/// Rows where both are -inf stay zero with lse -inf; a NaN sink makes the row NaN.
-template <class T>
-void merge_sink_into(MatrixRef<T> out, VectorRef<T> lse, T sink) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  for (Index i = 0; i < out.rows(); ++i) {
-    const T a = lse(i);
-    const T m = std::isnan(sink) ? sink : std::max(a, sink);
-    if (m == kNegInf) {
-      out.row(i).setZero();
-      continue;
-    }
-    const T wa = std::exp(a - m), wb = std::exp(sink - m), sum = wa + wb;
-    out.row(i) *= wa / sum;
-    lse(i) = m + std::log(sum);
-  }
-}
-
 }  // namespace detail
-
-/// Adds learned attention sinks (gpt-oss) to the result of any attention path: each head h has
-/// a logit sinks(h) that enters the softmax's denominator and carries no value,
-///   p_ij = e^(s_ij) / (e^(sinks_h) + sum_j' e^(s_ij')),   lse_i' = log(e^(sinks_h) + sum_j e^(s_ij)),
-/// which is the merge of (out, lse) with a partial of output 0 and log-sum-exp sinks(h) (exact
-/// up to one rounding per element). A row that saw no key keeps a zero output and gets
-/// lse = sinks(h).
-///
-/// \param out   (L, H d_v) outputs of H heads side by side (one head: (L, d_v)), updated in place
-/// \param lse   (L, H) each row's log-sum-exp per head, updated in place
-/// \param sinks (H) one logit per head
-/// \throws attend::invalid_argument on mismatched shapes.
-template <class T>
-void add_attention_sinks_into(MatrixRef<T> out, MatrixRef<T> lse, const Eigen::Ref<const Vector<T>>& sinks) {
-  static_assert(detail::supported_scalars<T>);
-  const Index heads = sinks.size();
-  ATTEND_CHECK(heads >= 1 && lse.rows() == out.rows() && lse.cols() == heads && out.cols() % heads == 0,
-               "sinks of size " + std::to_string(heads) + " need lse (L x " + std::to_string(heads) +
-                   ") and out (L x H d_v) with L = " + std::to_string(out.rows()) + ", got lse " +
-                   detail::shape_of(lse) + " and out " + detail::shape_of(out));
-  detail::check_no_alias(lse, "log-sum-exp", out, "output");
-  const Index dv = out.cols() / heads;
-  Vector<T> column(out.rows());
-  for (Index h = 0; h < heads; ++h) {
-    column = lse.col(h);
-    detail::merge_sink_into<T>(out.middleCols(h * dv, dv), column, sinks(h));
-    lse.col(h) = column;
-  }
-}
 
 /// Batched decoding from a paged cache: for each sequence b of the call, the last n_b =
 /// rows.length(b) tokens of sequence `sequences[b]` (already appended) attend with queries
@@ -474,7 +420,7 @@ void add_attention_sinks_into(MatrixRef<T> out, MatrixRef<T> lse, const Eigen::R
 /// \param rows      where each sequence's queries lie in q and out (SequenceRows)
 /// \param q         (rows, H d) queries
 /// \param out       (rows, H d_v); rows in no sequence are left as they are
-/// \param sinks     (H) learned sink logits, or empty (add_attention_sinks_into)
+/// \param sinks     (H) learned sink logits, or empty (attention/sinks.hpp)
 /// \param lse       (rows, H) log-sum-exp of each query row and head (including the sink), or empty
 /// \throws attend::invalid_argument on an unknown sequence, n_b greater than the sequence's
 ///         length, rows outside q, mismatched shapes, a mask that does not fit, a windowed
@@ -498,8 +444,7 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
                    std::to_string(d) + " columns and at least the " + std::to_string(rows.rows_used()) +
                    " rows the sequences use");
   detail::check_shape(out, q.rows(), heads * dv, "output");
-  ATTEND_CHECK(sinks.size() == 0 || sinks.size() == heads,
-               "sinks of size " + std::to_string(sinks.size()) + " must be empty or num_heads = " + std::to_string(heads));
+  detail::check_sinks(sinks.size(), heads);
   ATTEND_CHECK(lse.size() == 0 || (lse.rows() == q.rows() && lse.cols() == heads),
                "log-sum-exp " + detail::shape_of(lse) + " must be empty or (" + std::to_string(q.rows()) + " x " +
                    std::to_string(heads) + ")");

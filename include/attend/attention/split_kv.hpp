@@ -22,6 +22,7 @@
 #include "../types.hpp"
 #include "../softmax.hpp"
 #include "multi_head.hpp"
+#include "sinks.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -304,13 +305,15 @@ void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T
 /// \param options scale (default 1/sqrt(d)); block_k = keys per split (0: detail::kDecodeSplitKeys;
 ///                more than Lk: one split); num_threads
 /// \param lse (H) log-sum-exp of each head, or empty
+/// \param sinks (H) learned sink logits (attention/sinks.hpp), merged once after the splits; empty: none
 /// \throws attend::invalid_argument on mismatched shapes, a mask that does not fit, or when
 ///         `out` or `lse` aliases an input.
 template <class DQ, class DK, class DV, class Mask>
 void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                            const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                            const MaskBase<Mask>& mask, const AttentionOptions& options = {},
-                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>(),
+                           const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
   const detail::ThreadScope threads(options.num_threads);
@@ -324,6 +327,7 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
   ATTEND_CHECK(lse.size() == 0 || lse.size() == heads, "log-sum-exp of size " + std::to_string(lse.size()) +
                                                            " must have num_heads = " + std::to_string(heads) +
                                                            " entries");
+  detail::check_sinks(sinks.size(), heads);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
   detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, lse);
   // Each head's policy, and the keys any head may see.
@@ -341,14 +345,13 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
   const Index split =
       std::min(options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys, std::max(num_seen, Index(1)));
   const Index splits = (num_seen + split - 1) / split;
-  if (splits == 0) {  // no key to see: zero output, lse -inf
-    out.setZero();
-    if (lse.size() != 0) lse.setConstant(-std::numeric_limits<T>::infinity());
-    return;
-  }
   // Partial of split c: rows [c H, (c + 1) H), one per head.
-  Matrix<T> part_out(splits * heads, dv);
-  Vector<T> part_lse(splits * heads);
+  Matrix<T> part_out(std::max(splits, Index(1)) * heads, dv);
+  Vector<T> part_lse(std::max(splits, Index(1)) * heads);
+  if (splits == 0) {  // no key to see: zero output, lse -inf (before the sinks)
+    part_out.setZero();
+    part_lse.setConstant(-std::numeric_limits<T>::infinity());
+  }
   detail::parallel_for_with_scratch(
       splits, [&] { return Matrix<T>(heads, split); },
       [&](Index c, Matrix<T>& scores) {
@@ -359,6 +362,9 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
   for (Index c = 1; c < splits; ++c)
     merge_partial_into<T>(part_out.topRows(heads), part_lse.head(heads), part_out.middleRows(c * heads, heads),
                           part_lse.segment(c * heads, heads));
+  if (sinks.size() != 0)
+    for (Index h = 0; h < heads; ++h)
+      detail::merge_sink_into<T>(part_out.middleRows(h, 1), part_lse.segment(h, 1), sinks(h));
   for (Index h = 0; h < heads; ++h) out.row(0).segment(h * dv, dv) = part_out.row(h);
   if (lse.size() != 0) lse = part_lse.head(heads);
 }
