@@ -20,6 +20,7 @@
 #include "attention/batched.hpp"
 #include "attention/multi_head.hpp"
 #include "attention/split_kv.hpp"
+#include "attention/sinks.hpp"
 #include "attention/kv_cache.hpp"
 #include "attention/paged_kv_cache.hpp"
 #include "positional/sinusoidal.hpp"
