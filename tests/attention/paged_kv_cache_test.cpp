@@ -344,6 +344,42 @@ TYPED_TEST(PagedDecodeTest, ForksRollbacksAndWindowsEqualTheReference) {
   }
 }
 
+// StreamingLLM: the first n tokens stay held and visible, the rest is a sliding window; a
+// sequence holds the sink blocks and window-sized memory, and decodes as the whole sequence with
+// that visibility (absolute positions).
+TYPED_TEST(PagedDecodeTest, StreamingLLMKeepsTheFirstTokensAndAWindow) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 4, kv_heads = 2, d = 8, block = 4, window = 8, sinks = 3;
+  PagedKVCache<T> cache(16, kv_heads, d, {block, window, 0, sinks});
+  std::vector<Stream<T>> streams;
+  for (const Index len : {60, 41}) streams.push_back(make_stream<T>(rng, len, heads, kv_heads, d, d));
+  std::vector<Stream<T>*> all;
+  for (auto& s : streams) all.push_back(&s);
+  AttentionOptions o;
+  o.block_k = 8;
+  decode_batched<T>(cache, all, heads, [](std::size_t i, Index r) { return r == 0 ? Index(5 + i) : Index(1 + r % 2); }, o);
+  for (const auto& s : streams) {
+    expect_stream_matches_reference<T>(s, heads, -1, [&](Index, BoolMatrix& visible, RealMatrix&) {
+      for (Index i = 0; i < visible.rows(); ++i)
+        for (Index j = 0; j <= i; ++j) visible(i, j) = j < sinks || i - j < window;
+    });
+    EXPECT_LE(cache.held_blocks(s.id), 1 + (window - 1 + 2 + block - 1) / block + 1);
+    EXPECT_EQ(cache.block_table(s.id)[0] >= 0, true) << "the sink block stays";
+  }
+  // The mask alone, on both full paths (the blocked one skips and classifies 8 x 8 tiles with
+  // it), gives the same visibility.
+  const Stream<T>& s = streams[0];
+  for (const Algorithm algorithm : {Algorithm::Materialized, Algorithm::Blocked}) {
+    AttentionOptions full_options;
+    full_options.algorithm = algorithm;
+    full_options.block_q = full_options.block_k = 8;
+    const Matrix<T> full = multi_head_attention(s.q, s.k, s.v, heads, StreamingWindow(sinks, window - 1), full_options);
+    EXPECT_LE(max_abs_error(full, s.out), 8 * hard_cap<T>());
+  }
+  expect_invalid([&] { PagedKVCache<T>(4, 1, 8, {16, -1, 0, 2}); }, {"sink_tokens=2", "with a window"});
+}
+
 // Masks and score modifiers at absolute positions, per head and per sequence of the call
 // (HeadIndex::batch), as the whole sequences compute them.
 TYPED_TEST(PagedDecodeTest, PoliciesApplyAtAbsolutePositionsPerHeadAndSequence) {

@@ -21,6 +21,13 @@
 /// length), which no later token can see; their table entries become -1. So a sequence holds at
 /// most ceil((w - 1 + n) / B) + 1 blocks after appending n tokens, whatever its length.
 ///
+/// StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks"): with
+/// `sink_tokens` = n and a window, the blocks of the first n positions are never released and
+/// those positions stay visible to every later token, which sees the first n keys and the last w
+/// (StreamingWindow). Positions are absolute: keys are kept as appended (a layer rotates them at
+/// their absolute positions), not re-rotated at their positions within the cache as the paper
+/// does (see docs/DESIGN.md, "Serving").
+///
 /// Every member that can fail checks first: on error (attend::invalid_argument naming the
 /// values) the cache is unchanged.
 #pragma once
@@ -48,6 +55,71 @@ struct PagedKVCacheOptions {
   Index block_size = 16;     ///< B keys per block (vLLM uses 16; 16..256 are typical)
   Index window = -1;         ///< w >= 1 keys seen by each query (itself included); -1 = unbounded
   Index value_head_dim = 0;  ///< d_v; 0 = head_dim
+  Index sink_tokens = 0;     ///< StreamingLLM: the first n positions stay held and visible (needs a window)
+};
+
+namespace detail {
+
+/// Key j is visible to query i iff j < hi(i) and (j < sinks or j >= lo(i)), lo and hi those of
+/// `band`: a band whose first `sinks` keys stay visible below it. sinks = 0 is the band.
+struct SinkBand {
+  Band band;
+  Index sinks;
+
+  // Row i sees [0, min(sinks, hi(i))) and [lo(i), hi(i)); hi is non-decreasing in i.
+  KeyRange keys(Index q0, Index q1) const {
+    if (sinks == 0 || q0 >= q1) return band.keys(q0, q1);
+    const Index end = band.hi(q1 - 1);
+    return end > 0 ? KeyRange{0, end} : KeyRange{0, 0};
+  }
+
+  TileKind classify(Index q0, Index q1, Index k0, Index k1) const {
+    if (sinks == 0) return band.classify(q0, q1, k0, k1);
+    const KeyRange r = keys(q0, q1);
+    if (r.end <= k0 || r.begin >= k1) return TileKind::Empty;
+    if (k0 >= sinks && k1 <= band.lo(q0)) return TileKind::Empty;  // in every row's gap
+    if (k1 <= band.hi(q0) && (k1 <= sinks || std::max(k0, sinks) >= band.lo(q1 - 1))) return TileKind::Full;
+    return TileKind::Partial;
+  }
+
+  template <class Scores>
+  void add_bias(Scores&&, Index, Index) const {}
+
+  template <class Scores>
+  void hide(Scores&& s, Index q0, Index k0) const {
+    using T = typename std::decay_t<Scores>::Scalar;
+    constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+    const Index cols = s.cols();
+    const auto column = [&](Index key) { return std::clamp(key - k0, Index(0), cols); };
+    for (Index r = 0; r < s.rows(); ++r) {
+      const Index lo = band.lo(q0 + r), hi = band.hi(q0 + r);
+      const Index gap_begin = column(std::min(sinks, lo)), gap_end = column(lo), end = column(hi);
+      s.row(r).segment(gap_begin, gap_end - gap_begin).setConstant(kNegInf);
+      s.row(r).tail(cols - std::max(end, gap_end)).setConstant(kNegInf);
+      if (end < gap_end) s.row(r).segment(end, gap_end - end).setConstant(kNegInf);
+    }
+  }
+};
+
+}  // namespace detail
+
+/// StreamingLLM's visibility: query i sees the first `sink_tokens` keys and the keys of
+/// Window(left, 0, alignment), never a key after its aligned key a (a = i top-left, i + Lk - Lq
+/// bottom-right): key j is visible iff j <= a and (j < sink_tokens or j >= a - left). With
+/// sink_tokens = 0 it is Window(left, 0, alignment).
+struct StreamingWindow : MaskBase<StreamingWindow> {
+  Index sink_tokens = 0;
+  Index left = -1;
+  Alignment alignment = Alignment::TopLeft;
+
+  StreamingWindow(Index sink_tokens_, Index left_, Alignment alignment_ = Alignment::TopLeft)
+      : sink_tokens(sink_tokens_), left(left_), alignment(alignment_) {}
+
+  /// \throws attend::invalid_argument on a negative sink_tokens or a left side below -1.
+  detail::SinkBand bind(Index num_queries, Index num_keys) const {
+    ATTEND_CHECK(sink_tokens >= 0, "StreamingWindow sink_tokens=" + std::to_string(sink_tokens) + " must be >= 0");
+    return {Window(left, 0, alignment).bind(num_queries, num_keys), std::min(sink_tokens, num_keys)};
+  }
 };
 
 template <class T>
@@ -74,7 +146,8 @@ class PagedKVCache {
         head_dim_(head_dim),
         value_head_dim_(options.value_head_dim == 0 ? head_dim : options.value_head_dim),
         block_size_(options.block_size),
-        window_(options.window) {
+        window_(options.window),
+        sink_tokens_(options.sink_tokens) {
     ATTEND_CHECK(num_blocks >= 1 && block_size_ >= 1 && kv_heads >= 1 && head_dim >= 1 && value_head_dim_ >= 1,
                  "paged KV cache num_blocks=" + std::to_string(num_blocks) + ", block_size=" +
                      std::to_string(block_size_) + ", kv_heads=" + std::to_string(kv_heads) + ", head_dim=" +
@@ -82,6 +155,9 @@ class PagedKVCache {
                      " must all be at least 1");
     ATTEND_CHECK(window_ == -1 || window_ >= 1,
                  "paged KV cache window=" + std::to_string(window_) + " must be -1 (unbounded) or at least 1");
+    ATTEND_CHECK(sink_tokens_ == 0 || (sink_tokens_ > 0 && window_ >= 1),
+                 "paged KV cache sink_tokens=" + std::to_string(sink_tokens_) +
+                     " must be 0, or positive with a window (window=" + std::to_string(window_) + ")");
     detail::check_array_size<T>(num_blocks, block_size_, "paged KV cache rows (num_blocks x block_size)");
     detail::check_array_size<T>(kv_heads, head_dim, "paged KV cache key row (kv_heads x head_dim)");
     detail::check_array_size<T>(kv_heads, value_head_dim_, "paged KV cache value row (kv_heads x value_head_dim)");
@@ -97,7 +173,8 @@ class PagedKVCache {
   /// A pool shaped for `layer` (its H_kv, d and d_v); options.value_head_dim is ignored.
   PagedKVCache(const MultiHeadAttention<T>& layer, Index num_blocks, PagedKVCacheOptions options = {})
       : PagedKVCache(num_blocks, layer.num_kv_heads(), layer.head_dim(),
-                     PagedKVCacheOptions{options.block_size, options.window, layer.value_head_dim()}) {}
+                     PagedKVCacheOptions{options.block_size, options.window, layer.value_head_dim(),
+                                         options.sink_tokens}) {}
 
   Index num_blocks() const { return Index(ref_counts_.size()); }
   Index block_size() const { return block_size_; }
@@ -105,6 +182,8 @@ class PagedKVCache {
   Index head_dim() const { return head_dim_; }
   Index value_head_dim() const { return value_head_dim_; }
   Index window() const { return window_; }
+  /// StreamingLLM's kept first positions (0: none).
+  Index sink_tokens() const { return sink_tokens_; }
   /// Blocks no sequence holds.
   Index free_blocks() const { return Index(free_.size()); }
   /// Sequences that hold blocks or may append (added or forked, not freed).
@@ -127,20 +206,22 @@ class PagedKVCache {
 
   /// Tokens appended to `seq` (less those truncated): the position of its next token.
   Index length(Index seq) const { return at(seq).length; }
-  /// The first position `seq` still holds: 0 without a window, a multiple of B with one.
+  /// The first position of the window `seq` still holds: 0 without a window, a multiple of B
+  /// with one. With sink_tokens, the blocks of positions [0, sink_tokens) are held as well.
   Index first_position(Index seq) const { return at(seq).first_block * block_size_; }
   /// The block table of `seq`: entry i holds positions [i B, (i + 1) B); -1 for a block a window
   /// released. ceil(length / B) entries.
   const std::vector<Index>& block_table(Index seq) const { return at(seq).blocks; }
   /// Blocks `seq` holds now.
   Index held_blocks(Index seq) const {
-    const Sequence& s = at(seq);
-    return Index(s.blocks.size()) - s.first_block;
+    const std::vector<Index>& blocks = at(seq).blocks;
+    return Index(std::count_if(blocks.begin(), blocks.end(), [](Index p) { return p >= 0; }));
   }
 
-  /// (length - first_position, H_kv d) the keys `seq` holds, in order, copied out of the pool.
+  /// (rows, H_kv d) the keys of the positions in the blocks `seq` holds, in order, copied out of
+  /// the pool: positions [first_position, length), after those of the sink blocks if any.
   Matrix<T> gather_keys(Index seq) const { return gather(seq, keys_); }
-  /// (length - first_position, H_kv d_v) the values `seq` holds, in order.
+  /// (rows, H_kv d_v) the values of the positions in the blocks `seq` holds, in order.
   Matrix<T> gather_values(Index seq) const { return gather(seq, values_); }
 
   /// A new empty sequence; returns its id (the lowest id not in use).
@@ -201,15 +282,17 @@ class PagedKVCache {
                                                         std::to_string(length) + ") must be in [0, length=" +
                                                         std::to_string(s.length) + "]");
     const Index needed = window_ < 0 ? 0 : std::max(Index(0), length - window_ + 1);
-    ATTEND_CHECK(s.first_block * block_size_ <= needed,
+    ATTEND_CHECK(s.first_block * block_size_ <= needed || s.first_block <= sink_blocks(),
                  "paged KV cache truncate(sequence " + std::to_string(seq) + ", " + std::to_string(length) +
                      "): the token at position " + std::to_string(length) + " sees positions from " +
                      std::to_string(needed) + " (window=" + std::to_string(window_) +
                      "), but the sequence holds positions from " + std::to_string(s.first_block * block_size_) +
                      " only");
     const Index keep = blocks_for(length);
-    for (std::size_t i = std::size_t(keep); i < s.blocks.size(); ++i) release(s.blocks[i]);
+    for (std::size_t i = std::size_t(keep); i < s.blocks.size(); ++i)
+      if (s.blocks[i] >= 0) release(s.blocks[i]);
     s.blocks.resize(std::size_t(keep));
+    s.first_block = std::min(s.first_block, keep);  // (below it, only sink blocks: all held)
     s.length = length;
   }
 
@@ -224,6 +307,8 @@ class PagedKVCache {
   };
 
   Index blocks_for(Index positions) const { return (positions + block_size_ - 1) / block_size_; }
+  // Entries of the block table that hold sink positions and are never released.
+  Index sink_blocks() const { return blocks_for(sink_tokens_); }
 
   const Sequence& at(Index seq) const {
     ATTEND_CHECK(contains(seq), "sequence " + std::to_string(seq) + " is not in the paged KV cache (" +
@@ -253,14 +338,14 @@ class PagedKVCache {
   Index releasable(Index seq) const {
     const Sequence& s = at(seq);
     Index count = 0;
-    for (Index i = s.first_block; i < trim_end(s, s.length); ++i)
+    for (Index i = std::max(s.first_block, sink_blocks()); i < trim_end(s, s.length); ++i)
       count += ref_counts_[std::size_t(s.blocks[std::size_t(i)])] == 1;
     return count;
   }
   void trim(Index seq, Index next) {
     Sequence& s = at(seq);
     const Index end = trim_end(s, next);
-    for (Index i = s.first_block; i < end; ++i) {
+    for (Index i = std::max(s.first_block, sink_blocks()); i < end; ++i) {
       release(s.blocks[std::size_t(i)]);
       s.blocks[std::size_t(i)] = -1;
     }
@@ -320,20 +405,22 @@ class PagedKVCache {
 
   Matrix<T> gather(Index seq, const Matrix<T>& pool) const {
     const Sequence& s = at(seq);
-    const Index first = s.first_block * block_size_;
-    Matrix<T> rows(s.length - first, pool.cols());
-    for (Index t = first; t < s.length;) {
-      const Index offset = t % block_size_, count = std::min(block_size_ - offset, s.length - t);
-      rows.middleRows(t - first, count) =
-          pool.middleRows(s.blocks[std::size_t(t / block_size_)] * block_size_ + offset, count);
-      t += count;
+    const auto rows_of = [&](Index i) { return std::min(block_size_, s.length - i * block_size_); };
+    Index count = 0;
+    for (Index i = 0; i < Index(s.blocks.size()); ++i) count += s.blocks[std::size_t(i)] >= 0 ? rows_of(i) : 0;
+    Matrix<T> rows(count, pool.cols());
+    Index row = 0;
+    for (Index i = 0; i < Index(s.blocks.size()); ++i) {
+      if (s.blocks[std::size_t(i)] < 0) continue;
+      rows.middleRows(row, rows_of(i)) = pool.middleRows(s.blocks[std::size_t(i)] * block_size_, rows_of(i));
+      row += rows_of(i);
     }
     return rows;
   }
 
   Matrix<T> keys_;    // (num_blocks B, H_kv d)
   Matrix<T> values_;  // (num_blocks B, H_kv d_v)
-  Index kv_heads_, head_dim_, value_head_dim_, block_size_, window_;
+  Index kv_heads_, head_dim_, value_head_dim_, block_size_, window_, sink_tokens_;
   std::vector<Index> ref_counts_;  // per block
   std::vector<Index> free_;        // blocks with count 0; the last is handed out next
   std::vector<Sequence> sequences_;
@@ -456,7 +543,8 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
 
   // Each sequence's policies (one per head) on its (n_b, P) problem, and the keys they may see.
   const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
-  using Bound = decltype(detail::bind_mask(Window(left, 0, Alignment::BottomRight) &
+  const Index sink_tokens = cache.sink_tokens(), sink_end = (sink_tokens + B - 1) / B * B;
+  using Bound = decltype(detail::bind_mask(StreamingWindow(sink_tokens, left, Alignment::BottomRight) &
                                                OffsetMask<Mask>(mask, 0, 0, 0, 0),
                                            HeadIndex{}, 0, 0));
   std::vector<std::vector<Bound>> masks(static_cast<std::size_t>(batch));
@@ -469,23 +557,25 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
     const Index length = cache.length(seq), first = cache.first_position(seq);
     ATTEND_CHECK(n <= length, "sequence " + std::to_string(seq) + " has " + std::to_string(n) +
                                   " queries but holds only " + std::to_string(length) + " positions");
-    ATTEND_CHECK(left < 0 || first <= std::max(Index(0), length - n - left),
+    ATTEND_CHECK(left < 0 || first <= std::max(Index(0), length - n - left) || first <= sink_end,
                  "sequence " + std::to_string(seq) + " holds positions from " + std::to_string(first) + ", but its " +
                      std::to_string(n) + " queries at [" + std::to_string(length - n) + ", " + std::to_string(length) +
                      ") see positions from " + std::to_string(std::max(Index(0), length - n - left)) +
                      " (window=" + std::to_string(cache.window()) + "): append a step's tokens in one call");
     max_queries = std::max(max_queries, n);
-    const auto absolute = Window(left, 0, Alignment::BottomRight) & OffsetMask<Mask>(mask, length - n, 0, length, length);
+    const auto absolute = StreamingWindow(sink_tokens, left, Alignment::BottomRight) &
+                          OffsetMask<Mask>(mask, length - n, 0, length, length);
     KeyRange r{length, 0};
     for (Index h = 0; h < heads; ++h) {
       masks[std::size_t(b)].push_back(detail::bind_mask(absolute, HeadIndex{b, h, batch, heads}, n, length));
       const KeyRange k = masks[std::size_t(b)].back().keys(0, n);
       if (k.begin < k.end) r = {std::min(r.begin, k.begin), std::max(r.end, k.end)};
     }
-    seen[std::size_t(b)] = r.begin < r.end ? KeyRange{std::max(r.begin, first), r.end} : KeyRange{0, 0};
+    seen[std::size_t(b)] = r.begin < r.end ? r : KeyRange{0, 0};
   }
 
-  // Work items: splits of whole blocks of each sequence's visible keys, in (sequence, split) order.
+  // Work items: splits of whole blocks of each sequence's visible keys, in (sequence, split)
+  // order, skipping released blocks (a StreamingLLM sequence's gap; the masks hide it).
   const Index split_blocks = std::max(Index(1), (options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys) / B);
   struct Item {
     Index b, k0, n, part;  // sequence of the call, first key, keys, first row of its partial
@@ -495,8 +585,15 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
   Index part_rows = 0;
   for (Index b = 0; b < batch; ++b) {
     const KeyRange r = seen[std::size_t(b)];
+    const std::vector<Index>& table = cache.block_table(sequences[std::size_t(b)]);
     for (Index k0 = r.begin; k0 < r.end;) {
-      const Index k1 = std::min(r.end, (k0 / B / split_blocks + 1) * split_blocks * B);
+      if (table[std::size_t(k0 / B)] < 0) {  // released: on to the next block
+        k0 = (k0 / B + 1) * B;
+        continue;
+      }
+      Index k1 = std::min(r.end, (k0 / B / split_blocks + 1) * split_blocks * B);
+      for (Index block = k0 / B + 1; block * B < k1; ++block)
+        if (table[std::size_t(block)] < 0) k1 = block * B;
       items.push_back({b, k0, k1 - k0, part_rows});
       part_rows += rows.length(b) * heads;
       k0 = k1;
