@@ -13,6 +13,7 @@
 #include "support/expect.hpp"
 #include "support/head_policy_reference.hpp"
 #include "support/masks.hpp"
+#include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
 #include "support/tolerance.hpp"
@@ -378,6 +379,53 @@ TYPED_TEST(PagedDecodeTest, StreamingLLMKeepsTheFirstTokensAndAWindow) {
     EXPECT_LE(max_abs_error(full, s.out), 8 * hard_cap<T>());
   }
   expect_invalid([&] { PagedKVCache<T>(4, 1, 8, {16, -1, 0, 2}); }, {"sink_tokens=2", "with a window"});
+}
+
+// A layer with projections, rotary positions and grouped-query heads serving three sequences
+// together through paged_decode_step (prompt chunks and single tokens in the same calls, each
+// rotated at its own positions), causal and with a window, against the long-double reference of
+// the layer over each whole sequence.
+TYPED_TEST(PagedDecodeTest, LayerStepsEqualTheLayerOverEachWholeSequence) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{6, 2, 8, 8, 24, 24, 24, 20, true};
+  const RotarySpec rotary{s.d, s.d, RotaryLayout::HalfSplit, 100.0};
+  MultiHeadAttention<T> layer(s.heads, random_weights<T>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<T>(s.d, rotary.options()));
+  const std::vector<Index> lengths{23, 9, 30};
+  std::vector<Matrix<T>> x;
+  for (Index len : lengths) x.push_back(rng.normal<T>(len, s.eq));
+  for (const Index window : {-1, 5}) {
+    SCOPED_TRACE("window " + std::to_string(window));
+    PagedKVCache<T> cache(layer, 40, {4, window});
+    std::vector<Index> ids, done(lengths.size(), 0);
+    std::vector<Matrix<T>> out;
+    for (Index len : lengths) {
+      ids.push_back(cache.add_sequence());
+      out.push_back(Matrix<T>(len, s.eout));
+    }
+    for (Index call = 0;; ++call) {
+      std::vector<Index> offsets{0};
+      for (std::size_t b = 0; b < lengths.size(); ++b)
+        offsets.push_back(offsets.back() + std::min(call == 0 ? Index(6) : Index(1 + (call + Index(b)) % 2),
+                                                    lengths[b] - done[b]));
+      if (offsets.back() == 0) break;
+      Matrix<T> step(offsets.back(), s.eq);
+      for (std::size_t b = 0; b < lengths.size(); ++b)
+        step.middleRows(offsets[b], offsets[b + 1] - offsets[b]) = x[b].middleRows(done[b], offsets[b + 1] - offsets[b]);
+      const Matrix<T> y = paged_decode_step(layer, cache, ids, SequenceRows::packed(offsets), step);
+      for (std::size_t b = 0; b < lengths.size(); ++b) {
+        out[b].middleRows(done[b], offsets[b + 1] - offsets[b]) = y.middleRows(offsets[b], offsets[b + 1] - offsets[b]);
+        done[b] += offsets[b + 1] - offsets[b];
+      }
+    }
+    for (std::size_t b = 0; b < lengths.size(); ++b) {
+      const Index len = lengths[b];
+      const BoolMatrix visible = window_visibility(len, len, window < 0 ? -1 : window - 1, 0, Alignment::TopLeft);
+      const Expected<T> ex = expected_mha<T>(s, layer.weights(), x[b], x[b], x[b], visible, &rotary);
+      EXPECT_TRUE(within_tolerance<T>(out[b], ex.output, ex.base_output)) << "sequence " << b;
+    }
+  }
 }
 
 // Masks and score modifiers at absolute positions, per head and per sequence of the call
