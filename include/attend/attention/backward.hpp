@@ -183,7 +183,7 @@ Matrix<T> unit_rows_backward(const ConstMatrixRef<T>& x, const Matrix<T>& y, con
   for (Index i = 0; i < x.rows(); ++i) {
     const T norm = x.row(i).stableNorm();
     if (norm > T(kUnitRowsMinNorm))
-      dx.row(i) = (dy.row(i) - y.row(i) * row_dot(y.row(i).data(), dy.row(i).data(), y.cols())) / norm;
+      dx.row(i) = (dy.row(i) - y.row(i) * y.row(i).dot(dy.row(i))) / norm;
     else
       dx.row(i) = dy.row(i) / T(kUnitRowsMinNorm);
   }
@@ -325,8 +325,11 @@ CosineGradients<typename DQ::Scalar> cosine_attention_backward(
   AttentionGradients<T> unit = detail::gradients_like<T>(q, k, v);
   scaled_dot_product_attention_backward_into(q_unit, k_unit, v, out, lse, d_out, unit.dq, unit.dk, unit.dv, mask,
                                              detail::with_default_scale(options, 1.0 / temperature));
+  Vector<T> row_sums(q_unit.rows());
+  detail::row_dots(q_unit.data(), q_unit.outerStride(), unit.dq.data(), unit.dq.outerStride(), q_unit.rows(), q.cols(),
+                   row_sums.data());
   T sum = 0;
-  for (Index i = 0; i < q_unit.rows(); ++i) sum += detail::row_dot(q_unit.row(i).data(), unit.dq.row(i).data(), q.cols());
+  for (Index i = 0; i < q_unit.rows(); ++i) sum += row_sums(i);
   return {detail::unit_rows_backward<T>(q_ref, q_unit, unit.dq), detail::unit_rows_backward<T>(k_ref, k_unit, unit.dk),
           std::move(unit.dv), -sum / static_cast<T>(temperature)};
 }

@@ -72,6 +72,7 @@ struct NoBiasGradient {
 ///   g       (Bq, lanes_k)  ds/dz of the score modifier (when it has one)
 ///   dk, dv  (Bk, Dk), (Bk, Dv) accumulators
 ///   ones    (max(Bq, Bk)) the value kernel's rescale factors
+///   stat    (Bq) D_i of the query tile
 ///   seen    (Bq) the keys each query row may see
 template <class T>
 struct KeyPassScratch {
@@ -85,18 +86,20 @@ struct KeyPassScratch {
         dk(tiles.keys, key_dim),
         dv(tiles.keys, value_dim),
         ones(Vector<T>::Ones(std::max(tiles.queries, tiles.keys))),
+        stat(tiles.queries),
         seen(std::size_t(tiles.queries)) {}
 
   static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
     const Index lanes = round_up_to_lanes<T>(tiles.keys);
     return Index(sizeof(T)) * ((key_dim + value_dim) * lanes + tiles.queries * key_dim +
                                (modifier ? 3 : 2) * tiles.queries * lanes + tiles.keys * (key_dim + value_dim) +
-                               std::max(tiles.queries, tiles.keys)) +
+                               std::max(tiles.queries, tiles.keys) + tiles.queries) +
            Index(sizeof(KeyRange)) * tiles.queries;
   }
 
   Matrix<T> kt, vt, sq, s, dp, g, dk, dv;
   Vector<T> ones;
+  Vector<T> stat;              // (Bq) D_i of the current query tile
   std::vector<KeyRange> seen;  // (Bq) keys each row of a partial tile may see, relative to the tile
 };
 
@@ -186,11 +189,12 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, Ind
       // dP (rows, cols) = dO V^T.
       const ConstMatrixRef<T> d_out = head.d_out.middleRows(q0, rows);
       score_tile<T>(d_out, scratch.vt.data(), scratch.vt.outerStride(), lanes, scratch.dp.data(), stride, rows_seeing);
-      for (Index i = 0; i < rows; ++i) {
-        const T d = row_dot(head.d_out.row(q0 + i).data(), head.out.row(q0 + i).data(), value_dim);
+      T* d = scratch.stat.data();
+      row_dots(head.d_out.row(q0).data(), head.d_out.outerStride(), head.out.row(q0).data(), head.out.outerStride(),
+               rows, value_dim, d);
+      for (Index i = 0; i < rows; ++i)
         weights_and_score_gradient_row(scratch.s.row(i).data(), scratch.dp.row(i).data(), lanes,
-                                       weight_shift(head.lse(q0 + i)), d);
-      }
+                                       weight_shift(head.lse(q0 + i)), d[i]);
       // dV += P^T dO (P held as the value kernel's transposed weights: row i of P is query i).
       value_tile<T>(scratch.s.data(), stride, d_out, scratch.ones.data(), dv_acc, rows_seeing);
       auto ds = scratch.dp.topLeftCorner(rows, cols);
@@ -214,11 +218,12 @@ void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k
   dq_acc.setZero();
   pack_scaled_queries<T>(head.q.middleRows(q0, rows), scale, scratch.qt);
   pack_scaled_queries<T>(head.d_out.middleRows(q0, rows), T(1), scratch.dot);
+  row_dots(head.d_out.row(q0).data(), head.d_out.outerStride(), head.out.row(q0).data(), head.out.outerStride(), rows,
+           head.out.cols(), scratch.stat());
   for (Index i = 0; i < lanes; ++i) {
     const bool valid = i < rows;
     scratch.shift()[i] = valid ? weight_shift(head.lse(q0 + i)) : std::numeric_limits<T>::infinity();
-    scratch.stat()[i] =
-        valid ? row_dot(head.d_out.row(q0 + i).data(), head.out.row(q0 + i).data(), head.out.cols()) : T(0);
+    if (!valid) scratch.stat()[i] = 0;
   }
   const KeyRange visible = mask.keys(q0, q1);
   for (Index k0 = visible.begin; k0 < visible.end; k0 += tiles.keys) {

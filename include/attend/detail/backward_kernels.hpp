@@ -19,21 +19,39 @@ ATTEND_PACKET_WARNINGS_PUSH
 
 namespace attend::detail {
 
-/// <a, b> over n contiguous values, one fused multiply-add at a time from a_0 (where the target
-/// has FMA): the order and rounding of the score kernel's dot products (tile_kernels.hpp), so
-/// that D_i = <dO_i, O_i> and dP_ij = <dO_i, v_j> round alike. A row that sees one key has
-/// O_i = v_j exactly, so dS = P (dP - D) is then exactly 0, as it is mathematically.
+/// acc + x y, fused where the target has FMA (as Eigen's pmadd is), so that a scalar chain of
+/// multiply-adds rounds as one lane of the tile kernels does.
 template <class T>
-T row_dot(const T* a, const T* b, Index n) {
-  T sum = 0;
-  for (Index c = 0; c < n; ++c) {
+T multiply_add(T x, T y, T acc) {
 #ifdef EIGEN_VECTORIZE_FMA
-    sum = std::fma(a[c], b[c], sum);
+  return std::fma(x, y, acc);
 #else
-    sum += a[c] * b[c];
+  return x * y + acc;
 #endif
+}
+
+/// out_i = <a_i, b_i> for `rows` rows of n values (rows `a_stride` and `b_stride` apart), each
+/// summed one multiply-add at a time from element 0: the order and rounding of the score
+/// kernel's dot products (tile_kernels.hpp), so that D_i = <dO_i, O_i> and dP_ij = <dO_i, v_j>
+/// round alike, and a row that sees one key (O_i = v_j exactly) gets dS = P (dP - D) = 0
+/// exactly, as it is mathematically. Eight rows' chains are interleaved so that their
+/// multiply-adds overlap; each row's result does not depend on its neighbours.
+template <class T>
+void row_dots(const T* a, Index a_stride, const T* b, Index b_stride, Index rows, Index n, T* out) {
+  constexpr Index kChains = 8;
+  Index i = 0;
+  for (; i + kChains <= rows; i += kChains) {
+    T sum[kChains] = {};
+    for (Index c = 0; c < n; ++c)
+      for (Index r = 0; r < kChains; ++r)
+        sum[r] = multiply_add(a[(i + r) * a_stride + c], b[(i + r) * b_stride + c], sum[r]);
+    for (Index r = 0; r < kChains; ++r) out[i + r] = sum[r];
   }
-  return sum;
+  for (; i < rows; ++i) {
+    T sum = 0;
+    for (Index c = 0; c < n; ++c) sum = multiply_add(a[i * a_stride + c], b[i * b_stride + c], sum);
+    out[i] = sum;
+  }
 }
 
 /// The shift u_i of row i's recomputed weights p_ij = exp(s_ij - u_i): its log-sum-exp, or +inf
