@@ -298,5 +298,55 @@ TEST(OutOfMemory, AFailedDecodeStepLeavesTheCacheUnchanged) {
   }
 }
 
+// A batched paged decode step that fails at any allocation leaves the pool as it was: every
+// sequence's length and block table, the reference counts, the free blocks and the rows; then it
+// succeeds with the result of an undisturbed copy. The step appends to a forked sequence (a copy
+// on write), to one that needs new blocks, and to a windowed pool's sequences.
+TEST(OutOfMemory, AFailedPagedDecodeStepLeavesThePoolUnchanged) {
+  ATTEND_SEEDED_RNG(rng);
+  for (const Index window : {Index(-1), Index(6)}) {
+    SCOPED_TRACE("window " + std::to_string(window));
+    PagedKVCache<float> cache(24, 2, 8, {4, window});
+    const Index a = cache.add_sequence();
+    cache.append(a, rng.normal<float>(10, 16), rng.normal<float>(10, 16));
+    const Index b = cache.fork(a), c = cache.add_sequence();
+    cache.append(c, rng.normal<float>(3, 16), rng.normal<float>(3, 16));
+    const std::vector<Index> ids{a, b, c};
+    const auto rows = SequenceRows::packed(std::vector<Index>{0, 1, 3, 6});
+    const Matrix<float> q = rng.normal<float>(6, 32), k = rng.normal<float>(6, 16), v = rng.normal<float>(6, 16);
+    const auto state = [&] {
+      std::vector<Matrix<float>> s;
+      for (Index id : ids) {
+        s.push_back(cache.gather_keys(id));
+        s.push_back(cache.gather_values(id));
+        Matrix<float> table(1, Index(cache.block_table(id).size()) + 2);
+        for (std::size_t i = 0; i < cache.block_table(id).size(); ++i) table(0, Index(i)) = float(cache.block_table(id)[i]);
+        table(0, table.cols() - 2) = float(cache.length(id));
+        table(0, table.cols() - 1) = float(cache.first_position(id));
+        s.push_back(table);
+      }
+      Matrix<float> counts(1, cache.num_blocks() + 1);
+      for (Index p = 0; p < cache.num_blocks(); ++p) counts(0, p) = float(cache.ref_count(p));
+      counts(0, cache.num_blocks()) = float(cache.free_blocks());
+      s.push_back(counts);
+      return s;
+    };
+    const std::vector<Matrix<float>> before = state();
+    PagedKVCache<float> reference = cache;
+    Matrix<float> expected(6, 32), out(6, 32);
+    paged_decode_step_into(reference, ids, rows, q, k, v, 4, expected);
+    const long failures = fail_each_allocation_in_turn([&] { paged_decode_step_into(cache, ids, rows, q, k, v, 4, out); },
+                                                       [&] {
+                                                         const std::vector<Matrix<float>> after = state();
+                                                         for (std::size_t i = 0; i < before.size(); ++i)
+                                                           EXPECT_TRUE(same(after[i], before[i])) << "state " << i;
+                                                       });
+    EXPECT_GE(failures, 1);
+    EXPECT_TRUE(same(out, expected));
+    for (Index id : ids) EXPECT_TRUE(same(cache.gather_keys(id), reference.gather_keys(id)));
+    EXPECT_EQ(cache.free_blocks(), reference.free_blocks());
+  }
+}
+
 }  // namespace
 }  // namespace attend::test

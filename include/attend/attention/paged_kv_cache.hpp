@@ -267,6 +267,7 @@ class PagedKVCache {
   template <class DK, class DV>
   void append(Index seq, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
     check_append(seq, k_rows, v_rows, releasable(seq));
+    reserve_table(seq, k_rows.rows());  // the one allocation, before anything changes
     trim(seq, length(seq));
     write(seq, k_rows, v_rows);
   }
@@ -379,7 +380,14 @@ class PagedKVCache {
                      std::to_string(num_blocks()));
   }
 
-  // Appends without releasing anything: takes blocks_needed(seq, n) blocks from the pool.
+  // Room in the block table of `seq` for n more positions, so that write() allocates nothing.
+  void reserve_table(Index seq, Index n) {
+    Sequence& s = at(seq);
+    s.blocks.reserve(std::size_t(blocks_for(s.length + n)));
+  }
+
+  // Appends without releasing anything: takes blocks_needed(seq, n) blocks from the pool. After
+  // reserve_table(seq, n) it allocates nothing.
   template <class DK, class DV>
   void write(Index seq, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
     Sequence& s = at(seq);
@@ -445,6 +453,7 @@ class UndoablePagedAppend {
     cache_.check_append(seq, k_rows, v_rows, 0);
     const auto& s = cache_.sequences_[std::size_t(seq)];
     saved_.push_back({seq, s.blocks, s.length});
+    cache_.reserve_table(seq, k_rows.rows());
     cache_.write(seq, k_rows, v_rows);
   }
 
