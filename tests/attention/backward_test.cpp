@@ -42,8 +42,8 @@ void expect_gradients(const AttentionGradients<T>& g, const RealGradients& ref, 
 template <class T, class Q, class K, class V, class DO, class Mask>
 void check_backward_case(const Q& q, const K& k, const V& v, const DO& d_out, const Mask& mask, const MaskCase& c,
                          const std::vector<AttentionOptions>& paths) {
-  SCOPED_TRACE("Lq=" + std::to_string(q.rows()) + " Lk=" + std::to_string(k.rows()) + " Dk=" +
-               std::to_string(q.cols()) + " Dv=" + std::to_string(v.cols()) + " mask " + c.description);
+  SCOPED_TRACE("Lq=" + std::to_string(q.rows()) + " Lk=" + std::to_string(k.rows()) +
+               " Dk=" + std::to_string(q.cols()) + " Dv=" + std::to_string(v.cols()) + " mask " + c.description);
   GradientCase gc;
   gc.scale = 1 / std::sqrt(Real(q.cols()));
   gc.bias = c.bias;
@@ -156,7 +156,7 @@ TYPED_TEST(BackwardTest, NanPropagatesToTheGradientsItTouches) {
     Matrix<T> q = rng.normal<T>(lq, 4);
     const Matrix<T> k = rng.normal<T>(lk, 4), v = rng.normal<T>(lk, 3);
     Matrix<T> d_out = rng.normal<T>(lq, 3);
-    q(2, 1) = std::numeric_limits<T>::quiet_NaN();  // row 2's scores, so its output and every dk, dv
+    q(2, 1) = std::numeric_limits<T>::quiet_NaN();      // row 2's scores, so its output and every dk, dv
     d_out(5, 0) = std::numeric_limits<T>::quiet_NaN();  // row 5's dS, so dq_5 and every dk; dv where p_5j > 0
     const AttentionResult<T> f = scaled_dot_product_attention_with_lse(q, k, v, NoMask{}, options);
     const AttentionGradients<T> g = scaled_dot_product_attention_backward(q, k, v, f, d_out, NoMask{}, options);

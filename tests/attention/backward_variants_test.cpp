@@ -126,7 +126,8 @@ TEST(BackwardVariantsTest, DotBilinearCosineAndSoftCapMatchFiniteDifferences) {
       M out(7, 3);
       V lse(7);
       dot_product_attention_into(p.q, p.k, p.v, out, mask, options, lse);
-      const AttentionGradients<double> g = dot_product_attention_backward(p.q, p.k, p.v, out, lse, p.d_out, mask, options);
+      const AttentionGradients<double> g =
+          dot_product_attention_backward(p.q, p.k, p.v, out, lse, p.d_out, mask, options);
       expect_matches_finite_differences(loss, p.q, g.dq, "dq");
       expect_matches_finite_differences(loss, p.k, g.dk, "dk");
       expect_matches_finite_differences(loss, p.v, g.dv, "dv");
@@ -137,7 +138,8 @@ TEST(BackwardVariantsTest, DotBilinearCosineAndSoftCapMatchFiniteDifferences) {
       M out(7, 3);
       V lse(7);
       bilinear_attention_into(p.q, k4, p.v, w, out, mask, options, lse);
-      const BilinearGradients<double> g = bilinear_attention_backward(p.q, k4, p.v, w, out, lse, p.d_out, mask, options);
+      const BilinearGradients<double> g =
+          bilinear_attention_backward(p.q, k4, p.v, w, out, lse, p.d_out, mask, options);
       expect_matches_finite_differences(loss, p.q, g.dq, "dq");
       expect_matches_finite_differences(loss, k4, g.dk, "dk");
       expect_matches_finite_differences(loss, p.v, g.dv, "dv");
@@ -151,7 +153,8 @@ TEST(BackwardVariantsTest, DotBilinearCosineAndSoftCapMatchFiniteDifferences) {
       M out(7, 3);
       V lse(7);
       cosine_attention_into(q, p.k, p.v, temperature, out, mask, options, lse);
-      const CosineGradients<double> g = cosine_attention_backward(q, p.k, p.v, temperature, out, lse, p.d_out, mask, options);
+      const CosineGradients<double> g =
+          cosine_attention_backward(q, p.k, p.v, temperature, out, lse, p.d_out, mask, options);
       expect_matches_finite_differences(loss, q.topRows(2), g.dq.topRows(2), "dq");
       expect_matches_finite_differences(loss, q.row(2), g.dq.row(2), "dq of the row below the floor", 1e-13);
       expect_matches_finite_differences(loss, q.bottomRows(4), g.dq.bottomRows(4), "dq");
@@ -160,9 +163,7 @@ TEST(BackwardVariantsTest, DotBilinearCosineAndSoftCapMatchFiniteDifferences) {
       Eigen::Matrix<double, 1, 1> t, dt;
       t(0, 0) = temperature;
       dt(0, 0) = g.d_temperature;
-      const auto loss_t = [&] {
-        return inner(p.d_out, cosine_attention(q, p.k, p.v, t(0, 0), mask, options));
-      };
+      const auto loss_t = [&] { return inner(p.d_out, cosine_attention(q, p.k, p.v, t(0, 0), mask, options)); };
       expect_matches_finite_differences(loss_t, t, dt, "d_temperature");
     }
     {
@@ -173,7 +174,8 @@ TEST(BackwardVariantsTest, DotBilinearCosineAndSoftCapMatchFiniteDifferences) {
       M out(7, 3);
       V lse(7);
       soft_capped_attention_into(q, p.k, p.v, cap, out, mask, options, lse);
-      const AttentionGradients<double> g = soft_capped_attention_backward(q, p.k, p.v, cap, out, lse, p.d_out, mask, options);
+      const AttentionGradients<double> g =
+          soft_capped_attention_backward(q, p.k, p.v, cap, out, lse, p.d_out, mask, options);
       expect_matches_finite_differences(loss, q, g.dq, "dq");
       expect_matches_finite_differences(loss, p.k, g.dk, "dk");
       expect_matches_finite_differences(loss, p.v, g.dv, "dv");
@@ -189,7 +191,9 @@ TEST(BackwardVariantsTest, LocalWindowTopKAndHardMatchFiniteDifferences) {
     {
       SCOPED_TRACE("local window");
       const Window window(2, 1, Alignment::BottomRight);
-      const auto loss = [&] { return inner(p.d_out, local_window_attention(p.q, p.k, p.v, window, NoMask{}, options)); };
+      const auto loss = [&] {
+        return inner(p.d_out, local_window_attention(p.q, p.k, p.v, window, NoMask{}, options));
+      };
       M out(9, 3);
       V lse(9);
       local_window_attention_into(p.q, p.k, p.v, window, out, NoMask{}, options, lse);
@@ -205,7 +209,8 @@ TEST(BackwardVariantsTest, LocalWindowTopKAndHardMatchFiniteDifferences) {
       M out(9, 3);
       V lse(9);
       top_k_attention_into(p.q, p.k, p.v, 4, out, Causal(), options, lse);
-      const AttentionGradients<double> g = top_k_attention_backward(p.q, p.k, p.v, 4, out, lse, p.d_out, Causal(), options);
+      const AttentionGradients<double> g =
+          top_k_attention_backward(p.q, p.k, p.v, 4, out, lse, p.d_out, Causal(), options);
       expect_matches_finite_differences(loss, p.q, g.dq, "dq");
       expect_matches_finite_differences(loss, p.k, g.dk, "dk");
       expect_matches_finite_differences(loss, p.v, g.dv, "dv");
@@ -230,7 +235,8 @@ TEST(BackwardVariantsTest, MultiHeadAndGroupedQueryMatchFiniteDifferences) {
   ATTEND_SEEDED_RNG(rng);
   const Index heads = 4, d = 3, dv = 2;
   const auto check = [&](Index kv_heads, const auto& mask, const std::string& name) {
-    M q = rng.normal<double>(6, heads * d), k = rng.normal<double>(8, kv_heads * d), v = rng.normal<double>(8, kv_heads * dv);
+    M q = rng.normal<double>(6, heads * d), k = rng.normal<double>(8, kv_heads * d),
+      v = rng.normal<double>(8, kv_heads * dv);
     const M d_out = rng.normal<double>(6, heads * dv);
     for (const AttentionOptions& options : fd_paths()) {
       SCOPED_TRACE("H_kv=" + std::to_string(kv_heads) + " " + name + " " + describe(options));
@@ -299,7 +305,8 @@ TEST(BackwardVariantsTest, SoftCapAndBiasGradientsInFloatMatchTheReference) {
       request.d_bias = &d_bias;
       request.d_table = &d_table;
       request.table_buckets = buckets;
-      const AttentionGradients<float> g = scaled_dot_product_attention_backward(q, k, v, f, d_out, mask, options, request);
+      const AttentionGradients<float> g =
+          scaled_dot_product_attention_backward(q, k, v, f, d_out, mask, options, request);
       const RealGradients ref = reference_gradients(q, k, v, d_out, visible, c);
       const Gradients<float> base = baseline_gradients<float>(q, k, v, d_out, visible, c);
       expect_gradients_match<float>(g, ref, base);
@@ -396,8 +403,10 @@ TEST(BackwardVariantsTest, TopKLocalWindowAndGroupedQueryInFloatMatchTheReferenc
           }
         }
         const Matrix<float> dkh = g.dk.middleCols(kv * dk, dk), dvh = g.dv.middleCols(kv * dv, dv);
-        EXPECT_TRUE(gradient_within_tolerance<float>(dkh, ref.dk, base.dk, ref.dk_terms, ref.max_abs_lse)) << "dk " << kv;
-        EXPECT_TRUE(gradient_within_tolerance<float>(dvh, ref.dv, base.dv, ref.dv_terms, ref.max_abs_lse)) << "dv " << kv;
+        EXPECT_TRUE(gradient_within_tolerance<float>(dkh, ref.dk, base.dk, ref.dk_terms, ref.max_abs_lse))
+            << "dk " << kv;
+        EXPECT_TRUE(gradient_within_tolerance<float>(dvh, ref.dv, base.dv, ref.dv_terms, ref.max_abs_lse))
+            << "dv " << kv;
       }
     }
   }
@@ -488,7 +497,8 @@ TEST(BackwardVariantsTest, CosineInFloatMatchesTheReferenceThroughTheNormalizati
     Matrix<float> out(lq, dv);
     Vector<float> lse(lq);
     cosine_attention_into(q, k, v, temperature, out, Causal(), options, lse);
-    const CosineGradients<float> g = cosine_attention_backward(q, k, v, temperature, out, lse, d_out, Causal(), options);
+    const CosineGradients<float> g =
+        cosine_attention_backward(q, k, v, temperature, out, lse, d_out, Causal(), options);
     Eigen::Matrix<float, 1, 1> dt;
     dt(0, 0) = g.d_temperature;
     EXPECT_TRUE(gradient_within_tolerance<float>(g.dq, dq_ref, dq_base, dq_terms, ref.max_abs_lse)) << "dq";

@@ -73,26 +73,29 @@ entries(const Data<T>& data) {
   using Views = const ConstMatrixRef<T>&;
   std::vector<std::pair<std::string, std::function<Outputs<T>(Views, Views, Views, Views)>>> list;
   for (const AttentionOptions& options : {tiles(), materialized_path()}) {
+    const bool blocked = options.algorithm == Algorithm::Blocked;
     list.push_back({"scaled dot, causal, " + describe(options), [options](Views q, Views k, Views v, Views d_out) {
                       const auto qh = q.leftCols(16), kh = k.leftCols(16), vh = v.leftCols(16), dh = d_out.leftCols(16);
                       const AttentionResult<T> f = scaled_dot_product_attention_with_lse(qh, kh, vh, Causal(), options);
-                      AttentionGradients<T> g = scaled_dot_product_attention_backward(qh, kh, vh, f, dh, Causal(), options);
+                      AttentionGradients<T> g =
+                          scaled_dot_product_attention_backward(qh, kh, vh, f, dh, Causal(), options);
                       return Outputs<T>{{g.dq, g.dk, g.dv}};
                     }});
-    list.push_back({"biases with gradients, " + describe(options), [options, &data](Views q, Views k, Views v, Views d_out) {
-                      const auto qh = q.leftCols(16), kh = k.leftCols(16), vh = v.leftCols(16), dh = d_out.leftCols(16);
-                      const auto mask = AdditiveMask(data.bias) & RelativePositionBias(data.table, true, 64) &
-                                        Window(40, 10, Alignment::BottomRight);
-                      const AttentionResult<T> f = scaled_dot_product_attention_with_lse(qh, kh, vh, mask, options);
-                      Matrix<T> d_bias;
-                      Vector<T> d_table;
-                      BiasGradients<T> request;
-                      request.d_bias = &d_bias;
-                      request.d_table = &d_table;
-                      request.table_buckets = {32, true, 64, Alignment::TopLeft};
-                      AttentionGradients<T> g = scaled_dot_product_attention_backward(qh, kh, vh, f, dh, mask, options, request);
-                      return Outputs<T>{{g.dq, g.dk, g.dv, d_bias, Matrix<T>(d_table)}};
-                    }});
+    list.push_back(
+        {"biases with gradients, " + describe(options), [options, &data](Views q, Views k, Views v, Views d_out) {
+           const auto qh = q.leftCols(16), kh = k.leftCols(16), vh = v.leftCols(16), dh = d_out.leftCols(16);
+           const auto mask = AdditiveMask(data.bias) & RelativePositionBias(data.table, true, 64) &
+                             Window(40, 10, Alignment::BottomRight);
+           const AttentionResult<T> f = scaled_dot_product_attention_with_lse(qh, kh, vh, mask, options);
+           Matrix<T> d_bias;
+           Vector<T> d_table;
+           BiasGradients<T> request;
+           request.d_bias = &d_bias;
+           request.d_table = &d_table;
+           request.table_buckets = {32, true, 64, Alignment::TopLeft};
+           AttentionGradients<T> g = scaled_dot_product_attention_backward(qh, kh, vh, f, dh, mask, options, request);
+           return Outputs<T>{{g.dq, g.dk, g.dv, d_bias, Matrix<T>(d_table)}};
+         }});
     list.push_back({"soft cap, " + describe(options), [options](Views q, Views k, Views v, Views d_out) {
                       const auto qh = q.leftCols(16), kh = k.leftCols(16), vh = v.leftCols(16), dh = d_out.leftCols(16);
                       Matrix<T> out(qh.rows(), 16);
@@ -102,6 +105,30 @@ entries(const Data<T>& data) {
                           soft_capped_attention_backward(qh, kh, vh, 1.0, out, lse, dh, KeyPadding(250), options);
                       return Outputs<T>{{g.dq, g.dk, g.dv}};
                     }});
+    if (blocked)  // (their cores are the scaled dot's, which the materialized entries above cover)
+      list.push_back(
+          {"bilinear, cosine, top-k and window, " + describe(options),
+           [options](Views q, Views k, Views v, Views d_out) {
+             const auto qh = q.leftCols(16), kh = k.leftCols(16), vh = v.leftCols(16), dh = d_out.leftCols(16);
+             const Matrix<T> w = q.middleRows(0, 16).middleCols(16, 16);  // (16, 16)
+             Matrix<T> out(qh.rows(), 16);
+             Vector<T> lse(qh.rows());
+             Outputs<T> all;
+             bilinear_attention_into(qh, kh, vh, w, out, Causal(), options, lse);
+             const BilinearGradients<T> b = bilinear_attention_backward(qh, kh, vh, w, out, lse, dh, Causal(), options);
+             AttentionOptions plain = options;
+             cosine_attention_into(qh, kh, vh, 0.5, out, NoMask{}, plain, lse);
+             const CosineGradients<T> c = cosine_attention_backward(qh, kh, vh, 0.5, out, lse, dh, NoMask{}, plain);
+             top_k_attention_into(qh, kh, vh, 9, out, Causal(), options, lse);
+             const AttentionGradients<T> t = top_k_attention_backward(qh, kh, vh, 9, out, lse, dh, Causal(), options);
+             const Window window(30, 5, Alignment::BottomRight);
+             local_window_attention_into(qh, kh, vh, window, out, NoMask{}, options, lse);
+             const AttentionGradients<T> l =
+                 local_window_attention_backward(qh, kh, vh, window, out, lse, dh, NoMask{}, options);
+             Matrix<T> dt(1, 1);
+             dt(0, 0) = c.d_temperature;
+             return Outputs<T>{{b.dq, b.dk, b.dv, b.dw, c.dq, c.dk, c.dv, dt, t.dq, t.dk, t.dv, l.dq, l.dk, l.dv}};
+           }});
     list.push_back({"multi-head GQA, " + describe(options), [options](Views q, Views k, Views v, Views d_out) {
                       const MultiHeadLseResult<T> f = multi_head_attention_with_lse(q, k, v, 4, Causal(), options);
                       AttentionGradients<T> g = multi_head_attention_backward(q, k, v, 4, f, d_out, Causal(), options);
@@ -121,7 +148,8 @@ TYPED_TEST(BackwardInvarianceTest, GradientsAreBitwiseIndependentOfThreadSetting
     EXPECT_TRUE(identical_outputs(run(data.q, data.k, data.v, data.d_out), first)) << "repeated run";
     for (int eigen_threads : {1, 3}) {
       Eigen::setNbThreads(eigen_threads);
-      EXPECT_TRUE(identical_outputs(run(data.q, data.k, data.v, data.d_out), first)) << "Eigen threads " << eigen_threads;
+      EXPECT_TRUE(identical_outputs(run(data.q, data.k, data.v, data.d_out), first))
+          << "Eigen threads " << eigen_threads;
     }
     Eigen::setNbThreads(0);
 #ifdef _OPENMP
@@ -157,9 +185,9 @@ TYPED_TEST(BackwardInvarianceTest, GradientsAreBitwiseIndependentOfViewLayouts) 
   for (const auto& [name, run] : entries(data)) {
     SCOPED_TRACE(name);
     const Outputs<T> first = run(data.q, data.k, data.v, data.d_out);
-    EXPECT_TRUE(identical_outputs(run(wide_q.middleCols(3, 64), wide_k.middleCols(5, 32), wide_v.middleCols(1, 32),
-                                      wide_d.middleCols(7, 64)),
-                                  first))
+    EXPECT_TRUE(identical_outputs(
+        run(wide_q.middleCols(3, 64), wide_k.middleCols(5, 32), wide_v.middleCols(1, 32), wide_d.middleCols(7, 64)),
+        first))
         << "offset blocks";
     EXPECT_TRUE(identical_outputs(run(q_col, k_col, data.v, data.d_out), first)) << "column-major";
   }

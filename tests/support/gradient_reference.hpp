@@ -78,7 +78,7 @@ RealGradients reference_gradients(const Q& q, const K& k, const V& v, const DO& 
       }
       s(i, j) = z + (c.bias ? (*c.bias)(i, j) : Real(0));
       row_max = std::isnan(s(i, j)) || std::isnan(row_max) ? std::numeric_limits<Real>::quiet_NaN()
-                                                            : std::max(row_max, s(i, j));
+                                                           : std::max(row_max, s(i, j));
     }
     if (row_max == -std::numeric_limits<Real>::infinity()) continue;  // sees nothing
     RealVector p = RealVector::Zero(lk);
@@ -86,7 +86,8 @@ RealGradients reference_gradients(const Q& q, const K& k, const V& v, const DO& 
     for (Index j = 0; j < lk; ++j)
       if (visible(i, j)) sum += p(j) = std::exp(s(i, j) - row_max);
     p /= sum;
-    if (std::isfinite(row_max + std::log(sum))) g.max_abs_lse = std::max(g.max_abs_lse, std::fabs(row_max + std::log(sum)));
+    if (std::isfinite(row_max + std::log(sum)))
+      g.max_abs_lse = std::max(g.max_abs_lse, std::fabs(row_max + std::log(sum)));
     RealVector dp = RealVector::Zero(lk);
     Real d = 0;
     for (Index j = 0; j < lk; ++j) {
@@ -133,7 +134,8 @@ Gradients<T> baseline_gradients(const Q& q, const K& k, const V& v, const DO& d_
   for (Index i = 0; i < p.rows(); ++i) {
     T m = -std::numeric_limits<T>::infinity();
     for (Index j = 0; j < p.cols(); ++j)
-      if (visible(i, j)) m = std::isnan(p(i, j)) || std::isnan(m) ? std::numeric_limits<T>::quiet_NaN() : std::max(m, p(i, j));
+      if (visible(i, j))
+        m = std::isnan(p(i, j)) || std::isnan(m) ? std::numeric_limits<T>::quiet_NaN() : std::max(m, p(i, j));
     T sum = 0;
     for (Index j = 0; j < p.cols(); ++j) {
       p(i, j) = (visible(i, j) && m != -std::numeric_limits<T>::infinity()) ? std::exp(p(i, j) - m) : T(0);
@@ -173,8 +175,8 @@ template <class T, class A, class B, class C, class M>
     for (Index j = 0; j < expected.cols(); ++j) {
       const Real x = Real(actual(i, j)), y = Real(expected(i, j));
       if (std::isnan(x) != std::isnan(y) || ((std::isinf(x) || std::isinf(y)) && x != y))
-        return ::testing::AssertionFailure() << "non-finite mismatch at (" << i << ", " << j << "): " << x
-                                             << " vs expected " << y;
+        return ::testing::AssertionFailure()
+               << "non-finite mismatch at (" << i << ", " << j << "): " << x << " vs expected " << y;
       if (std::isfinite(Real(terms(i, j)))) size = std::max(size, Real(terms(i, j)));
     }
   const Real eps = std::numeric_limits<T>::epsilon();
@@ -183,10 +185,10 @@ template <class T, class A, class B, class C, class M>
   Index wi = 0, wj = 0;
   const Real err = max_abs_error(actual, expected, &wi, &wj);
   if (err <= bound) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "max error " << err << " at (" << wi << ", " << wj << ") = "
-                                       << Real(actual(wi, wj)) << " vs " << Real(expected(wi, wj)) << " exceeds bound "
-                                       << bound << " (baseline error " << err_base << ", max terms " << size
-                                       << ", max |lse| " << max_abs_lse << ")";
+  return ::testing::AssertionFailure() << "max error " << err << " at (" << wi << ", " << wj
+                                       << ") = " << Real(actual(wi, wj)) << " vs " << Real(expected(wi, wj))
+                                       << " exceeds bound " << bound << " (baseline error " << err_base
+                                       << ", max terms " << size << ", max |lse| " << max_abs_lse << ")";
 }
 
 /// dq, dk and dv against the reference with gradient_within_tolerance.

@@ -106,8 +106,11 @@ void check_backward(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, cons
   check_shape(dq, q.rows(), q.cols(), "dq");
   check_shape(dk, k.rows(), k.cols(), "dk");
   check_shape(dv, v.rows(), v.cols(), "dv");
-  const auto inputs = {std::pair<const ConstMatrixRef<T>*, const char*>{&q, "input q"}, {&k, "input k"},
-                       {&v, "input v"}, {&out, "forward output"}, {&d_out, "d_out"}};
+  const auto inputs = {std::pair<const ConstMatrixRef<T>*, const char*>{&q, "input q"},
+                       {&k, "input k"},
+                       {&v, "input v"},
+                       {&out, "forward output"},
+                       {&d_out, "d_out"}};
   for (const auto& [input, name] : inputs) {
     check_no_alias(dq, "dq", *input, name);
     check_no_alias(dk, "dk", *input, name);
@@ -177,8 +180,9 @@ void attention_backward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>
 
 /// Gradients of y = x / max(||x||, 1e-12) (unit_rows) for each row: with n = ||x||,
 ///   dx = (dy - y <y, dy>) / n  when n > 1e-12,   dx = dy / 1e-12 otherwise.
+/// x is a contiguous copy, as unit_rows normalizes one, so the norms round as the forward's.
 template <class T>
-Matrix<T> unit_rows_backward(const ConstMatrixRef<T>& x, const Matrix<T>& y, const Matrix<T>& dy) {
+Matrix<T> unit_rows_backward(const Matrix<T>& x, const Matrix<T>& y, const Matrix<T>& dy) {
   Matrix<T> dx(x.rows(), x.cols());
   for (Index i = 0; i < x.rows(); ++i) {
     const T norm = x.row(i).stableNorm();
@@ -205,12 +209,14 @@ AttentionGradients<T> gradients_like(const DQ& q, const DK& k, const DV& v) {
 /// \throws attend::invalid_argument on mismatched shapes (naming them), a bad mask or tile size,
 ///         or an output sharing memory with an input or another output.
 template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
-void scaled_dot_product_attention_backward_into(
-    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-    const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
-    MatrixRef<typename DQ::Scalar> dq, MatrixRef<typename DQ::Scalar> dk, MatrixRef<typename DQ::Scalar> dv,
-    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-    const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
+void scaled_dot_product_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                                const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DO>& out,
+                                                const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
+                                                MatrixRef<typename DQ::Scalar> dq, MatrixRef<typename DQ::Scalar> dk,
+                                                MatrixRef<typename DQ::Scalar> dv,
+                                                const MaskBase<Mask>& mask = NoMask{},
+                                                const AttentionOptions& options = {},
+                                                const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
   using T = typename DQ::Scalar;
   detail::check_qkv(q, k, v);
@@ -278,9 +284,9 @@ BilinearGradients<typename DQ::Scalar> bilinear_attention_backward(
   static_assert(detail::supported_scalars<DQ, DK, DV, DW, DO, DL, DD>);
   using T = typename DQ::Scalar;
   const detail::ThreadScope threads(options.num_threads);
-  ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(),
-               "bilinear weight W " + detail::shape_of(w) + " must be (d_q x d_k) for q " + detail::shape_of(q) +
-                   " and k " + detail::shape_of(k));
+  ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(), "bilinear weight W " + detail::shape_of(w) +
+                                                                 " must be (d_q x d_k) for q " + detail::shape_of(q) +
+                                                                 " and k " + detail::shape_of(k));
   Matrix<T> q_w(q.rows(), w.cols());  // (Lq, d_k)
   detail::parallel_product(q_w, q, w);
   BilinearGradients<T> g{Matrix<T>(q.rows(), q.cols()), Matrix<T>(k.rows(), k.cols()), Matrix<T>(v.rows(), v.cols()),
@@ -308,9 +314,9 @@ struct CosineGradients {
 ///   dL/dt = -(1/t) sum_ij dS_ij s_ij = -(1/t) sum_i <q^_i, dq^_i>.
 template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
 CosineGradients<typename DQ::Scalar> cosine_attention_backward(
-    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-    double temperature, const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse,
-    const Eigen::MatrixBase<DD>& d_out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, double temperature,
+    const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
   using T = typename DQ::Scalar;
   const detail::ThreadScope threads(options.num_threads);
@@ -320,8 +326,8 @@ CosineGradients<typename DQ::Scalar> cosine_attention_backward(
   ATTEND_CHECK(!options.scale, "cosine attention takes its scale as 1 / temperature; leave options.scale unset (got " +
                                    detail::number_string(*options.scale) + ")");
   detail::check_qkv(q, k, v);
-  const ConstMatrixRef<T> q_ref(q), k_ref(k);
-  const Matrix<T> q_unit = detail::unit_rows(q_ref), k_unit = detail::unit_rows(k_ref);
+  const Matrix<T> q_copy = q, k_copy = k;  // contiguous, as unit_rows normalizes them
+  const Matrix<T> q_unit = detail::unit_rows(q_copy), k_unit = detail::unit_rows(k_copy);
   AttentionGradients<T> unit = detail::gradients_like<T>(q, k, v);
   scaled_dot_product_attention_backward_into(q_unit, k_unit, v, out, lse, d_out, unit.dq, unit.dk, unit.dv, mask,
                                              detail::with_default_scale(options, 1.0 / temperature));
@@ -330,8 +336,9 @@ CosineGradients<typename DQ::Scalar> cosine_attention_backward(
                    row_sums.data());
   T sum = 0;
   for (Index i = 0; i < q_unit.rows(); ++i) sum += row_sums(i);
-  return {detail::unit_rows_backward<T>(q_ref, q_unit, unit.dq), detail::unit_rows_backward<T>(k_ref, k_unit, unit.dk),
-          std::move(unit.dv), -sum / static_cast<T>(temperature)};
+  return {detail::unit_rows_backward<T>(q_copy, q_unit, unit.dq),
+          detail::unit_rows_backward<T>(k_copy, k_unit, unit.dk), std::move(unit.dv),
+          -sum / static_cast<T>(temperature)};
 }
 
 /// Gradients of soft_capped_attention(q, k, v, cap, mask, options), s = cap tanh(z / cap) with
@@ -348,10 +355,9 @@ AttentionGradients<typename DQ::Scalar> soft_capped_attention_backward(
   AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out);
   const Vector<T> lse_copy = lse.reshaped();
-  detail::attention_backward_into<T>(q_ref, k_ref, v_ref, out_ref, lse_copy, d_out_ref,
-                                     detail::resolve_scale<T>(options, q.cols()),
-                                     detail::SoftCapModifier<T>{checked_cap}, mask.derived(), options, g.dq, g.dk,
-                                     g.dv, detail::NoBiasGradient{});
+  detail::attention_backward_into<T>(
+      q_ref, k_ref, v_ref, out_ref, lse_copy, d_out_ref, detail::resolve_scale<T>(options, q.cols()),
+      detail::SoftCapModifier<T>{checked_cap}, mask.derived(), options, g.dq, g.dk, g.dv, detail::NoBiasGradient{});
   return g;
 }
 
@@ -386,10 +392,9 @@ AttentionGradients<typename DQ::Scalar> top_k_attention_backward(
   detail::check_qkv(q, k, v);
   const ConstMatrixRef<T> q_ref(q), k_ref(k);
   const T scale = detail::resolve_scale<T>(options, q.cols());
-  const detail::KeySelection selection =
-      detail::select_top_keys<T>(q_ref, k_ref, detail::ScaledDot<T>{scale},
-                                 detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows()),
-                                 std::min(top_k, k.rows()), detail::resolve_tiles(options, q.rows(), k.rows()));
+  const detail::KeySelection selection = detail::select_top_keys<T>(
+      q_ref, k_ref, detail::ScaledDot<T>{scale}, detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows()),
+      std::min(top_k, k.rows()), detail::resolve_tiles(options, q.rows(), k.rows()));
   AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
   scaled_dot_product_attention_backward_into(q, k, v, out, lse, d_out, g.dq, g.dk, g.dv,
                                              mask.derived() & detail::SelectedKeys(selection), options);
@@ -442,17 +447,17 @@ MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eige
   const auto head = [&](Index h) {
     const Index g = layout.kv_head_of(h);
     Vector<T> lse(num_queries);
-    detail::attention_into<T>(q_ref.middleCols(h * layout.key_dim, layout.key_dim),
-                              k_ref.middleCols(g * layout.key_dim, layout.key_dim),
-                              v_ref.middleCols(g * layout.value_dim, layout.value_dim), detail::ScaledDot<T>{scale},
-                              mask.derived(), options,
-                              result.output.middleCols(h * layout.value_dim, layout.value_dim), lse, head_index(h));
+    detail::attention_into<T>(
+        q_ref.middleCols(h * layout.key_dim, layout.key_dim), k_ref.middleCols(g * layout.key_dim, layout.key_dim),
+        v_ref.middleCols(g * layout.value_dim, layout.value_dim), detail::ScaledDot<T>{scale}, mask.derived(), options,
+        result.output.middleCols(h * layout.value_dim, layout.value_dim), lse, head_index(h));
     result.lse.col(h) = lse;
   };
   if (layout.heads == 1)
     head(0);
   else
-    detail::parallel_for_with_scratch(layout.heads, [] { return 0; }, [&](Index h, int&) { head(h); });
+    detail::parallel_for_with_scratch(
+        layout.heads, [] { return 0; }, [&](Index h, int&) { head(h); });
   return result;
 }
 
@@ -479,8 +484,7 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
   const Index num_queries = q.rows(), num_keys = k.rows(), d = layout.key_dim, dv_width = layout.value_dim;
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out), lse_ref(lse);
   detail::check_shape(lse_ref, num_queries, layout.heads, "forward log-sum-exp (Lq x H)");
-  detail::check_backward<T>(q_ref, k_ref, v_ref, out_ref, num_queries, d_out_ref, dq, dk, dv,
-                            layout.heads * dv_width);
+  detail::check_backward<T>(q_ref, k_ref, v_ref, out_ref, num_queries, d_out_ref, dq, dk, dv, layout.heads * dv_width);
   detail::check_no_alias(dq, "dq", lse_ref, "forward log-sum-exp");
   detail::check_no_alias(dk, "dk", lse_ref, "forward log-sum-exp");
   detail::check_no_alias(dv, "dv", lse_ref, "forward log-sum-exp");

@@ -91,9 +91,9 @@ struct KeyPassScratch {
 
   static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
     const Index lanes = round_up_to_lanes<T>(tiles.keys);
-    return Index(sizeof(T)) * ((key_dim + value_dim) * lanes + tiles.queries * key_dim +
-                               (modifier ? 3 : 2) * tiles.queries * lanes + tiles.keys * (key_dim + value_dim) +
-                               std::max(tiles.queries, tiles.keys) + tiles.queries) +
+    return Index(sizeof(T)) *
+               ((key_dim + value_dim) * lanes + tiles.queries * key_dim + (modifier ? 3 : 2) * tiles.queries * lanes +
+                tiles.keys * (key_dim + value_dim) + std::max(tiles.queries, tiles.keys) + tiles.queries) +
            Index(sizeof(KeyRange)) * tiles.queries;
   }
 
@@ -123,8 +123,8 @@ struct QueryPassScratch {
 
   static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
     const Index lanes = round_up_to_lanes<T>(tiles.queries);
-    return Index(sizeof(T)) * ((key_dim + value_dim + (modifier ? 3 : 2) * tiles.keys + 2) * lanes +
-                               tiles.queries * (key_dim + 1));
+    return Index(sizeof(T)) *
+           ((key_dim + value_dim + (modifier ? 3 : 2) * tiles.keys + 2) * lanes + tiles.queries * (key_dim + 1));
   }
 
   T* shift() { return state.row(0).data(); }
@@ -210,9 +210,9 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, Ind
 
 /// The query pass for one tile of queries [q0, q0 + rows) of one head: writes dQ of those queries.
 template <class T, class Modifier, class BoundMask>
-void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                         T scale, const Modifier& modifier, const BoundMask& mask, TileShape tiles, Index q0,
-                         Index rows, MatrixRef<T> dq, QueryPassScratch<T>& scratch) {
+void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale,
+                         const Modifier& modifier, const BoundMask& mask, TileShape tiles, Index q0, Index rows,
+                         MatrixRef<T> dq, QueryPassScratch<T>& scratch) {
   const Index q1 = q0 + rows, lanes = round_up_to_lanes<T>(rows), stride = scratch.st.outerStride();
   auto dq_acc = scratch.dq.topRows(rows);  // (rows, Dk)
   dq_acc.setZero();
@@ -267,8 +267,8 @@ void blocked_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, c
       key_tiles, [&] { return KeyPassScratch<T>(tiles, key_dim, value_dim, Modifier::active); },
       [&](Index tile, KeyPassScratch<T>& scratch) {
         const Index k0 = tile * tiles.keys;
-        backward_key_tile<T>(&head, &mask, 1, k, v, scale, modifier, tiles, k0, std::min(tiles.keys, k.rows() - k0),
-                             dk, dv, scratch, sink, tile);
+        backward_key_tile<T>(&head, &mask, 1, k, v, scale, modifier, tiles, k0, std::min(tiles.keys, k.rows() - k0), dk,
+                             dv, scratch, sink, tile);
       });
   const Index query_tiles = (head.q.rows() + tiles.queries - 1) / tiles.queries;
   parallel_for_with_scratch(

@@ -25,9 +25,9 @@ namespace attend::detail {
 ///   dQ = scale dZ K,  dK = dZ^T (scale Q)
 /// `sink` receives dS whole (task 0). Products run in parallel over blocks of rows.
 template <class T, class Modifier, class BoundMask, class Sink>
-void materialized_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                           T scale, const Modifier& modifier, const BoundMask& mask, MatrixRef<T> dq,
-                           MatrixRef<T> dk, MatrixRef<T> dv, const Sink& sink) {
+void materialized_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale,
+                           const Modifier& modifier, const BoundMask& mask, MatrixRef<T> dq, MatrixRef<T> dk,
+                           MatrixRef<T> dv, const Sink& sink) {
   const Index num_queries = head.q.rows(), num_keys = k.rows();
   if (num_queries == 0 || num_keys == 0) {  // nothing seen: zero gradients
     dq.setZero();
