@@ -336,6 +336,23 @@ class EntryPoints {
                        cache.append(k.topRows(lk - lq), v.topRows(lk - lq));
                        decode_step_into(cache, q, k.bottomRows(lq), v.bottomRows(lq), kHeads, o.out, blocked);
                      }});
+    visit(EntryPoint{"PagedKVCache + paged_decode_step_into (a chunk and two tokens)", multi_head, true, composite,
+                     [&](const auto& q, const auto& k, const auto& v, OutputViews<T> o) {
+                       PagedKVCache<T> cache(lk / 16 + 8, kKvHeads, kHeadDim, {16, -1, kValueDim});
+                       const Index prefix = lk - lq, a = prefix / 2, b = prefix / 4;
+                       const std::vector<Index> ids{cache.add_sequence(), cache.add_sequence(), cache.add_sequence()};
+                       cache.append(ids[0], k.topRows(a), v.topRows(a));
+                       cache.append(ids[1], k.middleRows(a, b), v.middleRows(a, b));
+                       cache.append(ids[2], k.middleRows(a + b, prefix - a - b), v.middleRows(a + b, prefix - a - b));
+                       const auto split = SequenceRows::packed(std::vector<Index>{0, lq - 2, lq - 1, lq});
+                       paged_decode_step_into(cache, ids, split, q, k.bottomRows(lq), v.bottomRows(lq), kHeads, o.out,
+                                              NoMask{}, blocked);
+                     }});
+    visit(EntryPoint{"multi_head_attention_with_sinks_into (GQA)", multi_head, true, kRejectsAll,
+                     [&](const auto& q, const auto& k, const auto& v, OutputViews<T> o) {
+                       multi_head_attention_with_sinks_into(q, k, v, kHeads, o.out, Causal(Alignment::BottomRight),
+                                                            Vector<T>::LinSpaced(kHeads, T(-1), T(2)), blocked);
+                     }});
     visit(EntryPoint{"split-KV partials + merge_partial_into", head_lse, true, composite,
                      [&](const auto& q, const auto& k, const auto& v, OutputViews<T> o) {
                        const Index m = lk / 3;
