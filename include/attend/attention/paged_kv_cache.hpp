@@ -609,9 +609,10 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
     }
     first_item[std::size_t(b) + 1] = Index(items.size());
   }
-  Matrix<T> q_scaled(max_queries * batch > 0 ? q.rows() : 0, heads * d);  // (rows, H d)
+  Matrix<T> q_scaled(q.rows(), heads * d);  // (rows, H d): the sequences' rows, scaled
   for (Index b = 0; b < batch; ++b)
-    q_scaled.middleRows(rows.begin(b), rows.length(b)) = scale * q.middleRows(rows.begin(b), rows.length(b));
+    if (rows.length(b) > 0)
+      q_scaled.middleRows(rows.begin(b), rows.length(b)) = scale * q.middleRows(rows.begin(b), rows.length(b));
   Matrix<T> part_out(part_rows, dv);
   Vector<T> part_lse(part_rows);
   const Index k_stride = cache.keys().outerStride(), v_stride = cache.values().outerStride();
