@@ -250,6 +250,14 @@ TEST(BackwardVariantsTest, MultiHeadAndGroupedQueryMatchFiniteDifferences) {
     }
   };
   for (const Index kv_heads : {Index(4), Index(2), Index(1)}) check(kv_heads, Causal(), "Causal");
+  // No queries or no keys: zero gradients.
+  for (const auto& [lq, lk] : {std::pair<Index, Index>{0, 5}, {4, 0}}) {
+    const M q = M::Ones(lq, heads * d), k = M::Ones(lk, 2 * d), v = M::Ones(lk, 2 * dv), d_out = M::Ones(lq, heads * dv);
+    const MultiHeadLseResult<double> f = multi_head_attention_with_lse(q, k, v, heads, Causal());
+    const AttentionGradients<double> g = multi_head_attention_backward(q, k, v, heads, f, d_out, Causal());
+    EXPECT_TRUE(f.output.isZero(0) && (f.lse.array() == -std::numeric_limits<double>::infinity()).all());
+    EXPECT_TRUE(g.dq.isZero(0) && g.dk.isZero(0) && g.dv.isZero(0)) << "Lq=" << lq << " Lk=" << lk;
+  }
   // Policies bound per head: ALiBi's slopes and a T5 table of one column per head.
   const M table = rng.normal<double>(8, heads);
   check(2, Causal() & Alibi::for_heads(heads), "Causal & Alibi::for_heads");

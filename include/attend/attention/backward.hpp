@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -444,6 +445,11 @@ MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eige
   for (Index h = 0; h < layout.heads; ++h)  // every head's mask validated before the parallel loop
     detail::bind_mask(mask.derived(), head_index(h), num_queries, num_keys);
   if (num_queries == 0) return result;
+  if (num_keys == 0) {  // no key to see: zeros, lse -inf (and no column block of an empty matrix)
+    result.output.setZero();
+    result.lse.setConstant(-std::numeric_limits<T>::infinity());
+    return result;
+  }
   const auto head = [&](Index h) {
     const Index g = layout.kv_head_of(h);
     Vector<T> lse(num_queries);
@@ -490,6 +496,14 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
   detail::check_no_alias(dv, "dv", lse_ref, "forward log-sum-exp");
   const T scale = detail::resolve_scale<T>(options, d);
   const detail::TileShape tiles = detail::resolve_backward_tiles(options, num_queries, num_keys);
+  if (num_queries == 0 || num_keys == 0) {  // nothing seen (and no column block of an empty matrix)
+    for (Index h = 0; h < layout.heads; ++h)
+      detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, layout.heads}, num_queries, num_keys);
+    dq.setZero();
+    dk.setZero();
+    dv.setZero();
+    return;
+  }
   const auto bind = [&](Index h) {
     return detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, layout.heads}, num_queries, num_keys);
   };
