@@ -428,6 +428,54 @@ TYPED_TEST(PagedDecodeTest, LayerStepsEqualTheLayerOverEachWholeSequence) {
   }
 }
 
+// StreamingLLM through a rotary layer uses positions within the cache, as the paper does: the
+// query at position i > s + w - 1 sees the s sink tokens at positions 0..s-1 and its window at
+// s..s+w-1, itself last. Checked against that recomputation written out (the cache's tokens
+// projected and rotated at those positions), which differs from absolute positions.
+TEST(PagedDecode, StreamingLLMRotaryLayerUsesPositionsWithinTheCache) {
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 2, 8, 8, 16, 16, 16, 16, false};
+  MultiHeadAttention<double> layer(s.heads, random_weights<double>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<double>(s.d));
+  const Index sinks = 2, window = 5, len = 26;
+  PagedKVCache<double> cache(layer, 16, {4, window, 0, sinks});
+  const Matrix<double> x = rng.normal<double>(len, s.eq), other = rng.normal<double>(len, s.eq);
+  const Index a = cache.add_sequence(), b = cache.add_sequence();
+  Matrix<double> out(len, s.eout);
+  for (Index t = 0; t < len;) {
+    const Index n = t == 0 ? 6 : 1;  // a chunk while the window still covers the sinks
+    Matrix<double> step(2 * n, s.eq);
+    step << x.middleRows(t, n), other.middleRows(t, n);
+    const Matrix<double> y =
+        paged_decode_step(layer, cache, {a, b}, SequenceRows::packed(std::vector<Index>{0, n, 2 * n}), step);
+    out.middleRows(t, n) = y.topRows(n);
+    t += n;
+  }
+  double worst_absolute = 0;
+  for (Index i = 0; i < len; ++i) {
+    std::vector<Index> tokens, positions;  // the cache's tokens for query i, and their positions in it
+    for (Index j = 0; j <= i; ++j)
+      if (j < sinks || i - j < window) tokens.push_back(j);
+    for (std::size_t c = 0; c < tokens.size(); ++c) positions.push_back(i < sinks + window ? tokens[c] : Index(c));
+    Matrix<double> k(Index(tokens.size()), s.kv_heads * s.d), v(Index(tokens.size()), s.kv_heads * s.dv),
+        k_absolute(Index(tokens.size()), s.kv_heads * s.d);
+    for (std::size_t c = 0; c < tokens.size(); ++c) {
+      k.row(Index(c)) = layer.project_key(x.row(tokens[c]), positions[c]);
+      k_absolute.row(Index(c)) = layer.project_key(x.row(tokens[c]), tokens[c]);
+      v.row(Index(c)) = layer.project_value(x.row(tokens[c]));
+    }
+    const Matrix<double> q = layer.project_query(x.row(i), positions.back());
+    const Matrix<double> expected = layer.project_output(multi_head_attention(q, k, v, s.heads));
+    const Matrix<double> absolute =
+        layer.project_output(multi_head_attention(layer.project_query(x.row(i), i), k_absolute, v, s.heads));
+    EXPECT_LE(max_abs_error(out.row(i), expected), 1e-12) << "query " << i;
+    worst_absolute = std::max(worst_absolute, double(max_abs_error(absolute, expected)));
+  }
+  EXPECT_GT(worst_absolute, 1e-6) << "absolute positions would give other results";
+  expect_invalid([&] { paged_decode_step(layer, cache, {a}, SequenceRows::uniform(1, 2), x.topRows(2)); },
+                 {"takes 2 tokens", "one per step"});
+}
+
 // Masks and score modifiers at absolute positions, per head and per sequence of the call
 // (HeadIndex::batch), as the whole sequences compute them.
 TYPED_TEST(PagedDecodeTest, PoliciesApplyAtAbsolutePositionsPerHeadAndSequence) {

@@ -24,9 +24,9 @@
 /// StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks"): with
 /// `sink_tokens` = n and a window, the blocks of the first n positions are never released and
 /// those positions stay visible to every later token, which sees the first n keys and the last w
-/// (StreamingWindow). Positions are absolute: keys are kept as appended (a layer rotates them at
-/// their absolute positions), not re-rotated at their positions within the cache as the paper
-/// does (see docs/DESIGN.md, "Serving").
+/// (StreamingWindow). paged_decode_step(layer, ...) with a rotary layer gives positions within
+/// the cache, as the paper does, by rotating the sink keys further for each step; the lower-level
+/// calls take keys as appended (absolute positions) unless given such sink keys.
 ///
 /// Every member that can fail checks first: on error (attend::invalid_argument naming the
 /// values) the cache is unchanged.
@@ -518,6 +518,10 @@ class UndoablePagedAppend {
 /// \param out       (rows, H d_v); rows in no sequence are left as they are
 /// \param sinks     (H) learned sink logits, or empty (attention/sinks.hpp)
 /// \param lse       (rows, H) log-sum-exp of each query row and head (including the sink), or empty
+/// \param sink_keys null, or per sequence of the call the keys (s, H_kv d) that replace its first
+///                  s = rows positions (StreamingLLM's sink keys rotated to their positions within
+///                  the cache, as paged_decode_step(layer, ...) passes them; empty: the pool's);
+///                  a sequence with a replacement has one query.
 /// \throws attend::invalid_argument on an unknown sequence, n_b greater than the sequence's
 ///         length, rows outside q, mismatched shapes, a mask that does not fit, a windowed
 ///         sequence that released keys its queries see, or `out` or `lse` aliasing q.
@@ -526,7 +530,8 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
                           const Eigen::MatrixBase<DQ>& q, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                           const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                           const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>(),
-                          MatrixRef<typename DQ::Scalar> lse = detail::no_matrix<typename DQ::Scalar>()) {
+                          MatrixRef<typename DQ::Scalar> lse = detail::no_matrix<typename DQ::Scalar>(),
+                          const std::vector<Matrix<typename DQ::Scalar>>* sink_keys = nullptr) {
   static_assert(detail::supported_scalars<T, DQ>);
   const detail::ThreadScope threads(options.num_threads);
   const Index batch = Index(sequences.size()), B = cache.block_size();
@@ -545,6 +550,19 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
                "log-sum-exp " + detail::shape_of(lse) + " must be empty or (" + std::to_string(q.rows()) + " x " +
                    std::to_string(heads) + ")");
   ATTEND_CHECK(options.block_k >= 0, "block_k=" + std::to_string(options.block_k) + " must be positive, or 0");
+  ATTEND_CHECK(sink_keys == nullptr || Index(sink_keys->size()) == batch,
+               "sink_keys for " + std::to_string(sink_keys ? sink_keys->size() : 0) + " of " + std::to_string(batch) +
+                   " sequences");
+  const auto replaced = [&](Index b) -> const Matrix<T>* {  // sequence b's replaced sink keys, or null
+    return sink_keys != nullptr && (*sink_keys)[std::size_t(b)].size() != 0 ? &(*sink_keys)[std::size_t(b)] : nullptr;
+  };
+  for (Index b = 0; b < batch; ++b)
+    if (const Matrix<T>* keys = replaced(b))
+      ATTEND_CHECK(keys->cols() == cache.kv_heads() * cache.head_dim() && keys->rows() <= cache.sink_tokens() &&
+                       rows.length(b) <= 1,
+                   "sink_keys[" + std::to_string(b) + "] " + detail::shape_of(*keys) + " must have at most sink_tokens=" +
+                       std::to_string(cache.sink_tokens()) + " rows of " + std::to_string(cache.kv_heads() * cache.head_dim()) +
+                       " columns, for a sequence with one query (it has " + std::to_string(rows.length(b)) + ")");
   detail::check_no_alias(out, "output", q, "input q");
   detail::check_no_alias(lse, "log-sum-exp", q, "input q");
   detail::check_no_alias(lse, "log-sum-exp", out, "output");
@@ -603,6 +621,7 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
       Index k1 = std::min(r.end, (k0 / B / split_blocks + 1) * split_blocks * B);
       for (Index block = k0 / B + 1; block * B < k1; ++block)
         if (table[std::size_t(block)] < 0) k1 = block * B;
+      if (const Matrix<T>* keys = replaced(b); keys != nullptr && k0 < keys->rows()) k1 = std::min(k1, keys->rows());
       items.push_back({b, k0, k1 - k0, part_rows});
       part_rows += rows.length(b) * heads;
       k0 = k1;
@@ -622,9 +641,13 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
         const Item& item = items[std::size_t(c)];
         const Index seq = sequences[std::size_t(item.b)], n = rows.length(item.b);
         const std::vector<Index>& table = cache.block_table(seq);
+        const Matrix<T>* keys = replaced(item.b);
         const auto runs = [&](Index j) {
           const Index position = item.k0 + j, offset = position % B;
           const Index row = table[std::size_t(position / B)] * B + offset;
+          if (keys != nullptr && position < keys->rows())  // an item ends where the replaced keys do
+            return detail::KeyRun<T>{keys->row(position).data(), cache.values().row(row).data(),
+                                     std::min(B - offset, keys->rows() - position)};
           return detail::KeyRun<T>{cache.keys().row(row).data(), cache.values().row(row).data(), B - offset};
         };
         detail::decode_split_runs<T>(q_scaled.row(rows.begin(item.b)).data(), n, k_stride, v_stride, layout,
@@ -685,7 +708,8 @@ void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& se
                             const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                             const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                             const MaskBase<Mask>& mask, const AttentionOptions& options = {},
-                            const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
+                            const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>(),
+                            const std::vector<Matrix<typename DQ::Scalar>>* sink_keys = nullptr) {
   static_assert(detail::supported_scalars<T, DQ, DK, DV>);
   const Index batch = Index(sequences.size());
   ATTEND_CHECK(rows.size() == batch && rows.rows_used() <= k_new.rows() && k_new.rows() == v_new.rows(),
@@ -700,7 +724,8 @@ void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& se
   for (Index b = 0; b < batch; ++b)
     appended.append(sequences[std::size_t(b)], k_new.middleRows(rows.begin(b), rows.length(b)),
                     v_new.middleRows(rows.begin(b), rows.length(b)));
-  paged_attention_into(cache, sequences, rows, q, num_heads, out, mask, options, sinks);
+  paged_attention_into(cache, sequences, rows, q, num_heads, out, mask, options, sinks,
+                       detail::no_matrix<typename DQ::Scalar>(), sink_keys);
   appended.commit();
 }
 
@@ -720,6 +745,13 @@ void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& se
 /// the layer has a rotary embedding, appended, and attend as paged_decode_step_into does; the
 /// outputs are projected by W_o. Each sequence's rows equal layer.forward(sequence, Causal() &
 /// mask) (Window(w - 1, 0) & mask for a cache of window w) at its positions.
+///
+/// StreamingLLM with rotary positions (a cache with sink_tokens s and window w): positions are
+/// those within the cache, as the paper assigns them. The query at position i has s sink keys and
+/// the window [i - w + 1, i]; within the cache those are positions 0..s-1 and then consecutive,
+/// so window keys keep their distances i - j (their stored rotation is right) and the sink keys
+/// are rotated by delta = i - w + 1 - s more (to j + delta) for the step, once the window has
+/// left them (delta > 0). Such a sequence takes one token per step; a chunk is refused there.
 ///
 /// \param x (rows, E_q) the new tokens of every sequence
 /// \return (rows, E_out); rows in no sequence hold W_o 0 + b_o
@@ -753,8 +785,33 @@ Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<T>&
     q.middleRows(begin, n) = layer.project_query(x.middleRows(begin, n), cache.length(seq));
     k.middleRows(begin, n) = layer.project_key(x.middleRows(begin, n), cache.length(seq));
   }
+  // StreamingLLM: the sink keys at their positions within the cache (see above).
+  std::vector<Matrix<T>> sink_keys;
+  const RotaryEmbedding<T>* rope = layer.rotary();
+  if (cache.sink_tokens() > 0 && rope != nullptr) {
+    ATTEND_CHECK(rope->attention_factor() == 1.0,
+                 "StreamingLLM positions within the cache re-rotate the sink keys, which YaRN's attention factor " +
+                     detail::number_string(rope->attention_factor()) + " would scale twice");
+    sink_keys.resize(sequences.size());
+    const Index sinks_held = cache.sink_tokens(), w = cache.window(), B = cache.block_size();
+    for (Index b = 0; b < rows.size(); ++b) {
+      const Index seq = sequences[std::size_t(b)], last = cache.length(seq) + rows.length(b) - 1;
+      const Index delta = last - w + 1 - sinks_held;
+      if (rows.length(b) == 0 || delta <= 0) continue;
+      ATTEND_CHECK(rows.length(b) == 1, "sequence " + std::to_string(seq) + " takes " + std::to_string(rows.length(b)) +
+                                            " tokens, but StreamingLLM positions within the cache take one per step "
+                                            "once the window has left the sink tokens (from position " +
+                                            std::to_string(w + sinks_held) + ")");
+      Matrix<T>& keys = sink_keys[std::size_t(b)];
+      keys.resize(sinks_held, cache.kv_heads() * cache.head_dim());
+      const std::vector<Index>& table = cache.block_table(seq);
+      for (Index t = 0; t < sinks_held; ++t) keys.row(t) = cache.keys().row(table[std::size_t(t / B)] * B + t % B);
+      rope->apply(keys, Vector<Index>::Constant(sinks_held, delta));
+    }
+  }
   Matrix<T> heads_out = Matrix<T>::Zero(x.rows(), heads * layer.value_head_dim());
-  paged_decode_step_into(cache, sequences, rows, q, k, v, heads, heads_out, mask, options, sinks);
+  paged_decode_step_into(cache, sequences, rows, q, k, v, heads, heads_out, mask, options, sinks,
+                         sink_keys.empty() ? nullptr : &sink_keys);
   return layer.project_output(heads_out);
 }
 
