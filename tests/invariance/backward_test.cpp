@@ -142,8 +142,11 @@ TYPED_TEST(BackwardInvarianceTest, GradientsAreBitwiseIndependentOfThreadSetting
   using T = TypeParam;
   ATTEND_SEEDED_RNG(rng);
   const Data<T> data(rng);
-  for (const auto& [name, run] : entries(data)) {
-    SCOPED_TRACE(name);
+  for (const auto& entry : entries(data)) {
+    // A named reference, not a structured binding: clang 14 cannot capture one in the OpenMP
+    // region below.
+    const auto& run = entry.second;
+    SCOPED_TRACE(entry.first);
     const Outputs<T> first = run(data.q, data.k, data.v, data.d_out);
     EXPECT_TRUE(identical_outputs(run(data.q, data.k, data.v, data.d_out), first)) << "repeated run";
     for (int eigen_threads : {1, 3}) {
