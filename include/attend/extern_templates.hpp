@@ -94,7 +94,7 @@
   PREFIX void decode_step_into<T, Matrix<T>, Matrix<T>, Matrix<T>, NoMask>(                                      \
       KVCache<T>&, const Eigen::MatrixBase<Matrix<T>>&, const Eigen::MatrixBase<Matrix<T>>&,                     \
       const Eigen::MatrixBase<Matrix<T>>&, Index, MatrixRef<T>, const MaskBase<NoMask>&,                         \
-      const AttentionOptions&);                                                                                  \
+      const AttentionOptions&, const Eigen::Ref<const Vector<T>>&);                                              \
   PREFIX class MultiHeadAttention<T>;                                                                            \
   PREFIX class RotaryEmbedding<T>;                                                                               \
   PREFIX class KVCache<T>;
