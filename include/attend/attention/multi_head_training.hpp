@@ -162,7 +162,8 @@ void linear_backward(const Matrix<T>& x, const Matrix<T>& weight, const Vector<T
   dw.resize(weight.rows(), weight.cols());
   parallel_product(dx, dy, weight);            // (L, in)
   parallel_product(dw, dy.transpose(), x);     // (out, in)
-  if (bias.size() != 0) db = dy.colwise().sum().transpose();
+  // (no column of an empty dy: clang's UBSan flags a block of a null matrix)
+  if (bias.size() != 0) db = dy.rows() == 0 ? Vector<T>::Zero(dy.cols()) : Vector<T>(dy.colwise().sum().transpose());
 }
 
 }  // namespace detail
