@@ -192,46 +192,6 @@ Matrix<T> linear(const ConstMatrixRef<T>& x, const Matrix<T>& weight, const Vect
 
 }  // namespace detail
 
-/// Writes multi-head attention of already projected inputs into `out` (no projections):
-///   out[:, h d_v : (h+1) d_v] = attention(q_h, k_g, v_g), g = h / (H / H_kv),
-/// with q_h = q[:, h d : (h+1) d]. d = q.cols() / H and H_kv = k.cols() / d.
-///
-/// \param q   (Lq, H d)
-/// \param k   (Lk, H_kv d)
-/// \param v   (Lk, H_kv d_v)
-/// \param num_heads H
-/// \param out (Lq, H d_v), not sharing memory with q, k or v
-/// \param mask the same mask policy for every head
-/// \throws attend::invalid_argument when the widths do not split into heads (naming them), or
-///         when `out` aliases an input.
-template <class DQ, class DK, class DV, class Mask = NoMask>
-void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                               const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
-                               const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
-  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
-                                         " must have the same number of rows (keys)");
-  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  const std::vector<detail::SequenceViews<T>> sequences{{q_ref, k_ref, v_ref, out}};
-  detail::multi_head_attention_batch<T>(
-      sequences, layout, [&](Index) -> const Mask& { return mask.derived(); }, options);
-}
-
-/// Returns multi-head attention of projected inputs, shape (Lq, H d_v). See multi_head_attention_into.
-template <class DQ, class DK, class DV, class Mask = NoMask>
-Matrix<typename DQ::Scalar> multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                                                 const Eigen::MatrixBase<DV>& v, Index num_heads,
-                                                 const MaskBase<Mask>& mask = NoMask{},
-                                                 const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<DQ, DK, DV>);
-  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
-  Matrix<typename DQ::Scalar> out(q.rows(), layout.heads * layout.value_dim);
-  multi_head_attention_into(q, k, v, num_heads, out, mask, options);
-  return out;
-}
-
 /// Multi-head attention of a batch of sequences of different lengths read in place (FlashAttention's
 /// varlen attention): sequence b attends from rows query_rows(b) of q over rows key_rows(b) of k
 /// and v, and writes rows query_rows(b) of `out`; rows of `out` in no sequence are set to zero.
@@ -271,6 +231,39 @@ void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
   out.setZero();  // the rows of no sequence; the others are overwritten
   detail::multi_head_attention_batch<T>(
       sequences, layout, [&](Index) -> const Mask& { return mask.derived(); }, options);
+}
+
+/// Writes multi-head attention of already projected inputs into `out` (no projections):
+///   out[:, h d_v : (h+1) d_v] = attention(q_h, k_g, v_g), g = h / (H / H_kv),
+/// with q_h = q[:, h d : (h+1) d]. d = q.cols() / H and H_kv = k.cols() / d.
+///
+/// \param q   (Lq, H d)
+/// \param k   (Lk, H_kv d)
+/// \param v   (Lk, H_kv d_v)
+/// \param num_heads H
+/// \param out (Lq, H d_v), not sharing memory with q, k or v
+/// \param mask any policy, bound for each head (HeadIndex{0, h, 1, H})
+/// \throws attend::invalid_argument when the widths do not split into heads (naming them), or
+///         when `out` aliases an input.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                               const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
+                               const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+  multi_head_attention_into(q, k, v, num_heads, SequenceRows::uniform(1, q.rows()), SequenceRows::uniform(1, k.rows()),
+                            out, mask, options);  // one sequence of every row
+}
+
+/// Returns multi-head attention of projected inputs, shape (Lq, H d_v). See multi_head_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+Matrix<typename DQ::Scalar> multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                                 const Eigen::MatrixBase<DV>& v, Index num_heads,
+                                                 const MaskBase<Mask>& mask = NoMask{},
+                                                 const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  Matrix<typename DQ::Scalar> out(q.rows(), layout.heads * layout.value_dim);
+  multi_head_attention_into(q, k, v, num_heads, out, mask, options);
+  return out;
 }
 
 /// Projection weights in PyTorch's nn.Linear layout (out_features, in_features). An empty bias
