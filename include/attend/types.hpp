@@ -39,6 +39,12 @@ using MatrixRef = Eigen::Ref<Matrix<T>>;
 template <class T>
 using VectorRef = Eigen::Ref<Vector<T>>;
 
+/// The type attend computes and accumulates in for storage scalar S: double for double, float
+/// for float, Eigen::bfloat16 and Eigen::half (scores, running max and sum, the P V accumulator,
+/// the log-sum-exp and the attention weights are never held in a 16-bit type).
+template <class S>
+using accumulator_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
 namespace detail {
 
 /// An empty vector view: "this optional output is not wanted".
@@ -75,29 +81,55 @@ struct scalar_of<X, std::void_t<typename X::Scalar>> {
   using type = typename X::Scalar;
 };
 
+/// Reduced-precision storage: bf16 and IEEE half. attend stores them and computes in float.
+template <class S>
+inline constexpr bool is_reduced_precision = std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half>;
+
 /// The scalar checks, as static_asserts in a class so that they fire when it is instantiated,
 /// before the caller's body instantiates any Eigen expression (whose errors would come first).
 template <class T, class... Others>
 struct ScalarCheck {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || is_reduced_precision<T>,
+                "attend: the scalar type must be float, double, Eigen::bfloat16 or Eigen::half (int, long double "
+                "and std::complex are not supported)");
+  static_assert((std::is_same_v<T, Others> && ...),
+                "attend: every matrix argument must have the same scalar type (float, double, Eigen::bfloat16 or "
+                "Eigen::half); convert the others with .template cast<T>()");
+  static constexpr bool value = true;
+};
+
+/// The checks of entry points that compute and store in float or double only (gradients, the
+/// distributed layer): reduced-precision inputs are converted by the caller.
+template <class T, class... Others>
+struct FullPrecisionCheck {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "attend: the scalar type must be float or double (int, long double, std::complex and 16-bit "
-                "types are not supported)");
+                "attend: this entry point takes float or double only (gradients and the distributed layer are not "
+                "offered for Eigen::bfloat16 or Eigen::half: convert with .template cast<float>())");
   static_assert((std::is_same_v<T, Others> && ...),
                 "attend: every matrix argument must have the same scalar type (float or double); convert the "
                 "others with .template cast<T>()");
   static constexpr bool value = true;
 };
 
-/// True for Eigen types (or scalar types) that share one scalar, float or double; otherwise a
-/// compile error with attend's message. Every public entry point starts with
-/// `static_assert(detail::supported_scalars<DQ, DK, DV>);`, so a wrong scalar is the first error.
+/// True for Eigen types (or scalar types) that share one scalar: float, double, Eigen::bfloat16
+/// or Eigen::half; otherwise a compile error with attend's message. Every public entry point
+/// starts with `static_assert(detail::supported_scalars<DQ, DK, DV>);`, so a wrong scalar is the
+/// first error.
 template <class... Xs>
 inline constexpr bool supported_scalars = ScalarCheck<typename scalar_of<Xs>::type...>::value;
 
-/// "float" or "double", for messages about values that must fit the scalar type.
+/// As supported_scalars, for entry points that take float or double only.
+template <class... Xs>
+inline constexpr bool full_precision_scalars = FullPrecisionCheck<typename scalar_of<Xs>::type...>::value;
+
+/// "float", "double", "bfloat16" or "half", for messages about values that must fit the scalar type.
 template <class T>
 const char* scalar_name() {
-  return std::is_same_v<T, float> ? "float" : "double";
+  if constexpr (std::is_same_v<T, float>) return "float";
+  if constexpr (std::is_same_v<T, double>) return "double";
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return "bfloat16";
+  if constexpr (std::is_same_v<T, Eigen::half>) return "half";
+  return "?";
 }
 
 }  // namespace detail

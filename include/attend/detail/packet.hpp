@@ -49,6 +49,52 @@ constexpr Index round_up_to_lanes(Index n) {
   return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
 }
 
+/// Whether Eigen converts packets of S to packets of T (pcast) on this target: bf16 and half to
+/// float with AVX-512 or AVX (F16C). Elsewhere (SSE-only builds, NEON, ...) the conversions
+/// below go lane by lane through Eigen's scalar conversion; the results are the same.
+template <class T, class S>
+inline constexpr bool has_packet_conversion =
+#if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX)
+    std::is_same_v<T, float> && is_reduced_precision<S> &&
+    Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<S>::type>::size == kLanes<T>;
+#else
+    false;
+#endif
+
+/// One packet of T from kLanes<T> consecutive values of storage type S at p (any alignment),
+/// converted exactly (bf16 and half widen to float without rounding).
+template <class T, class S>
+Packet<T> load_as(const S* p) {
+  namespace simd = Eigen::internal;
+  if constexpr (std::is_same_v<T, S>) {
+    return simd::ploadu<Packet<T>>(p);
+  } else if constexpr (has_packet_conversion<T, S>) {
+    using PS = typename simd::packet_traits<S>::type;
+    return simd::pcast<PS, Packet<T>>(simd::ploadu<PS>(p));
+  } else {
+    alignas(Packet<T>) T lanes[kLanes<T>];
+    for (Index i = 0; i < kLanes<T>; ++i) lanes[i] = T(p[i]);
+    return simd::pload<Packet<T>>(lanes);
+  }
+}
+
+/// Stores a packet of T as kLanes<T> values of S at p (any alignment), rounded to nearest even.
+template <class S, class P>
+void store_as(S* p, const P& x) {
+  namespace simd = Eigen::internal;
+  using T = typename simd::unpacket_traits<P>::type;
+  if constexpr (std::is_same_v<T, S>) {
+    simd::pstoreu(p, x);
+  } else if constexpr (has_packet_conversion<T, S>) {
+    using PS = typename simd::packet_traits<S>::type;
+    simd::pstoreu(p, simd::pcast<Packet<T>, PS>(x));
+  } else {
+    alignas(Packet<T>) T lanes[kLanes<T>];
+    simd::pstore(lanes, x);
+    for (Index i = 0; i < kLanes<T>; ++i) p[i] = S(lanes[i]);
+  }
+}
+
 /// exp(x) per lane, exactly 0 where x = -inf (Eigen's double pexp returns a denormal there, and
 /// a masked key must weigh exactly nothing). NaN stays NaN.
 template <class P>
