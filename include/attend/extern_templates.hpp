@@ -101,7 +101,7 @@
 
 /// The blocked and materialized paths of the scaled dot-product score for one bound mask.
 #define ATTEND_PRECOMPILED_PATHS(PREFIX, T, BOUND)                                                               \
-  PREFIX void detail::blocked_attention<T, detail::ScaledDot<T>, BOUND>(                                         \
+  PREFIX void detail::blocked_attention<T, T, T, detail::ScaledDot<T>, BOUND>(                                   \
       const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::ScaledDot<T>&, \
       const BOUND&, detail::TileShape, MatrixRef<T>, VectorRef<T>);                                              \
   PREFIX void detail::materialized_attention<T, detail::ScaledDot<T>, BOUND>(                                    \

@@ -41,12 +41,13 @@ struct AttentionOptions {
   int num_threads = 0;
 };
 
-/// Output of an attention call with its statistics.
+/// Output of an attention call with its statistics. With bf16 or half inputs the output is
+/// stored as the inputs are, and the log-sum-exp and weights in float.
 template <class T>
 struct AttentionResult {
-  Matrix<T> output;   ///< (Lq, Dv)
-  Vector<T> lse;      ///< (Lq) log-sum-exp of each row's masked scores; -inf for a fully masked row
-  Matrix<T> weights;  ///< (Lq, Lk) softmax weights when requested, else empty
+  Matrix<T> output;                   ///< (Lq, Dv)
+  Vector<accumulator_t<T>> lse;       ///< (Lq) log-sum-exp of each row's masked scores; -inf for a fully masked row
+  Matrix<accumulator_t<T>> weights;  ///< (Lq, Lk) softmax weights when requested, else empty
 };
 
 namespace detail {

@@ -25,7 +25,7 @@ namespace attend {
 /// \throws attend::invalid_argument when lse has the wrong size or aliases scores.
 template <class T>
 void softmax_rows_inplace(MatrixRef<T> scores, VectorRef<T> lse) {
-  static_assert(detail::supported_scalars<T>);
+  static_assert(detail::full_precision_scalars<T>);
   ATTEND_CHECK(lse.size() == 0 || lse.size() == scores.rows(),
                "log-sum-exp of size " + std::to_string(lse.size()) + " does not match " +
                    detail::shape_of(scores) + " scores");
@@ -49,7 +49,7 @@ void softmax_rows_inplace(MatrixRef<T> scores, VectorRef<T> lse) {
 /// In-place row softmax without the log-sum-exp.
 template <class T>
 void softmax_rows_inplace(MatrixRef<T> scores) {
-  static_assert(detail::supported_scalars<T>);
+  static_assert(detail::full_precision_scalars<T>);
   softmax_rows_inplace<T>(scores, detail::no_vector<T>());
 }
 

@@ -81,6 +81,14 @@ struct scalar_of<X, std::void_t<typename X::Scalar>> {
   using type = typename X::Scalar;
 };
 
+/// T itself, in a context where it is not deduced (C++20's std::type_identity_t).
+template <class T>
+struct identity {
+  using type = T;
+};
+template <class T>
+using identity_t = typename identity<T>::type;
+
 /// Reduced-precision storage: bf16 and IEEE half. attend stores them and computes in float.
 template <class S>
 inline constexpr bool is_reduced_precision = std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half>;

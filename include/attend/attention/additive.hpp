@@ -28,7 +28,7 @@ namespace attend {
 template <class T>
 class AdditiveAttention {
  public:
-  static_assert(detail::supported_scalars<T>);
+  static_assert(detail::full_precision_scalars<T>);
 
   /// \param w_query (h, d_q)
   /// \param w_key   (h, d_k)

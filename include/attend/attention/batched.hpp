@@ -58,15 +58,19 @@ HeadProblem check_batched(const Q& q, const K& k, const V& v, const BatchLayout&
 
 /// The batched core: out = attention of every (sequence, head) block, through the path that
 /// `options` selects for one head's shape, with the mask bound for each (sequence, head).
-/// Scratch is allocated once per thread.
-template <class T, class Mask>
-void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                            const Mask& mask, const AttentionOptions& options, const BatchLayout& layout,
-                            MatrixRef<T> out) {
+/// Scratch is allocated once per thread. Q, K, V and the output are stored as S and computed in
+/// T = accumulator_t<S>; the materialized path of bf16 or half heads runs on float copies of
+/// each head's blocks.
+template <class S, class Mask>
+void batched_attention_into(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef<identity_t<S>>& k,
+                            const ConstMatrixRef<identity_t<S>>& v, const Mask& mask,
+                            const AttentionOptions& options, const BatchLayout& layout,
+                            MatrixRef<identity_t<S>> out) {
+  using T = accumulator_t<S>;
   const ThreadScope threads(options.num_threads);
   const HeadProblem p = check_batched(q, k, v, layout);
   check_shape(out, q.rows(), v.cols(), "output");
-  check_outputs_do_not_alias<T>(q, k, v, out, no_vector<T>());
+  check_outputs_do_not_alias<S, S, T>(q, k, v, out, no_vector<T>());
   const TileShape tiles = resolve_tiles(options, p.queries, p.keys);
   const ScaledDot<T> score{resolve_scale<T>(options, p.key_dim)};
   const Index num_heads = layout.batch_size * layout.num_heads;
@@ -92,7 +96,7 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
         num_heads * tiles_per_head, [&] { return BlockedScratch<T>(tiles, p.key_dim, p.value_dim); },
         [&](Index task, BlockedScratch<T>& scratch) {
           const Index n = task / tiles_per_head, q0 = task % tiles_per_head * tiles.queries;
-          blocked_query_tile<T>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
+          blocked_query_tile<T, S, S>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
                                 head(v, n, p.keys, p.value_dim), score, bound[std::size_t(n)], tiles, q0,
                                 std::min(tiles.queries, p.queries - q0), head(out, n, p.queries, p.value_dim),
                                 no_vector<T>(), scratch);
@@ -101,9 +105,18 @@ void batched_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
     parallel_for_with_scratch(
         num_heads, [&] { return Matrix<T>(p.queries, p.keys); },  // (Lq, Lk) scores of one head
         [&](Index n, Matrix<T>& weights) {
-          materialized_attention<T>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
-                                    head(v, n, p.keys, p.value_dim), score, bound[std::size_t(n)],
-                                    head(out, n, p.queries, p.value_dim), no_vector<T>(), weights);
+          if constexpr (std::is_same_v<S, T>) {
+            materialized_attention<T>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
+                                      head(v, n, p.keys, p.value_dim), score, bound[std::size_t(n)],
+                                      head(out, n, p.queries, p.value_dim), no_vector<T>(), weights);
+          } else {
+            Matrix<T> out_full(p.queries, p.value_dim);
+            materialized_attention<T>(head(q, n, p.queries, p.key_dim).template cast<T>(),
+                                      head(k, n, p.keys, p.key_dim).template cast<T>(),
+                                      head(v, n, p.keys, p.value_dim).template cast<T>(), score,
+                                      bound[std::size_t(n)], out_full, no_vector<T>(), weights);
+            head(out, n, p.queries, p.value_dim) = out_full.template cast<S>();
+          }
         });
   }
 }
@@ -130,9 +143,9 @@ void batched_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixB
                             const BatchLayout& layout, const MaskBase<Mask>& mask = NoMask{},
                             const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  detail::batched_attention_into<T>(q_ref, k_ref, v_ref, mask, options, layout, out);
+  using S = typename DQ::Scalar;
+  const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
+  detail::batched_attention_into<S>(q_ref, k_ref, v_ref, mask, options, layout, out);
 }
 
 /// Returns the attention of every (sequence, head), shape (B*Lq, H*Dv). See

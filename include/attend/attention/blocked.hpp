@@ -99,17 +99,22 @@ struct BlockedScratch {
 
 /// One tile of query rows [q0, q0 + rows): visits only the key tiles the mask can see, skips
 /// empty ones, masks only partial ones, and writes the normalized rows of `out` and `lse`.
-template <class T, class Score, class BoundMask>
-void blocked_query_tile(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                        const Score& score, const BoundMask& mask, TileShape tiles, Index q0, Index rows,
-                        MatrixRef<T> out, VectorRef<T> lse, BlockedScratch<T>& scratch) {
+/// Q, K and V are stored as S and computed in T = accumulator_t<S> (see tile_kernels.hpp); a
+/// score policy other than a scaled dot product takes T matrices (S = T).
+template <class T, class S = T, class O = T, class Score, class BoundMask>
+void blocked_query_tile(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef<identity_t<S>>& k,
+                        const ConstMatrixRef<identity_t<S>>& v, const Score& score, const BoundMask& mask,
+                        TileShape tiles, Index q0, Index rows, MatrixRef<identity_t<O>> out, VectorRef<T> lse, BlockedScratch<T>& scratch) {
+  static_assert(std::is_same_v<T, accumulator_t<S>>);
+  static_assert(is_dot_product_score<Score>::value || std::is_same_v<S, T>,
+                "attend: score policies other than the scaled dot product compute on float or double matrices");
   const Index q1 = q0 + rows, lanes = round_up_to_lanes<T>(rows), stride = scratch.scores.outerStride();
   auto acc = scratch.acc.topRows(rows);  // (rows, Dv)
   acc.setZero();
   scratch.state.row(0).setConstant(-std::numeric_limits<T>::infinity());
   scratch.state.row(1).setZero();
   if constexpr (is_dot_product_score<Score>::value)
-    pack_scaled_queries<T>(q.middleRows(q0, rows), score.scale, scratch.qt);
+    pack_scaled_queries<T, S>(q.middleRows(q0, rows), score.scale, scratch.qt);
 
   const KeyRange visible = mask.keys(q0, q1);
   for (Index k0 = visible.begin; k0 < visible.end; k0 += tiles.keys) {
@@ -126,38 +131,38 @@ void blocked_query_tile(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, 
     };
     auto st = scratch.scores.topLeftCorner(cols, rows);  // (cols, rows) = S^T
     if constexpr (is_dot_product_score<Score>::value)
-      score_tile<T>(k.middleRows(k0, cols), scratch.qt.data(), scratch.qt.outerStride(), lanes, st.data(), stride,
+      score_tile<T, S>(k.middleRows(k0, cols), scratch.qt.data(), scratch.qt.outerStride(), lanes, st.data(), stride,
                     seen_by);
-    else
+    else if constexpr (std::is_same_v<S, T>)
       score(q.middleRows(q0, rows), k.middleRows(k0, cols), st.transpose());
     if (kind == TileKind::Partial) apply_mask(mask, st.transpose(), q0, k0);
     online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha());
-    value_tile<T>(st.data(), stride, v.middleRows(k0, cols), scratch.alpha(), acc, seen_by);
+    value_tile<T, S>(st.data(), stride, v.middleRows(k0, cols), scratch.alpha(), acc, seen_by);
   }
   VectorRef<T> tile_lse = lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse;
-  finalize_rows<T>(acc, scratch.max(), scratch.sum(), out.middleRows(q0, rows), tile_lse);
+  finalize_rows<T, O>(acc, scratch.max(), scratch.sum(), out.middleRows(q0, rows), tile_lse);
 }
 
 /// out = softmax(score(Q, K) masked) V without forming more than one (Bq, Bk) tile of S per
 /// thread. Query tiles run in parallel; each is computed the same way whatever the thread
 /// count, so results are bitwise independent of it.
 ///
-/// \param q   (Lq, Dk)
-/// \param k   (Lk, Dk)
-/// \param v   (Lk, Dv)
-/// \param out (Lq, Dv)
-/// \param lse (Lq) log-sum-exp per row, or empty
-template <class T, class Score, class BoundMask>
-void blocked_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                       const Score& score, const BoundMask& mask, TileShape tiles, MatrixRef<T> out,
-                       VectorRef<T> lse) {
+/// \param q   (Lq, Dk) stored as S
+/// \param k   (Lk, Dk) stored as S
+/// \param v   (Lk, Dv) stored as S
+/// \param out (Lq, Dv) stored as O (S, or T for a full-precision output of reduced inputs)
+/// \param lse (Lq) log-sum-exp per row in T, or empty
+template <class T, class S = T, class O = T, class Score, class BoundMask>
+void blocked_attention(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef<identity_t<S>>& k,
+                       const ConstMatrixRef<identity_t<S>>& v, const Score& score, const BoundMask& mask,
+                       TileShape tiles, MatrixRef<identity_t<O>> out, VectorRef<T> lse) {
   const Index num_tiles = (q.rows() + tiles.queries - 1) / tiles.queries;
   parallel_for_with_scratch(
       num_tiles, [&] { return BlockedScratch<T>(tiles, q.cols(), v.cols()); },
       [&](Index tile, BlockedScratch<T>& scratch) {
         const Index q0 = tile * tiles.queries;
-        blocked_query_tile<T>(q, k, v, score, mask, tiles, q0, std::min(tiles.queries, q.rows() - q0), out, lse,
-                              scratch);
+        blocked_query_tile<T, S, O>(q, k, v, score, mask, tiles, q0, std::min(tiles.queries, q.rows() - q0), out,
+                                    lse, scratch);
       });
 }
 

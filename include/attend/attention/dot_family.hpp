@@ -46,13 +46,17 @@ inline constexpr double kUnitRowsMinNorm = 1e-12;
 /// (torch.nn.functional.cosine_similarity floors each norm at 1e-8 instead; the two differ only
 /// for rows of norm below 1e-8, which keep their direction here.) A zero row stays zero: its
 /// cosine with anything is 0. stableNorm() scales before squaring, so a float row of entries
-/// near 1e30 keeps its direction (norm() would overflow).
+/// near 1e30 keeps its direction (norm() would overflow). bf16 and half rows are normalized in
+/// float and rounded back once.
 template <class D>
 Matrix<typename D::Scalar> unit_rows(const Eigen::MatrixBase<D>& x) {
-  using T = typename D::Scalar;
-  Matrix<T> out = x;
+  using T = accumulator_t<typename D::Scalar>;
+  Matrix<T> out = x.template cast<T>();
   for (Index i = 0; i < out.rows(); ++i) out.row(i) /= std::max(out.row(i).stableNorm(), T(kUnitRowsMinNorm));
-  return out;
+  if constexpr (std::is_same_v<T, typename D::Scalar>)
+    return out;
+  else
+    return out.template cast<typename D::Scalar>();
 }
 
 }  // namespace detail
@@ -63,7 +67,7 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 void dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                 const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
                                 const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-                                VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                                VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   scaled_dot_product_attention_into(q, k, v, out, mask, detail::with_default_scale(options, 1.0), lse);
 }
@@ -79,7 +83,8 @@ Matrix<typename DQ::Scalar> dot_product_attention(const Eigen::MatrixBase<DQ>& q
 
 /// Luong's "general" (bilinear) attention, s_ij = q_i^T W k_j, computed as dot-product
 /// attention of Q W against K. W (d_q, d_k) is nn.Linear(d_k, d_q).weight, so d_q may differ
-/// from d_k. The scale defaults to 1.
+/// from d_k. The scale defaults to 1. With bf16 or half inputs, Q W is computed in float and
+/// rounded to the inputs' type once (as a framework's bf16 Linear layer would).
 ///
 /// \param q (Lq, d_q)  \param k (Lk, d_k)  \param v (Lk, Dv)  \param w (d_q, d_k)
 template <class DQ, class DK, class DV, class DW, class Mask = NoMask>
@@ -87,16 +92,24 @@ void bilinear_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matrix
                              const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& w,
                              MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{},
                              const AttentionOptions& options = {},
-                             VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                             VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DW>);
-  using T = typename DQ::Scalar;
+  using S = typename DQ::Scalar;
+  using T = accumulator_t<S>;
   ATTEND_CHECK(w.rows() == q.cols() && w.cols() == k.cols(),
                "bilinear weight W " + detail::shape_of(w) + " must be (d_q x d_k) for q " + detail::shape_of(q) +
                    " and k " + detail::shape_of(k));
   const detail::ThreadScope threads(options.num_threads);  // for the product too
-  Matrix<T> q_w(q.rows(), w.cols());  // (Lq, d_k)
-  detail::parallel_product(q_w, q, w);
-  scaled_dot_product_attention_into(q_w, k, v, out, mask, detail::with_default_scale(options, 1.0), lse);
+  Matrix<T> q_w(q.rows(), w.cols());                        // (Lq, d_k)
+  if constexpr (std::is_same_v<S, T>)
+    detail::parallel_product(q_w, q, w);
+  else
+    detail::parallel_product(q_w, q.template cast<T>(), w.template cast<T>());
+  if constexpr (std::is_same_v<S, T>)
+    scaled_dot_product_attention_into(q_w, k, v, out, mask, detail::with_default_scale(options, 1.0), lse);
+  else
+    scaled_dot_product_attention_into(q_w.template cast<S>(), k, v, out, mask,
+                                      detail::with_default_scale(options, 1.0), lse);
 }
 
 /// Returns bilinear attention, (Lq, Dv). See bilinear_attention_into.
@@ -122,16 +135,17 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 void cosine_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                            const Eigen::MatrixBase<DV>& v, double temperature, MatrixRef<typename DQ::Scalar> out,
                            const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                           VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   ATTEND_CHECK(temperature > 0 && std::isfinite(temperature),
                "cosine attention temperature " + detail::number_string(temperature) +
                    " must be a positive finite number");
   ATTEND_CHECK(!options.scale, "cosine attention takes its scale as 1 / temperature; leave options.scale unset (got " +
                                    detail::number_string(*options.scale) + ")");
-  ATTEND_CHECK(std::isfinite(static_cast<typename DQ::Scalar>(1.0 / temperature)),
+  ATTEND_CHECK(std::isfinite(static_cast<accumulator_t<typename DQ::Scalar>>(1.0 / temperature)),
                "cosine attention temperature " + detail::number_string(temperature) +
-                   ": its scale 1 / temperature is not a finite " + detail::scalar_name<typename DQ::Scalar>());
+                   ": its scale 1 / temperature is not a finite " +
+                   detail::scalar_name<accumulator_t<typename DQ::Scalar>>());
   detail::check_qkv(q, k, v);
   scaled_dot_product_attention_into(detail::unit_rows(q), detail::unit_rows(k), v, out, mask,
                                     detail::with_default_scale(options, 1.0 / temperature), lse);
@@ -157,14 +171,15 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 void soft_capped_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                 const Eigen::MatrixBase<DV>& v, double cap, MatrixRef<typename DQ::Scalar> out,
                                 const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-                                VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                                VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
+  using S = typename DQ::Scalar;
+  using T = accumulator_t<S>;
   const T checked_cap = detail::checked_soft_cap<T>(cap);
   detail::check_qkv(q, k, v);
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+  const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
   const detail::SoftCapped<detail::ScaledDot<T>, T> score{{detail::resolve_scale<T>(options, q.cols())}, checked_cap};
-  detail::attention_into<T>(q_ref, k_ref, v_ref, score, mask, options, out, lse);
+  detail::attention_into<S>(q_ref, k_ref, v_ref, score, mask, options, out, lse);
 }
 
 /// Returns soft-capped attention, (Lq, Dv). See soft_capped_attention_into.

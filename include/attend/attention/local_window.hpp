@@ -49,7 +49,7 @@ void local_window_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Ma
                                  const Eigen::MatrixBase<DV>& v, const Window& window,
                                  MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{},
                                  const AttentionOptions& options = {},
-                                 VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                                 VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   scaled_dot_product_attention_into(q, k, v, out, window & mask,
                                     detail::local_window_options(options, window, k.rows()), lse);

@@ -112,14 +112,14 @@ inline HeadLayout infer_head_layout(Index q_cols, Index k_cols, Index v_cols, In
   return {heads, kv_heads, d, v_cols / kv_heads};
 }
 
-/// One sequence of a multi-head call: views of its projected inputs and its output.
-template <class T>
+/// One sequence of a multi-head call: views of its projected inputs and its output, stored as S.
+template <class S>
 struct SequenceViews {
-  ConstMatrixRef<T> q;                      // (Lq, H d)
-  ConstMatrixRef<T> k;                      // (Lk, H_kv d)
-  ConstMatrixRef<T> v;                      // (Lk, H_kv d_v)
-  MatrixRef<T> out;                         // (Lq, H d_v), head h in columns [h d_v, (h+1) d_v)
-  std::vector<Matrix<T>>* weights = nullptr;  // when set: H per-head (Lq, Lk) weights
+  ConstMatrixRef<S> q;                                       // (Lq, H d)
+  ConstMatrixRef<S> k;                                       // (Lk, H_kv d)
+  ConstMatrixRef<S> v;                                       // (Lk, H_kv d_v)
+  MatrixRef<S> out;                                          // (Lq, H d_v), head h in columns [h d_v, (h+1) d_v)
+  std::vector<Matrix<accumulator_t<S>>>* weights = nullptr;  // when set: H per-head (Lq, Lk) weights
 };
 
 /// Attention of every (sequence, head) pair; mask_of(s) is the mask policy of sequence s, bound
@@ -128,45 +128,54 @@ struct SequenceViews {
 /// (sequence, head); each head runs the single-head engine, whose own query-tile loop is then a
 /// nested OpenMP region and runs serially in its thread (OpenMP's default). A lone head keeps
 /// that inner parallelism. Each head is computed the same way on any thread, so results do not
-/// depend on the thread count.
-template <class T, class MaskOf>
-void multi_head_attention_batch(const std::vector<SequenceViews<T>>& sequences, const HeadLayout& layout,
+/// depend on the thread count. Inputs and outputs are stored as S, computed in T = accumulator_t<S>.
+template <class S, class MaskOf>
+void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, const HeadLayout& layout,
                                 const MaskOf& mask_of, const AttentionOptions& options) {
+  using T = accumulator_t<S>;
   const ThreadScope threads(options.num_threads);
   const T scale = resolve_scale<T>(options, layout.key_dim);
   resolve_tiles(options);
   const auto head_index = [&](Index s, Index h) { return HeadIndex{s, h, Index(sequences.size()), layout.heads}; };
   for (std::size_t s = 0; s < sequences.size(); ++s) {
-    const SequenceViews<T>& seq = sequences[s];
+    const SequenceViews<S>& seq = sequences[s];
     check_shape(seq.q, seq.q.rows(), layout.heads * layout.key_dim, "query");
     check_shape(seq.k, seq.k.rows(), layout.kv_heads * layout.key_dim, "key");
     check_shape(seq.v, seq.k.rows(), layout.kv_heads * layout.value_dim, "value");
     check_shape(seq.out, seq.q.rows(), layout.heads * layout.value_dim, "output");
-    check_outputs_do_not_alias<T>(seq.q, seq.k, seq.v, seq.out, no_vector<T>());
+    check_outputs_do_not_alias<S, S, T>(seq.q, seq.k, seq.v, seq.out, no_vector<T>());
     for (Index h = 0; h < layout.heads; ++h)
       bind_mask(mask_of(Index(s)).derived(), head_index(Index(s), h), seq.q.rows(), seq.k.rows());
     if (seq.weights) seq.weights->assign(std::size_t(layout.heads), Matrix<T>(seq.q.rows(), seq.k.rows()));
   }
   const auto head = [&](Index item) {
-    const SequenceViews<T>& seq = sequences[std::size_t(item / layout.heads)];
+    const SequenceViews<S>& seq = sequences[std::size_t(item / layout.heads)];
     if (seq.q.rows() == 0) return;  // nothing to write (and no block of an empty matrix at an offset)
     const Index h = item % layout.heads, g = layout.kv_head_of(h);
-    MatrixRef<T> all_out = seq.out;                                                 // a writable copy of the view
-    MatrixRef<T> out = all_out.middleCols(h * layout.value_dim, layout.value_dim);  // (Lq, d_v)
+    MatrixRef<S> all_out = seq.out;                                                 // a writable copy of the view
+    MatrixRef<S> out = all_out.middleCols(h * layout.value_dim, layout.value_dim);  // (Lq, d_v)
     if (seq.k.rows() == 0) {  // no key to see
       out.setZero();
       return;
     }
-    const ConstMatrixRef<T> q = seq.q.middleCols(h * layout.key_dim, layout.key_dim);    // (Lq, d)
-    const ConstMatrixRef<T> k = seq.k.middleCols(g * layout.key_dim, layout.key_dim);    // (Lk, d)
-    const ConstMatrixRef<T> v = seq.v.middleCols(g * layout.value_dim, layout.value_dim);  // (Lk, d_v)
+    const ConstMatrixRef<S> q = seq.q.middleCols(h * layout.key_dim, layout.key_dim);    // (Lq, d)
+    const ConstMatrixRef<S> k = seq.k.middleCols(g * layout.key_dim, layout.key_dim);    // (Lk, d)
+    const ConstMatrixRef<S> v = seq.v.middleCols(g * layout.value_dim, layout.value_dim);  // (Lk, d_v)
     const auto& mask = mask_of(item / layout.heads);
     const HeadIndex at = head_index(item / layout.heads, h);
     if (seq.weights) {
-      materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, bind_mask(mask.derived(), at, q.rows(), k.rows()), out,
-                                no_vector<T>(), (*seq.weights)[std::size_t(h)]);
+      const auto bound = bind_mask(mask.derived(), at, q.rows(), k.rows());
+      if constexpr (std::is_same_v<S, T>) {
+        materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, bound, out, no_vector<T>(),
+                                  (*seq.weights)[std::size_t(h)]);
+      } else {  // on float copies of the head
+        Matrix<T> out_full(q.rows(), v.cols());
+        materialized_attention<T>(q.template cast<T>(), k.template cast<T>(), v.template cast<T>(), ScaledDot<T>{scale},
+                                  bound, out_full, no_vector<T>(), (*seq.weights)[std::size_t(h)]);
+        out = out_full.template cast<S>();
+      }
     } else {
-      attention_into<T>(q, k, v, ScaledDot<T>{scale}, mask.derived(), options, out, no_vector<T>(), at);
+      attention_into<S>(q, k, v, ScaledDot<T>{scale}, mask.derived(), options, out, no_vector<T>(), at);
     }
   };
   const Index items = Index(sequences.size()) * layout.heads;
@@ -209,7 +218,8 @@ void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
                                const SequenceRows& key_rows, MatrixRef<typename DQ::Scalar> out,
                                const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
+  using S = typename DQ::Scalar;
+  using T = accumulator_t<S>;
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
@@ -220,16 +230,16 @@ void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
                "the sequences use " + std::to_string(query_rows.rows_used()) + " query rows and " +
                    std::to_string(key_rows.rows_used()) + " key rows of q " + detail::shape_of(q) + " and k " +
                    detail::shape_of(k));
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, detail::no_vector<T>());
-  std::vector<detail::SequenceViews<T>> sequences;
+  const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
+  detail::check_outputs_do_not_alias<S, S, T>(q_ref, k_ref, v_ref, out, detail::no_vector<T>());
+  std::vector<detail::SequenceViews<S>> sequences;
   for (Index b = 0; b < query_rows.size(); ++b) {
     const Index q0 = query_rows.begin(b), lq = query_rows.length(b), k0 = key_rows.begin(b), lk = key_rows.length(b);
     sequences.push_back({q_ref.middleRows(q0, lq), k_ref.middleRows(k0, lk), v_ref.middleRows(k0, lk),
                          out.middleRows(q0, lq)});
   }
   out.setZero();  // the rows of no sequence; the others are overwritten
-  detail::multi_head_attention_batch<T>(
+  detail::multi_head_attention_batch<S>(
       sequences, layout, [&](Index) -> const Mask& { return mask.derived(); }, options);
 }
 
@@ -291,7 +301,7 @@ struct MultiHeadWeights {
 template <class T>
 class MultiHeadAttention {
  public:
-  static_assert(detail::supported_scalars<T>);
+  static_assert(detail::full_precision_scalars<T>);
 
   /// \param num_heads    H
   /// \param weights      projections; their shapes fix d, d_v, E_q, E_k, E_v and E_out

@@ -32,24 +32,42 @@ inline bool use_blocked(const AttentionOptions& options, Index num_queries, Inde
 }
 
 /// The shared core: checks shapes and aliasing, binds the mask for head `at`, and runs the
-/// chosen path on the options' threads.
-template <class T, class Score, class Mask>
-void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                    const Score& score, const Mask& mask, const AttentionOptions& options, MatrixRef<T> out,
-                    VectorRef<T> lse, const HeadIndex& at = {}) {
+/// chosen path on the options' threads. Q, K and V are stored as S, the output as O (S, or
+/// accumulator_t<S> for a full-precision output of reduced inputs), the log-sum-exp as
+/// T = accumulator_t<S>. With S = bf16 or half, the blocked path of the scaled dot product
+/// reads the inputs in place; the materialized path and other score policies compute on
+/// T copies of Q, K and V (O((Lq + 2 Lk) d) more memory), and the output is rounded to O once.
+template <class S, class Score, class Mask, class O = S>
+void attention_into(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef<identity_t<S>>& k,
+                    const ConstMatrixRef<identity_t<S>>& v, const Score& score, const Mask& mask,
+                    const AttentionOptions& options, MatrixRef<identity_t<O>> out,
+                    VectorRef<accumulator_t<S>> lse, const HeadIndex& at = {}) {
+  using T = accumulator_t<S>;
   const ThreadScope threads(options.num_threads);
   check_shape(out, q.rows(), v.cols(), "output");
   ATTEND_CHECK(lse.size() == 0 || lse.size() == q.rows(),
                "log-sum-exp of size " + std::to_string(lse.size()) + " must have Lq = " + std::to_string(q.rows()) +
                    " entries");
-  check_outputs_do_not_alias<T>(q, k, v, out, lse);
-  const TileShape tiles = resolve_tiles(options, q.rows(), k.rows());
+  check_outputs_do_not_alias<S, O, T>(q, k, v, out, lse);
+  const bool blocked = use_blocked(options, q.rows(), k.rows());
   const auto bound = bind_mask(mask.derived(), at, q.rows(), k.rows());
-  if (use_blocked(options, q.rows(), k.rows())) {
-    blocked_attention<T>(q, k, v, score, bound, tiles, out, lse);
+  if constexpr (std::is_same_v<S, T>) {
+    if (blocked) {
+      blocked_attention<T>(q, k, v, score, bound, resolve_tiles(options, q.rows(), k.rows()), out, lse);
+    } else {
+      Matrix<T> weights(q.rows(), k.rows());
+      materialized_attention<T>(q, k, v, score, bound, out, lse, weights);
+    }
   } else {
-    Matrix<T> weights(q.rows(), k.rows());
-    materialized_attention<T>(q, k, v, score, bound, out, lse, weights);
+    if constexpr (is_dot_product_score<Score>::value) {
+      if (blocked)
+        return blocked_attention<T, S, O>(q, k, v, score, bound, resolve_tiles(options, q.rows(), k.rows()), out,
+                                          lse);
+    }
+    const Matrix<T> q_full = q.template cast<T>(), k_full = k.template cast<T>(), v_full = v.template cast<T>();
+    Matrix<T> out_full(out.rows(), out.cols());
+    attention_into<T>(q_full, k_full, v_full, score, mask, options, out_full, lse, at);
+    out = out_full.template cast<O>();
   }
 }
 
@@ -66,20 +84,41 @@ void attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, cons
 /// \param out  (Lq, Dv) output
 /// \param mask mask policy (default: none)
 /// \param options scale (default 1/sqrt(Dk)), algorithm, tile sizes
-/// \param lse  (Lq) or empty
+/// \param lse  (Lq) or empty; float for bf16 and half inputs
 /// \throws attend::invalid_argument on mismatched shapes, a mask of the wrong shape, a bad window,
 ///         a bad tile size, or `out` or `lse` aliasing an input.
+///
+/// Inputs of Eigen::bfloat16 or Eigen::half are read in place and computed in float (scores,
+/// softmax, P V, log-sum-exp); the output is rounded to the inputs' type once, or written in
+/// float by the overload below.
 template <class DQ, class DK, class DV, class Mask = NoMask>
-void scaled_dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                                       const Eigen::MatrixBase<DV>& v, MatrixRef<typename DQ::Scalar> out,
-                                       const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-                                       VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+void scaled_dot_product_attention_into(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
+  using S = typename DQ::Scalar;
+  using T = accumulator_t<S>;
   detail::check_qkv(q, k, v);
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  detail::attention_into<T>(q_ref, k_ref, v_ref, detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())},
+  const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
+  detail::attention_into<S>(q_ref, k_ref, v_ref, detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())},
                             mask.derived(), options, out, lse);  // (the instantiation extern_templates.hpp names)
+}
+
+/// bf16 or half inputs with a float output (and log-sum-exp): the output is not rounded.
+template <class DQ, class DK, class DV, class Mask = NoMask,
+          std::enable_if_t<detail::is_reduced_precision<typename DQ::Scalar>, int> = 0>
+void scaled_dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                       const Eigen::MatrixBase<DV>& v, MatrixRef<float> out,
+                                       const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+                                       VectorRef<float> lse = detail::no_vector<float>()) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
+  using S = typename DQ::Scalar;
+  detail::check_qkv(q, k, v);
+  const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
+  detail::attention_into<S, detail::ScaledDot<float>, Mask, float>(
+      q_ref, k_ref, v_ref, detail::ScaledDot<float>{detail::resolve_scale<float>(options, q.cols())}, mask.derived(),
+      options, out, lse);
 }
 
 /// Returns softmax(scale * Q K^T + mask) V, shape (Lq, Dv). See scaled_dot_product_attention_into.
@@ -106,7 +145,7 @@ AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_lse(const
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   detail::check_qkv(q, k, v);
   AttentionResult<typename DQ::Scalar> result{Matrix<typename DQ::Scalar>(q.rows(), v.cols()),
-                                              Vector<typename DQ::Scalar>(q.rows()), {}};
+                                              Vector<accumulator_t<typename DQ::Scalar>>(q.rows()), {}};
   scaled_dot_product_attention_into(q, k, v, result.output, mask, options, result.lse);
   return result;
 }
@@ -118,16 +157,23 @@ AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_weights(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
     const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
+  using S = typename DQ::Scalar;
+  using T = accumulator_t<S>;
   detail::check_qkv(q, k, v);
-  const detail::ThreadScope threads(options.num_threads);
-  AttentionResult<T> result{Matrix<T>(q.rows(), v.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  const auto bound = detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows());
-  detail::materialized_attention<T>(q_ref, k_ref, v_ref,
-                                    detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())}, bound,
-                                    result.output, result.lse, result.weights);
-  return result;
+  if constexpr (detail::is_reduced_precision<S>) {  // on float copies, the output rounded once
+    AttentionResult<T> full = scaled_dot_product_attention_with_weights(
+        q.template cast<T>(), k.template cast<T>(), v.template cast<T>(), mask, options);
+    return {full.output.template cast<S>(), std::move(full.lse), std::move(full.weights)};
+  } else {
+    const detail::ThreadScope threads(options.num_threads);
+    AttentionResult<T> result{Matrix<T>(q.rows(), v.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};
+    const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+    const auto bound = detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows());
+    detail::materialized_attention<T>(q_ref, k_ref, v_ref,
+                                      detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())}, bound,
+                                      result.output, result.lse, result.weights);
+    return result;
+  }
 }
 
 }  // namespace attend

@@ -187,19 +187,29 @@ void top_k_attention_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k
 /// Writes top-k scaled dot-product attention into `out` (Lq, Dv): each query softmaxes
 /// scale <q_i, k_j> (+ mask) over only its `top_k` best visible keys (ties to the lower key
 /// index), with its log-sum-exp over those keys in `lse` when non-empty. Shapes and options as
-/// scaled_dot_product_attention_into; top_k >= Lk is ordinary attention.
+/// scaled_dot_product_attention_into; top_k >= Lk is ordinary attention. bf16 and half inputs
+/// are computed on float copies (the selection compares float scores), the output rounded once.
 /// \throws attend::invalid_argument when top_k <= 0, and as scaled_dot_product_attention_into.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 void top_k_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                           const Eigen::MatrixBase<DV>& v, Index top_k, MatrixRef<typename DQ::Scalar> out,
                           const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-                          VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                          VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
+  using S = typename DQ::Scalar;
+  using T = accumulator_t<S>;
   detail::check_qkv(q, k, v);
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  detail::top_k_attention_into<T>(q_ref, k_ref, v_ref, detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())},
-                                  mask, top_k, options, out, lse);
+  if constexpr (detail::is_reduced_precision<S>) {
+    Matrix<T> out_full(out.rows(), out.cols());
+    top_k_attention_into(q.template cast<T>(), k.template cast<T>(), v.template cast<T>(), top_k, out_full, mask,
+                         options, lse);
+    out = out_full.template cast<S>();
+  } else {
+    const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
+    detail::top_k_attention_into<T>(q_ref, k_ref, v_ref,
+                                    detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())}, mask, top_k,
+                                    options, out, lse);
+  }
 }
 
 /// Returns top-k attention, (Lq, Dv). See top_k_attention_into.

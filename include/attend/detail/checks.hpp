@@ -151,10 +151,12 @@ void check_no_alias(const Out& out, const char* out_name, const In& in, const ch
 }
 
 /// Rejects an attention output `out` or its log-sum-exp `lse` (possibly empty) sharing memory
-/// with the views q, k, v the kernel reads, or with each other.
-template <class T>
-void check_outputs_do_not_alias(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                                const MatrixRef<T>& out, const VectorRef<T>& lse) {
+/// with the views q, k, v the kernel reads, or with each other. Inputs are stored as S, the
+/// output as O, the log-sum-exp as T.
+template <class S, class O = S, class T = S>
+void check_outputs_do_not_alias(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef<identity_t<S>>& k,
+                                const ConstMatrixRef<identity_t<S>>& v, const MatrixRef<identity_t<O>>& out,
+                                const VectorRef<identity_t<T>>& lse) {
   check_no_alias(out, "output", q, "input q");
   check_no_alias(out, "output", k, "input k");
   check_no_alias(out, "output", v, "input v");

@@ -23,10 +23,12 @@ namespace attend::detail {
 /// down the columns of Q, and the rows of a head of an (L, H d) matrix lie a power of two apart,
 /// so those reads fight over one cache set: it cost an eighth of a causal tile's time.)
 ///
+/// Queries stored as S (bf16, half) are widened to T exactly on the load, before the scale.
+///
 /// \param q  (rows, Dk) query rows of the tile
 /// \param qt (Dk, >= lanes) packed tile, rows aligned to the packet size
-template <class T>
-void pack_scaled_queries(const ConstMatrixRef<T>& q, T scale, MatrixRef<T> qt) {
+template <class T, class S = T>
+void pack_scaled_queries(const ConstMatrixRef<identity_t<S>>& q, T scale, MatrixRef<T> qt) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   constexpr Index W = kLanes<T>;
@@ -39,13 +41,13 @@ void pack_scaled_queries(const ConstMatrixRef<T>& q, T scale, MatrixRef<T> qt) {
       simd::PacketBlock<P, int(W)> block;  // row r: features [c0, c0 + W) of query i0 + r
       for (Index r = 0; r < W; ++r)
         block.packet[r] = r < block_rows
-                              ? simd::pmul(scale_packet, simd::ploadu<P>(q.data() + (i0 + r) * q.outerStride() + c0))
+                              ? simd::pmul(scale_packet, load_as<T>(q.data() + (i0 + r) * q.outerStride() + c0))
                               : simd::pset1<P>(T(0));
       simd::ptranspose(block);  // row c: feature c0 + c of queries [i0, i0 + W)
       for (Index c = 0; c < W; ++c) simd::pstore(qt.data() + (c0 + c) * qt.outerStride() + i0, block.packet[c]);
     }
     for (Index c = packed_depth; c < depth; ++c)
-      for (Index r = 0; r < W; ++r) qt(c, i0 + r) = r < block_rows ? scale * q(i0 + r, c) : T(0);
+      for (Index r = 0; r < W; ++r) qt(c, i0 + r) = r < block_rows ? scale * T(q(i0 + r, c)) : T(0);
   }
 }
 

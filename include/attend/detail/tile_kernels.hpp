@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MIT
 /// \file detail/tile_kernels.hpp
 /// \brief Register-blocked micro-kernels of the blocked path, written once over Eigen packets
-/// (so for float and double, AVX-512, AVX2, SSE, NEON, or plain scalars).
+/// (so for float and double, AVX-512, AVX2, SSE, NEON, or plain scalars). K and V may be stored
+/// as S = bf16 or half with T = float: each element is widened exactly as it is loaded
+/// (detail::load_as), and everything is computed and accumulated in T.
 ///
 /// One step of the blocked path for a query tile (rows i, padded to `lanes`) and a key tile
 /// (rows j) holds the scores *transposed*, st(j, i), one query per SIMD lane:
@@ -39,11 +41,11 @@ inline constexpr Index kValuePrefetch = 32;
 /// MR x NV accumulators, one broadcast of k(j, c) and NV loads of qt(c, :) per feature c.
 /// The MR rows of K two blocks ahead are prefetched, a cache line at a time: the rows of a head
 /// of an (L, H d) matrix lie a page apart, and the hardware prefetchers stop at pages.
-template <class T, int MR, int NV>
-void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index depth, T* st, Index st_stride) {
+template <class T, class S, int MR, int NV>
+void score_block(const S* k, Index k_stride, const T* qt, Index qt_stride, Index depth, T* st, Index st_stride) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
-  constexpr Index W = kLanes<T>, kLine = 64 / Index(sizeof(T));
+  constexpr Index W = kLanes<T>, kLine = 64 / Index(sizeof(S));
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
     for (Index c = 0; c < depth; c += kLine) prefetch_at(k, (2 * MR + r) * k_stride + c);
@@ -58,7 +60,7 @@ void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index
     for (int v = 0; v < NV; ++v) q[v] = simd::pload<P>(qt + c * qt_stride + v * W);
     ATTEND_UNROLL
     for (int r = 0; r < MR; ++r) {
-      const P kc = simd::pset1<P>(k[r * k_stride + c]);
+      const P kc = simd::pset1<P>(T(k[r * k_stride + c]));
       ATTEND_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = simd::pmadd(kc, q[v], acc[r][v]);
     }
@@ -74,8 +76,8 @@ void score_block(const T* k, Index k_stride, const T* qt, Index qt_stride, Index
 /// of tile keys that holds every key query lanes [i0, i1) may see: a block of keys is scored
 /// only for the packets of lanes whose range meets it (on a causal diagonal, about 3/8 of the
 /// block is skipped). Entries left unscored are invisible, and the mask sets them to -inf.
-template <class T, class Visible>
-void score_tile(const ConstMatrixRef<T>& k, const T* qt, Index qt_stride, Index lanes, T* st, Index st_stride,
+template <class T, class S = T, class Visible>
+void score_tile(const ConstMatrixRef<identity_t<S>>& k, const T* qt, Index qt_stride, Index lanes, T* st, Index st_stride,
                 const Visible& visible) {
   constexpr Index W = kLanes<T>;
   const Index keys = k.rows(), depth = k.cols(), packets = lanes / W;
@@ -97,7 +99,7 @@ void score_tile(const ConstMatrixRef<T>& k, const T* qt, Index qt_stride, Index 
       const Index lane0 = (p0 + first) * W;
       with_static_size<kScorePackets>(last - first + 1, [&](auto nv) {
         with_static_size<kScoreRows>(mr, [&](auto rows) {
-          score_block<T, decltype(rows)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(),
+          score_block<T, S, decltype(rows)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(),
                                                                      qt + lane0, qt_stride, depth,
                                                                      st + j0 * st_stride + lane0, st_stride);
         });
@@ -137,10 +139,19 @@ void online_softmax_step(T* st, Index st_stride, Index keys, Index lanes, T* max
   }
 }
 
+/// `Vec` (a packet of T, or T itself) from consecutive values of storage type S at p, widened.
+template <class Vec, class S>
+Vec load_vec(const S* p) {
+  if constexpr (Eigen::internal::unpacket_traits<Vec>::size == 1)
+    return Vec(*p);
+  else
+    return load_as<typename Eigen::internal::unpacket_traits<Vec>::type>(p);
+}
+
 /// acc(i, :) = alpha_i acc(i, :) + sum_j pt(j, i) v(j, :) for MR query rows i and NV packets of
 /// `Vec` (a packet, or T itself for the feature columns past the last whole packet).
-template <class T, class Vec, int MR, int NV>
-void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_stride, const T* alpha, T* acc,
+template <class T, class S, class Vec, int MR, int NV>
+void value_block(const T* pt, Index pt_stride, Index keys, const S* v, Index v_stride, const T* alpha, T* acc,
                  Index acc_stride) {
   namespace simd = Eigen::internal;
   constexpr Index W = simd::unpacket_traits<Vec>::size;
@@ -156,7 +167,7 @@ void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_s
     for (int c = 0; c < NV; ++c) prefetch_at(v, (j + kValuePrefetch) * v_stride + c * W);  // see score_block
     Vec x[std::size_t(NV)];
     ATTEND_UNROLL
-    for (int c = 0; c < NV; ++c) x[c] = simd::ploadu<Vec>(v + j * v_stride + c * W);
+    for (int c = 0; c < NV; ++c) x[c] = load_vec<Vec>(v + j * v_stride + c * W);
     ATTEND_UNROLL
     for (int r = 0; r < MR; ++r) {
       const Vec p = simd::pset1<Vec>(pt[j * pt_stride + r]);
@@ -173,8 +184,8 @@ void value_block(const T* pt, Index pt_stride, Index keys, const T* v, Index v_s
 /// acc (rows, Dv) = diag(alpha) acc + P V_tile with P held transposed as pt (keys, >= rows).
 /// Each block of query rows [i0, i1) reads only the keys `visible(i0, i1)` (see score_tile);
 /// their weights outside it are zero.
-template <class T, class Visible>
-void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const T* alpha, MatrixRef<T> acc,
+template <class T, class S = T, class Visible>
+void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<identity_t<S>>& v, const T* alpha, MatrixRef<T> acc,
                 const Visible& visible) {
   const Index rows = acc.rows(), dim = v.cols();
   const Index packed_dim = dim / kLanes<T> * kLanes<T>;
@@ -187,16 +198,16 @@ void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const 
       const auto seen = visible(i0, i0 + mr);
       const Index j0 = seen.begin, keys = std::max<Index>(seen.end - seen.begin, 0);
       T* acc_block = acc.data() + i0 * acc.outerStride() + c0;
-      const T* v_block = v.data() + j0 * v.outerStride() + c0;
+      const S* v_block = v.data() + j0 * v.outerStride() + c0;
       const T* p_block = pt + j0 * pt_stride + i0;
       with_static_size<kValueRows>(mr, [&](auto m) {
         constexpr int MR = decltype(m)::value;
         if (tail) {
-          value_block<T, T, MR, 1>(p_block, pt_stride, keys, v_block, v.outerStride(), alpha + i0, acc_block,
+          value_block<T, S, T, MR, 1>(p_block, pt_stride, keys, v_block, v.outerStride(), alpha + i0, acc_block,
                                    acc.outerStride());
         } else {
           with_static_size<kValuePackets>(width / kLanes<T>, [&](auto nv) {
-            value_block<T, Packet<T>, MR, decltype(nv)::value>(p_block, pt_stride, keys, v_block, v.outerStride(),
+            value_block<T, S, Packet<T>, MR, decltype(nv)::value>(p_block, pt_stride, keys, v_block, v.outerStride(),
                                                                alpha + i0, acc_block, acc.outerStride());
           });
         }
@@ -207,15 +218,17 @@ void value_tile(const T* pt, Index pt_stride, const ConstMatrixRef<T>& v, const 
 }
 
 /// out_i = acc_i / l_i and, when lse is non-empty, lse_i = m_i + log l_i; a row with l_i = 0
-/// (it saw no key) gets zeros and lse -inf. NaN in l_i propagates.
-template <class T>
-void finalize_rows(const ConstMatrixRef<T>& acc, const T* max, const T* sum, MatrixRef<T> out, VectorRef<T> lse) {
+/// (it saw no key) gets zeros and lse -inf. NaN in l_i propagates. An output stored as O (bf16,
+/// half) is rounded once, here, to nearest even.
+template <class T, class O = T>
+void finalize_rows(const ConstMatrixRef<T>& acc, const T* max, const T* sum, MatrixRef<identity_t<O>> out,
+                   VectorRef<T> lse) {
   for (Index i = 0; i < acc.rows(); ++i) {
     const bool empty = sum[i] == T(0);
     if (empty)
       out.row(i).setZero();
     else
-      out.row(i) = acc.row(i) / sum[i];
+      out.row(i) = (acc.row(i) / sum[i]).template cast<O>();
     if (lse.size() != 0) lse(i) = empty ? -std::numeric_limits<T>::infinity() : max[i] + std::log(sum[i]);
   }
 }

@@ -47,7 +47,7 @@ void distributed_decode_attention_into(MPI_Comm comm, const Eigen::MatrixBase<DQ
                                        const Eigen::MatrixBase<DV>& v, Index num_heads,
                                        MatrixRef<typename DQ::Scalar> out, const AttentionOptions& options = {},
                                        VectorRef<typename DQ::Scalar> lse = attend::detail::no_vector<typename DQ::Scalar>()) {
-  static_assert(attend::detail::supported_scalars<DQ, DK, DV>);
+  static_assert(attend::detail::full_precision_scalars<DQ, DK, DV>);
   using T = typename DQ::Scalar;
   const detail::CommInfo info = detail::comm_info(comm);
   // The reduced partial, one contiguous message: [lse (H) | output (H d_v)].

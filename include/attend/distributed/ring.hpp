@@ -251,7 +251,7 @@ void ring_attention_into(MPI_Comm comm, const Eigen::MatrixBase<DQ>& q, const Ei
                          const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                          const MaskBase<Mask>& mask = NoMask{}, const RingOptions& options = {},
                          MatrixRef<typename DQ::Scalar> lse = detail::no_matrix<typename DQ::Scalar>()) {
-  static_assert(attend::detail::supported_scalars<DQ, DK, DV>);
+  static_assert(attend::detail::full_precision_scalars<DQ, DK, DV>);
   static_assert(is_shardable_mask<Mask>,
                 "attend::distributed: sequence-parallel attention takes NoMask, Causal, Window, KeyPadding and "
                 "their intersections (a & b)");

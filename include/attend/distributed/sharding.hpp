@@ -74,7 +74,7 @@ Matrix<typename D::Scalar> shard_rows(const Eigen::MatrixBase<D>& global, Shardi
 template <class D>
 Matrix<typename D::Scalar> allgather_rows(MPI_Comm comm, const Eigen::MatrixBase<D>& local, Sharding sharding) {
   using T = typename D::Scalar;
-  static_assert(attend::detail::supported_scalars<T>);
+  static_assert(attend::detail::full_precision_scalars<T>);
   const detail::CommInfo info = detail::comm_info(comm);
   const Matrix<T> rows = local;  // contiguous
   const std::vector<std::int64_t> counts = detail::agree(comm, info, {rows.rows(), rows.cols()}, [] {});

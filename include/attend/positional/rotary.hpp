@@ -304,7 +304,7 @@ void rotate_head_transpose(T* x, const T* cos, const T* sin, Index pairs) {
 template <class T>
 class RotaryEmbedding {
  public:
-  static_assert(detail::supported_scalars<T>);
+  static_assert(detail::full_precision_scalars<T>);
 
   /// \throws invalid_argument for an odd rotary_dim, rotary_dim > head_dim, base <= 1, a negative
   ///         cache length, or bad scaling parameters (factor < 1, beta_fast < beta_slow, a YaRN
@@ -373,6 +373,11 @@ class RotaryEmbedding {
     rotate_rows(x, [start_position](Index r) { return start_position + r; }, false);
   }
 
+  /// Rotates bf16 or half rows in place: each row is rotated in T and rounded back once (the
+  /// cos/sin tables stay in T).
+  void apply(MatrixRef<Eigen::bfloat16> x, Index start_position = 0) const { apply_rounded(x, start_position); }
+  void apply(MatrixRef<Eigen::half> x, Index start_position = 0) const { apply_rounded(x, start_position); }
+
   /// Rotates every head of `x` in place, row r at position positions(r) (any integers).
   /// \param x         (L, H * head_dim), heads as column blocks.
   /// \param positions (L) position ids.
@@ -404,6 +409,13 @@ class RotaryEmbedding {
   }
 
  private:
+  template <class S>
+  void apply_rounded(MatrixRef<S> x, Index start_position) const {
+    Matrix<T> full = x.template cast<T>();  // (L, H * head_dim)
+    apply(full, start_position);
+    x = full.template cast<S>();
+  }
+
   template <class PositionOf>
   void rotate_rows(MatrixRef<T>& x, PositionOf position_of, bool transpose) const {
     ATTEND_CHECK(x.cols() % head_dim_ == 0, "x " + detail::shape_of(x) + " has " + std::to_string(x.cols()) +

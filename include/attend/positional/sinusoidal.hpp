@@ -56,6 +56,7 @@ inline void check_sinusoidal_base(double base) {
 template <class T>
 void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double base = 10000.0) {
   static_assert(detail::supported_scalars<T>);
+  using A = accumulator_t<T>;  // bf16 and half: added in float, rounded once
   detail::check_sinusoidal_base(base);
   const Index width = x.cols();
   const Vector<double> denominators = detail::sinusoidal_denominators(width, base);  // (ceil(d/2))
@@ -64,8 +65,8 @@ void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double b
     const double position = static_cast<double>(position_offset) + static_cast<double>(r);
     for (Index i = 0; i < denominators.size(); ++i) {
       const double angle = position / denominators(i);
-      x(r, 2 * i) += static_cast<T>(std::sin(angle));
-      if (2 * i + 1 < width) x(r, 2 * i + 1) += static_cast<T>(std::cos(angle));
+      x(r, 2 * i) = static_cast<T>(A(x(r, 2 * i)) + static_cast<A>(std::sin(angle)));
+      if (2 * i + 1 < width) x(r, 2 * i + 1) = static_cast<T>(A(x(r, 2 * i + 1)) + static_cast<A>(std::cos(angle)));
     }
   };
   if (x.size() >= 4096) {
