@@ -49,9 +49,21 @@ constexpr Index round_up_to_lanes(Index n) {
   return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
 }
 
+/// x widened exactly to T. half goes through F16C where the target has it: Eigen 3.4 turns its
+/// own F16C paths on for clang only (its test reads EIGEN_COMP_CLANG, which it defines as 0 for
+/// GCC) and otherwise converts by bit manipulation, several times slower in the value kernel;
+/// attend calls the instructions itself (here and in load_as/store_as).
+template <class T, class S>
+T widen(S x) {
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<S, Eigen::half>) return T(_cvtsh_ss(x.x));
+#endif
+  return T(x);
+}
+
 /// Whether Eigen converts packets of S to packets of T (pcast) on this target: bf16 and half to
-/// float with AVX-512 or AVX (F16C). Elsewhere (SSE-only builds, NEON, ...) the conversions
-/// below go lane by lane through Eigen's scalar conversion; the results are the same.
+/// float with AVX-512 or AVX. Elsewhere (SSE-only builds, NEON, ...) the conversions below go
+/// lane by lane through the scalar conversion; the results are the same.
 template <class T, class S>
 inline constexpr bool has_packet_conversion =
 #if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX)
@@ -68,12 +80,19 @@ Packet<T> load_as(const S* p) {
   namespace simd = Eigen::internal;
   if constexpr (std::is_same_v<T, S>) {
     return simd::ploadu<Packet<T>>(p);
+#if defined(__F16C__) && defined(EIGEN_VECTORIZE_AVX512)
+  } else if constexpr (std::is_same_v<S, Eigen::half> && std::is_same_v<T, float>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && defined(EIGEN_VECTORIZE_AVX)
+  } else if constexpr (std::is_same_v<S, Eigen::half> && std::is_same_v<T, float>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
   } else if constexpr (has_packet_conversion<T, S>) {
     using PS = typename simd::packet_traits<S>::type;
     return simd::pcast<PS, Packet<T>>(simd::ploadu<PS>(p));
   } else {
     alignas(Packet<T>) T lanes[kLanes<T>];
-    for (Index i = 0; i < kLanes<T>; ++i) lanes[i] = T(p[i]);
+    for (Index i = 0; i < kLanes<T>; ++i) lanes[i] = widen<T>(p[i]);
     return simd::pload<Packet<T>>(lanes);
   }
 }
@@ -85,6 +104,13 @@ void store_as(S* p, const P& x) {
   using T = typename simd::unpacket_traits<P>::type;
   if constexpr (std::is_same_v<T, S>) {
     simd::pstoreu(p, x);
+#if defined(__F16C__) && defined(EIGEN_VECTORIZE_AVX512)
+  } else if constexpr (std::is_same_v<S, Eigen::half> && std::is_same_v<T, float>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__) && defined(EIGEN_VECTORIZE_AVX)
+  } else if constexpr (std::is_same_v<S, Eigen::half> && std::is_same_v<T, float>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+#endif
   } else if constexpr (has_packet_conversion<T, S>) {
     using PS = typename simd::packet_traits<S>::type;
     simd::pstoreu(p, simd::pcast<Packet<T>, PS>(x));

@@ -47,7 +47,7 @@ void pack_scaled_queries(const ConstMatrixRef<identity_t<S>>& q, T scale, Matrix
       for (Index c = 0; c < W; ++c) simd::pstore(qt.data() + (c0 + c) * qt.outerStride() + i0, block.packet[c]);
     }
     for (Index c = packed_depth; c < depth; ++c)
-      for (Index r = 0; r < W; ++r) qt(c, i0 + r) = r < block_rows ? scale * T(q(i0 + r, c)) : T(0);
+      for (Index r = 0; r < W; ++r) qt(c, i0 + r) = r < block_rows ? scale * widen<T>(q(i0 + r, c)) : T(0);
   }
 }
 

@@ -60,7 +60,7 @@ void score_block(const S* k, Index k_stride, const T* qt, Index qt_stride, Index
     for (int v = 0; v < NV; ++v) q[v] = simd::pload<P>(qt + c * qt_stride + v * W);
     ATTEND_UNROLL
     for (int r = 0; r < MR; ++r) {
-      const P kc = simd::pset1<P>(T(k[r * k_stride + c]));
+      const P kc = simd::pset1<P>(widen<T>(k[r * k_stride + c]));
       ATTEND_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = simd::pmadd(kc, q[v], acc[r][v]);
     }
@@ -143,7 +143,7 @@ void online_softmax_step(T* st, Index st_stride, Index keys, Index lanes, T* max
 template <class Vec, class S>
 Vec load_vec(const S* p) {
   if constexpr (Eigen::internal::unpacket_traits<Vec>::size == 1)
-    return Vec(*p);
+    return widen<Vec>(*p);
   else
     return load_as<typename Eigen::internal::unpacket_traits<Vec>::type>(p);
 }
