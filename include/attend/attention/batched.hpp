@@ -22,6 +22,8 @@
 #include "materialized.hpp"
 #include "scaled_dot_product.hpp"
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -92,14 +94,29 @@ void batched_attention_into(const ConstMatrixRef<identity_t<S>>& q, const ConstM
 
   if (use_blocked(options, p.queries, p.keys)) {
     const Index tiles_per_head = (p.queries + tiles.queries - 1) / tiles.queries;
+    // With the bf16 dot-product kernels (blocked.hpp), V of every head in key pairs, packed once:
+    // the pairs of sequence b are rows [b ceil(Lk/2), (b + 1) ceil(Lk/2)), its heads side by side.
+    const bool pairs = runs_bf16_dot_kernels<S, ScaledDot<T>>(tiles);
+    const Index key_pairs = (p.keys + 1) / 2;
+    Matrix<std::uint32_t> value_pairs;
+#if ATTEND_HAS_BF16_DOT_KERNELS
+    if constexpr (uses_bf16_dot_kernels<S, ScaledDot<T>>)
+      if (pairs) {
+        value_pairs.resize(layout.batch_size * key_pairs, v.cols());
+        for (Index b = 0; b < layout.batch_size; ++b)
+          pack_value_pairs(v.middleRows(b * p.keys, p.keys), value_pairs.middleRows(b * key_pairs, key_pairs));
+      }
+#endif
     parallel_for_with_scratch(
-        num_heads * tiles_per_head, [&] { return BlockedScratch<T>(tiles, p.key_dim, p.value_dim); },
+        num_heads * tiles_per_head, [&] { return BlockedScratch<T>(tiles, p.key_dim, p.value_dim, pairs); },
         [&](Index task, BlockedScratch<T>& scratch) {
           const Index n = task / tiles_per_head, q0 = task % tiles_per_head * tiles.queries;
+          std::optional<ConstMatrixRef<std::uint32_t>> head_pairs;
+          if (pairs) head_pairs.emplace(head(value_pairs, n, key_pairs, p.value_dim));
           blocked_query_tile<T, S, S>(head(q, n, p.queries, p.key_dim), head(k, n, p.keys, p.key_dim),
                                 head(v, n, p.keys, p.value_dim), score, bound[std::size_t(n)], tiles, q0,
                                 std::min(tiles.queries, p.queries - q0), head(out, n, p.queries, p.value_dim),
-                                no_vector<T>(), scratch);
+                                no_vector<T>(), scratch, head_pairs ? &*head_pairs : nullptr);
         });
   } else {
     parallel_for_with_scratch(
