@@ -162,7 +162,7 @@ void BM_PackQueriesBf16(benchmark::State& state) {
 }
 #endif
 
-void dims(benchmark::internal::Benchmark* b) { b->ArgName("d")->Arg(64)->Arg(128)->MinTime(0.2); }
+void dims(benchmark::internal::Benchmark* b) { b->ArgName("d")->Arg(64)->Arg(128)->MinTime(0.2)->UseRealTime(); }
 
 BENCHMARK(BM_ScoreFloat)->Apply(dims);
 BENCHMARK(BM_ValueFloat)->Apply(dims);
