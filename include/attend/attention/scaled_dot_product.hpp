@@ -50,19 +50,18 @@ void attention_into(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef
                    " entries");
   check_outputs_do_not_alias<S, O, T>(q, k, v, out, lse);
   const bool blocked = use_blocked(options, q.rows(), k.rows());
+  const TileShape tiles = resolve_tiles(options, q.rows(), k.rows());  // (checks the block sizes on every path)
   const auto bound = bind_mask(mask.derived(), at, q.rows(), k.rows());
   if constexpr (std::is_same_v<S, T>) {
     if (blocked) {
-      blocked_attention<T>(q, k, v, score, bound, resolve_tiles(options, q.rows(), k.rows()), out, lse);
+      blocked_attention<T>(q, k, v, score, bound, tiles, out, lse);
     } else {
       Matrix<T> weights(q.rows(), k.rows());
       materialized_attention<T>(q, k, v, score, bound, out, lse, weights);
     }
   } else {
     if constexpr (is_dot_product_score<Score>::value) {
-      if (blocked)
-        return blocked_attention<T, S, O>(q, k, v, score, bound, resolve_tiles(options, q.rows(), k.rows()), out,
-                                          lse);
+      if (blocked) return blocked_attention<T, S, O>(q, k, v, score, bound, tiles, out, lse);
     }
     const Matrix<T> q_full = q.template cast<T>(), k_full = k.template cast<T>(), v_full = v.template cast<T>();
     Matrix<T> out_full(out.rows(), out.cols());
