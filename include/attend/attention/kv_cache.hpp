@@ -36,15 +36,26 @@ struct KVCacheOptions {
 };
 
 namespace detail {
-template <class T>
+template <class S>
 class UndoableAppend;
 }  // namespace detail
 
-/// The K/V rows of one layer (see the file comment).
-template <class T>
+/// The K/V rows of one layer (see the file comment), stored in format S: float, double,
+/// Eigen::bfloat16, Eigen::half (rounded to nearest even on append) or attend::Q8_0 (quantized
+/// on append, quantized.hpp). Rows are converted once, when appended; the decode step reads
+/// them in their format (it never forms a converted copy of the cache). A float or double
+/// cache takes queries, keys and values of its scalar; a bf16 or half cache takes float or its
+/// own scalar, a q8_0 cache float.
+template <class S>
 class KVCache {
  public:
-  static_assert(detail::supported_scalars<T>);
+  static_assert(detail::kv_format<S>);
+  /// The format: S.
+  using storage_type = S;
+  /// What rows read back as: S, or float for q8_0.
+  using value_type = detail::kv_value_t<S>;
+  /// What a step computes in, and a layer for this cache holds: double for double, else float.
+  using compute_type = detail::kv_compute_t<S>;
 
   /// \param capacity rows of the buffers; with a window, at least w
   /// \param kv_heads H_kv
@@ -64,15 +75,15 @@ class KVCache {
                  "KV cache window=" + std::to_string(window_) + " must be -1 (unbounded) or in [1, capacity=" +
                      std::to_string(capacity) + "]");
     // A row of kv_heads * head_dim first, so that neither product overflows.
-    detail::check_array_size<T>(kv_heads, head_dim, "KV cache key row (kv_heads x head_dim)");
-    detail::check_array_size<T>(kv_heads, value_head_dim_, "KV cache value row (kv_heads x value_head_dim)");
-    keys_ = detail::allocate_array<T>(capacity, kv_heads * head_dim, "KV cache keys (capacity x kv_heads * head_dim)");
-    values_ = detail::allocate_array<T>(capacity, kv_heads * value_head_dim_,
-                                        "KV cache values (capacity x kv_heads * value_head_dim)");
+    detail::check_array_size<value_type>(kv_heads, head_dim, "KV cache key row (kv_heads x head_dim)");
+    detail::check_array_size<value_type>(kv_heads, value_head_dim_, "KV cache value row (kv_heads x value_head_dim)");
+    keys_ = detail::KVRows<S>(capacity, kv_heads, head_dim, "KV cache keys (capacity x kv_heads * head_dim)");
+    values_ = detail::KVRows<S>(capacity, kv_heads, value_head_dim_,
+                                "KV cache values (capacity x kv_heads * value_head_dim)");
   }
 
   /// A cache shaped for `layer` (its H_kv, d and d_v), for decode_step(layer, cache, x).
-  KVCache(const MultiHeadAttention<T>& layer, Index capacity, Index window = -1)
+  KVCache(const MultiHeadAttention<compute_type>& layer, Index capacity, Index window = -1)
       : KVCache(capacity, layer.num_kv_heads(), layer.head_dim(), KVCacheOptions{window, layer.value_head_dim()}) {}
 
   Index capacity() const { return keys_.rows(); }
@@ -85,40 +96,61 @@ class KVCache {
   /// Tokens appended since construction or clear(): the position of the next token.
   Index position() const { return position_; }
 
-  /// (size, H_kv d) the valid keys, oldest first: the last `size` tokens.
-  auto keys() const { return keys_.middleRows(begin_, size_); }
-  /// (size, H_kv d_v) the valid values.
-  auto values() const { return values_.middleRows(begin_, size_); }
+  /// (size, H_kv d) the valid keys, oldest first: the last `size` tokens. A view of the buffer
+  /// for a scalar format; for q8_0 a dequantized copy (for inspection: steps never form it).
+  auto keys() const {
+    if constexpr (std::is_same_v<S, Q8_0>)
+      return keys_.read(begin_, size_);
+    else
+      return keys_.matrix().middleRows(begin_, size_);
+  }
+  /// (size, H_kv d_v) the valid values (a view, or for q8_0 a dequantized copy).
+  auto values() const {
+    if constexpr (std::is_same_v<S, Q8_0>)
+      return values_.read(begin_, size_);
+    else
+      return values_.matrix().middleRows(begin_, size_);
+  }
 
-  /// Appends n tokens' keys (n, H_kv d) and values (n, H_kv d_v). With a window, first drops all
-  /// but the last w - 1 rows. On error the cache is unchanged.
+  /// The stored key and value rows (detail: what the decode kernel reads); row begin() + i holds
+  /// the i-th valid token.
+  const detail::KVRows<S>& key_rows() const { return keys_; }
+  const detail::KVRows<S>& value_rows() const { return values_; }
+  Index begin() const { return begin_; }
+
+  /// Appends n tokens' keys (n, H_kv d) and values (n, H_kv d_v), converted to the cache's format
+  /// once (rounded to nearest even, or quantized). With a window, first drops all but the last
+  /// w - 1 rows. On error the cache is unchanged.
   /// \throws attend::invalid_argument on a width mismatch, when the rows do not fit, or when
   ///         k_rows or v_rows are views of the cache's own buffers (appending moves them).
   template <class DK, class DV>
   void append(const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows) {
+    static_assert(detail::kv_query<S, typename DK::Scalar> && detail::kv_query<S, typename DV::Scalar>);
     const Index n = k_rows.rows();
-    ATTEND_CHECK(k_rows.cols() == keys_.cols() && v_rows.cols() == values_.cols() && v_rows.rows() == n,
+    ATTEND_CHECK(k_rows.cols() == keys_.width() && v_rows.cols() == values_.width() && v_rows.rows() == n,
                  "appended k " + detail::shape_of(k_rows) + " and v " + detail::shape_of(v_rows) +
-                     " must be (n x " + std::to_string(keys_.cols()) + ") and (n x " +
-                     std::to_string(values_.cols()) + ") (kv_heads * head_dim columns)");
+                     " must be (n x " + std::to_string(keys_.width()) + ") and (n x " +
+                     std::to_string(values_.width()) + ") (kv_heads * head_dim columns)");
     const Index keep = window_ < 0 ? size_ : std::min(size_, window_ - 1);
     ATTEND_CHECK(keep + n <= capacity(),
                  "KV cache overflow: appending " + std::to_string(n) + " rows to " + std::to_string(keep) +
                      " kept rows exceeds capacity=" + std::to_string(capacity()) +
                      (window_ < 0 ? std::string() : " (window=" + std::to_string(window_) + ")"));
-    detail::check_no_alias(keys_, "key buffer", k_rows, "appended k_rows");
-    detail::check_no_alias(keys_, "key buffer", v_rows, "appended v_rows");
-    detail::check_no_alias(values_, "value buffer", k_rows, "appended k_rows");
-    detail::check_no_alias(values_, "value buffer", v_rows, "appended v_rows");
+    if constexpr (!std::is_same_v<S, Q8_0>) {
+      detail::check_no_alias(keys_.matrix(), "key buffer", k_rows, "appended k_rows");
+      detail::check_no_alias(keys_.matrix(), "key buffer", v_rows, "appended v_rows");
+      detail::check_no_alias(values_.matrix(), "value buffer", k_rows, "appended k_rows");
+      detail::check_no_alias(values_.matrix(), "value buffer", v_rows, "appended v_rows");
+    }
     begin_ += size_ - keep;
     size_ = keep;
     if (begin_ + size_ + n > capacity()) {  // move the kept rows to the front
-      move_to_front(keys_);
-      move_to_front(values_);
+      keys_.copy_rows(0, begin_, size_);
+      values_.copy_rows(0, begin_, size_);
       begin_ = 0;
     }
-    keys_.middleRows(begin_ + size_, n) = k_rows;
-    values_.middleRows(begin_ + size_, n) = v_rows;
+    keys_.assign(begin_ + size_, k_rows);
+    values_.assign(begin_ + size_, v_rows);
     size_ += n;
     position_ += n;
   }
@@ -148,15 +180,10 @@ class KVCache {
   }
 
  private:
-  friend class detail::UndoableAppend<T>;
+  friend class detail::UndoableAppend<S>;
 
-  void move_to_front(Matrix<T>& buffer) const {  // rows are contiguous: one overlapping move
-    const Index w = buffer.cols();
-    std::copy(buffer.data() + begin_ * w, buffer.data() + (begin_ + size_) * w, buffer.data());
-  }
-
-  Matrix<T> keys_;    // (capacity, H_kv d)
-  Matrix<T> values_;  // (capacity, H_kv d_v)
+  detail::KVRows<S> keys_;    // (capacity, H_kv d)
+  detail::KVRows<S> values_;  // (capacity, H_kv d_v)
   Index kv_heads_, head_dim_, value_head_dim_, window_;
   Index begin_ = 0, size_ = 0, position_ = 0;
 };
@@ -168,16 +195,16 @@ namespace detail {
 /// (std::bad_alloc included). It keeps the cache's state from before, and a copy of the rows
 /// held then when the append moves the kept rows to the front, which may overwrite them (the
 /// copy is taken before the cache changes; otherwise the append only writes past the rows held).
-template <class T>
+template <class S>
 class UndoableAppend {
  public:
   template <class DK, class DV>
-  UndoableAppend(KVCache<T>& cache, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows)
+  UndoableAppend(KVCache<S>& cache, const Eigen::MatrixBase<DK>& k_rows, const Eigen::MatrixBase<DV>& v_rows)
       : cache_(cache), begin_(cache.begin_), size_(cache.size_), position_(cache.position_) {
     moves_ = k_rows.rows() > cache.capacity() - (cache.begin_ + cache.size_);
     if (moves_) {
-      keys_ = cache.keys();
-      values_ = cache.values();
+      keys_ = cache.keys_.save(begin_, size_);
+      values_ = cache.values_.save(begin_, size_);
     }
     cache.append(k_rows, v_rows);
   }
@@ -190,8 +217,8 @@ class UndoableAppend {
     cache_.size_ = size_;
     cache_.position_ = position_;
     if (moves_) {
-      cache_.keys_.middleRows(begin_, size_) = keys_;
-      cache_.values_.middleRows(begin_, size_) = values_;
+      cache_.keys_.restore(begin_, keys_);
+      cache_.values_.restore(begin_, values_);
     }
   }
 
@@ -199,20 +226,52 @@ class UndoableAppend {
   void commit() { committed_ = true; }
 
  private:
-  KVCache<T>& cache_;
+  KVCache<S>& cache_;
   Index begin_, size_, position_;  // the cache's state before the append
   bool moves_ = false;
   bool committed_ = false;
-  Matrix<T> keys_, values_;  // (size, .) the rows held before a moving append
+  std::vector<kv_element_t<S>> keys_, values_;  // the rows held before a moving append
 };
+
+/// Decode of the n query rows q (n, H d) over the valid rows of `cache` (key j of the problem
+/// is its j-th valid row), with `masks` bound per head on the (n, size) problem: the cache's
+/// kernel, which reads the rows in their format. out (n, H d_v) and lse (n H) as
+/// write_decode_rows writes them.
+template <class S, class DQ, class BoundMask, class O>
+void cache_decode_into(const KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, const HeadLayout& layout,
+                       const std::vector<BoundMask>& masks, const AttentionOptions& options,
+                       const Eigen::Ref<const Vector<O>>& sinks, MatrixRef<O> out) {
+  using C = kv_compute_t<S>;
+  KeyRange seen{cache.size(), 0};
+  for (const BoundMask& m : masks) {
+    const KeyRange r = m.keys(0, q.rows());
+    if (r.begin < r.end) seen = {std::min(seen.begin, r.begin), std::max(seen.end, r.end)};
+  }
+  const Matrix<C> q_scaled = resolve_scale<C>(options, layout.key_dim) * q.template cast<C>();  // (n, H d)
+  const KVRows<S>&keys = cache.key_rows(), &values = cache.value_rows();
+  const Index begin = cache.begin(), size = cache.size();
+  const auto runs = [&](Index j) {
+    return KeyRun<kv_element_t<S>>{keys.row(begin + j), values.row(begin + j), size - j};
+  };
+  Matrix<C> rows;
+  Vector<C> rows_lse;
+  decode_rows<C, kv_element_t<S>>(q_scaled, keys.stride(), values.stride(), layout, masks, seen,
+                                  options.block_k > 0 ? options.block_k : kDecodeSplitKeys, runs, rows, rows_lse);
+  write_decode_rows<C, O, O>(rows, rows_lse, layout.heads, sinks, out, no_vector<O>());
+}
 
 }  // namespace detail
 
 /// One decoding step: appends the new tokens' K/V rows to `cache`, then attends from their
 /// queries over the cache with bottom-right causal alignment (and the cache's window), so new
 /// token i sees every earlier token and the new tokens up to itself. One new token goes through
-/// the split-KV kernel (decode_attention_into); several (a prefill chunk) through the multi-head
-/// engine with the mask Window(w - 1, 0, BottomRight), -1 left side when unbounded.
+/// the split-KV kernel (as decode_attention_into); several (a prefill chunk) through the
+/// multi-head engine with the mask Window(w - 1, 0, BottomRight), -1 left side when unbounded,
+/// or, for a bf16, half or q8_0 cache, through the split-KV kernel with that mask, which reads
+/// the cache in its format (no converted copy of it is formed).
+///
+/// Precision: q, k_new, v_new and out are of the cache's scalar, or float for a bf16, half or
+/// q8_0 cache; the step computes in float (double for a double cache), see decode_attention_into.
 ///
 /// `mask` (any mask, bias, score modifier or custom policy; per-head policies bind per head)
 /// applies at absolute positions: after the append the cache holds positions [P - size, P),
@@ -229,12 +288,13 @@ class UndoableAppend {
 /// \throws attend::invalid_argument on mismatched shapes, H not divisible by H_kv, overflow, a mask
 ///         that does not fit, or `out` aliasing an input; std::bad_alloc when memory runs out. The
 ///         cache is then unchanged, whatever throws and wherever (the append is undone).
-template <class T, class DQ, class DK, class DV, class Mask>
-void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+template <class S, class DQ, class DK, class DV, class Mask>
+void decode_step_into(KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                       const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                       const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
-  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+  using T = typename DQ::Scalar;
+  static_assert(detail::supported_scalars<DQ> && detail::kv_query<S, T>);
   const detail::ThreadScope threads(options.num_threads);
   detail::check_head_counts(num_heads, cache.kv_heads());
   detail::resolve_tiles(options);  // throws on a negative block size before the cache changes
@@ -247,49 +307,59 @@ void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
   detail::check_no_alias(out, "output", q, "input q");
   detail::check_no_alias(out, "output", k_new, "input k_new");
   detail::check_no_alias(out, "output", v_new, "input v_new");
-  detail::resolve_scale<T>(options, cache.head_dim());  // throws on a bad scale before the cache changes
+  detail::resolve_scale<detail::kv_compute_t<S>>(options, cache.head_dim());  // throws before the cache changes
   detail::check_sinks(sinks.size(), num_heads);
-  detail::UndoableAppend<T> appended(cache, k_new, v_new);  // undone if the attention throws
+  detail::UndoableAppend<S> appended(cache, k_new, v_new);  // undone if the attention throws
   const Index n = q.rows(), position = cache.position(), size = cache.size();
   const OffsetMask<Mask> absolute(mask, position - n, position - size, position, position);
+  const detail::HeadLayout layout{num_heads, cache.kv_heads(), cache.head_dim(), cache.value_head_dim()};
+  const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
+  const auto visible = Window(left, 0, Alignment::BottomRight) & absolute;
   if (n == 1) {  // after a one-row append, every kept key is causally visible
-    decode_attention_into(q, cache.keys(), cache.values(), num_heads, out, absolute, options,
-                          detail::no_vector<typename DQ::Scalar>(), sinks);
-  } else {
-    const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
-    const auto visible = Window(left, 0, Alignment::BottomRight) & absolute;
+    std::vector<decltype(detail::bind_mask(absolute, HeadIndex{}, 1, size))> masks;
+    for (Index h = 0; h < num_heads; ++h)
+      masks.push_back(detail::bind_mask(absolute, HeadIndex{0, h, 1, num_heads}, 1, size));
+    detail::cache_decode_into(cache, q, layout, masks, options, sinks, out);
+  } else if constexpr (std::is_same_v<S, T> && !detail::is_reduced_precision<S>) {  // a full-precision chunk: the multi-head engine
     if (sinks.size() == 0)
       multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out, visible, options);
     else
       multi_head_attention_with_sinks_into(q, cache.keys(), cache.values(), num_heads, out, visible, sinks, options);
+  } else {  // a chunk over a reduced or 8-bit cache: the decode kernel, reading it in its format
+    std::vector<decltype(detail::bind_mask(visible, HeadIndex{}, n, size))> masks;
+    for (Index h = 0; h < num_heads; ++h)
+      masks.push_back(detail::bind_mask(visible, HeadIndex{0, h, 1, num_heads}, n, size));
+    detail::cache_decode_into(cache, q, layout, masks, options, sinks, out);
   }
   appended.commit();
 }
 
 /// A decoding step without a mask beyond the cache's causality and window. See the overload
 /// with a mask.
-template <class T, class DQ, class DK, class DV>
-void decode_step_into(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+template <class S, class DQ, class DK, class DV>
+void decode_step_into(KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                       const AttentionOptions& options = {}) {
   decode_step_into(cache, q, k_new, v_new, num_heads, out, NoMask{}, options);
 }
 
 /// Returns the outputs (n, H d_v) of a decoding step with a mask. See decode_step_into.
-template <class T, class DQ, class DK, class DV, class Mask>
-Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
-                      const Eigen::MatrixBase<DV>& v_new, Index num_heads, const MaskBase<Mask>& mask,
-                      const AttentionOptions& options = {},
-                      const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
-  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
-  Matrix<T> out(q.rows(), num_heads * cache.value_head_dim());
+template <class S, class DQ, class DK, class DV, class Mask>
+Matrix<typename DQ::Scalar> decode_step(KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q,
+                                        const Eigen::MatrixBase<DK>& k_new, const Eigen::MatrixBase<DV>& v_new,
+                                        Index num_heads, const MaskBase<Mask>& mask,
+                                        const AttentionOptions& options = {},
+                                        const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks =
+                                            Vector<typename DQ::Scalar>()) {
+  static_assert(detail::supported_scalars<DQ> && detail::kv_query<S, typename DQ::Scalar>);
+  Matrix<typename DQ::Scalar> out(q.rows(), num_heads * cache.value_head_dim());
   decode_step_into(cache, q, k_new, v_new, num_heads, out, mask, options, sinks);
   return out;
 }
 
 /// Returns the outputs (n, H d_v) of a decoding step. See decode_step_into.
-template <class T, class DQ, class DK, class DV>
-Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
+template <class S, class DQ, class DK, class DV>
+Matrix<typename DQ::Scalar> decode_step(KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                       const Eigen::MatrixBase<DV>& v_new, Index num_heads, const AttentionOptions& options = {}) {
   return decode_step(cache, q, k_new, v_new, num_heads, NoMask{}, options);
 }
@@ -302,7 +372,8 @@ Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
 /// chunks) equals layer.forward(sequence, Causal() & mask), or Window(w - 1, 0) & mask for a
 /// cache of window w, row by row.
 ///
-/// \param cache shaped for the layer, e.g. KVCache<T>(layer, capacity)
+/// \param cache shaped for the layer, e.g. KVCache<T>(layer, capacity), or KVCache<Eigen::bfloat16>
+///              or KVCache<Q8_0> for a float layer (its K/V rows are stored in that format)
 /// \param x     (n, E_q) the new tokens
 /// \param mask  any mask, bias, score modifier or custom policy (per-head ones bind per head)
 /// \param sinks (H) learned sink logits (attention/sinks.hpp), or empty
@@ -310,11 +381,11 @@ Matrix<T> decode_step(KVCache<T>& cache, const Eigen::MatrixBase<DQ>& q, const E
 /// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's,
 ///         on a wrong input width, a mask that does not fit, or on overflow; std::bad_alloc when
 ///         memory runs out (the cache is then unchanged).
-template <class T, class DX, class Mask>
-Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
+template <class T, class S, class DX, class Mask>
+Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<S>& cache, const Eigen::MatrixBase<DX>& x,
                       const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                       const Eigen::Ref<const Vector<typename DX::Scalar>>& sinks = Vector<typename DX::Scalar>()) {
-  static_assert(detail::supported_scalars<T, DX>);
+  static_assert(detail::supported_scalars<T, DX> && detail::kv_query<S, T>);
   ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
                    cache.value_head_dim() == layer.value_head_dim(),
                "a cache of kv_heads=" + std::to_string(cache.kv_heads()) + ", head_dim=" +
@@ -328,8 +399,8 @@ Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, con
 }
 
 /// A decoding step of a layer without a mask beyond the cache's. See the overload with a mask.
-template <class T, class DX>
-Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<T>& cache, const Eigen::MatrixBase<DX>& x,
+template <class T, class S, class DX>
+Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<S>& cache, const Eigen::MatrixBase<DX>& x,
                       const AttentionOptions& options = {}) {
   return decode_step(layer, cache, x, NoMask{}, options);
 }

@@ -122,19 +122,28 @@ struct StreamingWindow : MaskBase<StreamingWindow> {
   }
 };
 
-template <class T>
+template <class S>
 class PagedKVCache;
 
 namespace detail {
-template <class T>
+template <class S>
 class UndoablePagedAppend;
 }  // namespace detail
 
-/// The blocks and block tables of one layer (see the file comment).
-template <class T>
+/// The blocks and block tables of one layer (see the file comment), stored in format S: float,
+/// double, Eigen::bfloat16, Eigen::half (rounded to nearest even on append) or attend::Q8_0
+/// (quantized on append, quantized.hpp), as KVCache<S>: rows are converted once, when appended,
+/// copied in their format (copy on write), and read by the decode step in their format.
+template <class S>
 class PagedKVCache {
  public:
-  static_assert(detail::supported_scalars<T>);
+  static_assert(detail::kv_format<S>);
+  /// The format: S.
+  using storage_type = S;
+  /// What rows read back as: S, or float for q8_0.
+  using value_type = detail::kv_value_t<S>;
+  /// What a step computes in, and a layer for this cache holds: double for double, else float.
+  using compute_type = detail::kv_compute_t<S>;
 
   /// \param num_blocks blocks of the pool
   /// \param kv_heads   H_kv
@@ -158,20 +167,21 @@ class PagedKVCache {
     ATTEND_CHECK(sink_tokens_ == 0 || (sink_tokens_ > 0 && window_ >= 1),
                  "paged KV cache sink_tokens=" + std::to_string(sink_tokens_) +
                      " must be 0, or positive with a window (window=" + std::to_string(window_) + ")");
-    detail::check_array_size<T>(num_blocks, block_size_, "paged KV cache rows (num_blocks x block_size)");
-    detail::check_array_size<T>(kv_heads, head_dim, "paged KV cache key row (kv_heads x head_dim)");
-    detail::check_array_size<T>(kv_heads, value_head_dim_, "paged KV cache value row (kv_heads x value_head_dim)");
-    keys_ = detail::allocate_array<T>(num_blocks * block_size_, kv_heads * head_dim,
-                                      "paged KV cache keys (num_blocks * block_size x kv_heads * head_dim)");
-    values_ = detail::allocate_array<T>(num_blocks * block_size_, kv_heads * value_head_dim_,
-                                        "paged KV cache values (num_blocks * block_size x kv_heads * value_head_dim)");
+    detail::check_array_size<value_type>(num_blocks, block_size_, "paged KV cache rows (num_blocks x block_size)");
+    detail::check_array_size<value_type>(kv_heads, head_dim, "paged KV cache key row (kv_heads x head_dim)");
+    detail::check_array_size<value_type>(kv_heads, value_head_dim_,
+                                         "paged KV cache value row (kv_heads x value_head_dim)");
+    keys_ = detail::KVRows<S>(num_blocks * block_size_, kv_heads, head_dim,
+                              "paged KV cache keys (num_blocks * block_size x kv_heads * head_dim)");
+    values_ = detail::KVRows<S>(num_blocks * block_size_, kv_heads, value_head_dim_,
+                                "paged KV cache values (num_blocks * block_size x kv_heads * value_head_dim)");
     ref_counts_.assign(std::size_t(num_blocks), 0);
     free_.reserve(std::size_t(num_blocks));
     for (Index p = num_blocks - 1; p >= 0; --p) free_.push_back(p);  // block 0 is handed out first
   }
 
   /// A pool shaped for `layer` (its H_kv, d and d_v); options.value_head_dim is ignored.
-  PagedKVCache(const MultiHeadAttention<T>& layer, Index num_blocks, PagedKVCacheOptions options = {})
+  PagedKVCache(const MultiHeadAttention<compute_type>& layer, Index num_blocks, PagedKVCacheOptions options = {})
       : PagedKVCache(num_blocks, layer.num_kv_heads(), layer.head_dim(),
                      PagedKVCacheOptions{options.block_size, options.window, layer.value_head_dim(),
                                          options.sink_tokens}) {}
@@ -193,10 +203,24 @@ class PagedKVCache {
   /// Whether `seq` names a live sequence.
   bool contains(Index seq) const { return seq >= 0 && seq < Index(sequences_.size()) && sequences_[std::size_t(seq)].live; }
 
-  /// (num_blocks B, H_kv d) the whole key pool; block p is rows [p B, (p + 1) B).
-  const Matrix<T>& keys() const { return keys_; }
-  /// (num_blocks B, H_kv d_v) the whole value pool.
-  const Matrix<T>& values() const { return values_; }
+  /// (num_blocks B, H_kv d) the whole key pool; block p is rows [p B, (p + 1) B). The buffer for
+  /// a scalar format; for q8_0 a dequantized copy (for inspection: steps never form it).
+  decltype(auto) keys() const {
+    if constexpr (std::is_same_v<S, Q8_0>)
+      return keys_.read(0, keys_.rows());
+    else
+      return keys_.matrix();
+  }
+  /// (num_blocks B, H_kv d_v) the whole value pool (the buffer, or for q8_0 a dequantized copy).
+  decltype(auto) values() const {
+    if constexpr (std::is_same_v<S, Q8_0>)
+      return values_.read(0, values_.rows());
+    else
+      return values_.matrix();
+  }
+  /// The stored key and value rows of the pool (detail: what the decode kernel reads).
+  const detail::KVRows<S>& key_rows() const { return keys_; }
+  const detail::KVRows<S>& value_rows() const { return values_; }
   /// Sequences holding block p.
   Index ref_count(Index block) const {
     ATTEND_CHECK(block >= 0 && block < num_blocks(),
@@ -220,9 +244,9 @@ class PagedKVCache {
 
   /// (rows, H_kv d) the keys of the positions in the blocks `seq` holds, in order, copied out of
   /// the pool: positions [first_position, length), after those of the sink blocks if any.
-  Matrix<T> gather_keys(Index seq) const { return gather(seq, keys_); }
+  Matrix<value_type> gather_keys(Index seq) const { return gather(seq, keys_); }
   /// (rows, H_kv d_v) the values of the positions in the blocks `seq` holds, in order.
-  Matrix<T> gather_values(Index seq) const { return gather(seq, values_); }
+  Matrix<value_type> gather_values(Index seq) const { return gather(seq, values_); }
 
   /// A new empty sequence; returns its id (the lowest id not in use).
   Index add_sequence() {
@@ -298,7 +322,7 @@ class PagedKVCache {
   }
 
  private:
-  friend class detail::UndoablePagedAppend<T>;
+  friend class detail::UndoablePagedAppend<S>;
 
   struct Sequence {
     std::vector<Index> blocks;  // the block table; -1 for released blocks
@@ -367,9 +391,10 @@ class PagedKVCache {
                     Index released) const {
     at(seq);
     const Index n = k_rows.rows();
-    ATTEND_CHECK(k_rows.cols() == keys_.cols() && v_rows.cols() == values_.cols() && v_rows.rows() == n,
+    static_assert(detail::kv_query<S, typename DK::Scalar> && detail::kv_query<S, typename DV::Scalar>);
+    ATTEND_CHECK(k_rows.cols() == keys_.width() && v_rows.cols() == values_.width() && v_rows.rows() == n,
                  "appended k " + detail::shape_of(k_rows) + " and v " + detail::shape_of(v_rows) + " must be (n x " +
-                     std::to_string(keys_.cols()) + ") and (n x " + std::to_string(values_.cols()) +
+                     std::to_string(keys_.width()) + ") and (n x " + std::to_string(values_.width()) +
                      ") (kv_heads * head_dim columns)");
     const Index needed = blocks_needed(seq, n);
     ATTEND_CHECK(needed <= free_blocks() + released,
@@ -395,8 +420,8 @@ class PagedKVCache {
     if (n == 0) return;
     if (s.length % B != 0 && ref_counts_[std::size_t(s.blocks.back())] > 1) {  // copy on write
       const Index shared = s.blocks.back(), copy = take_block(), rows = s.length % B;
-      keys_.middleRows(copy * B, rows) = keys_.middleRows(shared * B, rows);
-      values_.middleRows(copy * B, rows) = values_.middleRows(shared * B, rows);
+      keys_.copy_rows(copy * B, shared * B, rows);  // in the format: no second rounding
+      values_.copy_rows(copy * B, shared * B, rows);
       release(shared);
       s.blocks.back() = copy;
     }
@@ -404,30 +429,30 @@ class PagedKVCache {
       const Index position = s.length + t, offset = position % B, count = std::min(B - offset, n - t);
       if (offset == 0) s.blocks.push_back(take_block());
       const Index row = s.blocks.back() * B + offset;
-      keys_.middleRows(row, count) = k_rows.middleRows(t, count);
-      values_.middleRows(row, count) = v_rows.middleRows(t, count);
+      keys_.assign(row, k_rows.middleRows(t, count));
+      values_.assign(row, v_rows.middleRows(t, count));
       t += count;
     }
     s.length += n;
   }
 
-  Matrix<T> gather(Index seq, const Matrix<T>& pool) const {
+  Matrix<value_type> gather(Index seq, const detail::KVRows<S>& pool) const {
     const Sequence& s = at(seq);
     const auto rows_of = [&](Index i) { return std::min(block_size_, s.length - i * block_size_); };
     Index count = 0;
     for (Index i = 0; i < Index(s.blocks.size()); ++i) count += s.blocks[std::size_t(i)] >= 0 ? rows_of(i) : 0;
-    Matrix<T> rows(count, pool.cols());
+    Matrix<value_type> rows(count, pool.width());
     Index row = 0;
     for (Index i = 0; i < Index(s.blocks.size()); ++i) {
       if (s.blocks[std::size_t(i)] < 0) continue;
-      rows.middleRows(row, rows_of(i)) = pool.middleRows(s.blocks[std::size_t(i)] * block_size_, rows_of(i));
+      rows.middleRows(row, rows_of(i)) = pool.read(s.blocks[std::size_t(i)] * block_size_, rows_of(i));
       row += rows_of(i);
     }
     return rows;
   }
 
-  Matrix<T> keys_;    // (num_blocks B, H_kv d)
-  Matrix<T> values_;  // (num_blocks B, H_kv d_v)
+  detail::KVRows<S> keys_;    // (num_blocks B, H_kv d)
+  detail::KVRows<S> values_;  // (num_blocks B, H_kv d_v)
   Index kv_heads_, head_dim_, value_head_dim_, block_size_, window_, sink_tokens_;
   std::vector<Index> ref_counts_;  // per block
   std::vector<Index> free_;        // blocks with count 0; the last is handed out next
@@ -440,10 +465,10 @@ namespace detail {
 /// commit(): what gives paged_decode_step_into its strong guarantee. The appends release nothing
 /// (windows release their blocks at commit), so a block taken here was free before, and the undo
 /// restores the sequences' entries, the reference counts of copied blocks and the free list.
-template <class T>
+template <class S>
 class UndoablePagedAppend {
  public:
-  explicit UndoablePagedAppend(PagedKVCache<T>& cache) : cache_(cache), free_(cache.free_) {}
+  explicit UndoablePagedAppend(PagedKVCache<S>& cache) : cache_(cache), free_(cache.free_) {}
   UndoablePagedAppend(const UndoablePagedAppend&) = delete;
   UndoablePagedAppend& operator=(const UndoablePagedAppend&) = delete;
 
@@ -485,7 +510,7 @@ class UndoablePagedAppend {
     std::vector<Index> blocks;
     Index length;
   };
-  PagedKVCache<T>& cache_;
+  PagedKVCache<S>& cache_;
   std::vector<Index> free_;  // the free list before the appends
   std::vector<Saved> saved_;
   bool committed_ = false;
@@ -525,14 +550,17 @@ class UndoablePagedAppend {
 /// \throws attend::invalid_argument on an unknown sequence, n_b greater than the sequence's
 ///         length, rows outside q, mismatched shapes, a mask that does not fit, a windowed
 ///         sequence that released keys its queries see, or `out` or `lse` aliasing q.
-template <class T, class DQ, class Mask>
-void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+template <class S, class DQ, class Mask>
+void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
                           const Eigen::MatrixBase<DQ>& q, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                           const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                           const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>(),
                           MatrixRef<typename DQ::Scalar> lse = detail::no_matrix<typename DQ::Scalar>(),
                           const std::vector<Matrix<typename DQ::Scalar>>* sink_keys = nullptr) {
-  static_assert(detail::supported_scalars<T, DQ>);
+  using T = typename DQ::Scalar;
+  static_assert(detail::supported_scalars<DQ> && detail::kv_query<S, T>);
+  using C = detail::kv_compute_t<S>;
+  using E = detail::kv_element_t<S>;
   const detail::ThreadScope threads(options.num_threads);
   const Index batch = Index(sequences.size()), B = cache.block_size();
   detail::check_head_counts(num_heads, cache.kv_heads());
@@ -566,7 +594,15 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
   detail::check_no_alias(out, "output", q, "input q");
   detail::check_no_alias(lse, "log-sum-exp", q, "input q");
   detail::check_no_alias(lse, "log-sum-exp", out, "output");
-  const T scale = detail::resolve_scale<T>(options, d);
+  const C scale = detail::resolve_scale<C>(options, d);
+  // Replaced sink keys in the cache's format (the kernel reads one format; a float or double
+  // cache stores them as given).
+  std::vector<detail::KVRows<S>> replaced_rows(static_cast<std::size_t>(batch));
+  for (Index b = 0; b < batch; ++b)
+    if (const Matrix<T>* keys = replaced(b)) {
+      replaced_rows[std::size_t(b)] = detail::KVRows<S>(keys->rows(), cache.kv_heads(), d, "sink keys");
+      replaced_rows[std::size_t(b)].assign(0, *keys);
+    }
 
   // Each sequence's policies (one per head) on its (n_b, P) problem, and the keys they may see.
   const Index left = cache.window() < 0 ? -1 : cache.window() - 1;
@@ -628,29 +664,31 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
     }
     first_item[std::size_t(b) + 1] = Index(items.size());
   }
-  Matrix<T> q_scaled(q.rows(), heads * d);  // (rows, H d): the sequences' rows, scaled
+  Matrix<C> q_scaled(q.rows(), heads * d);  // (rows, H d): the sequences' rows, scaled
   for (Index b = 0; b < batch; ++b)
     if (rows.length(b) > 0)
-      q_scaled.middleRows(rows.begin(b), rows.length(b)) = scale * q.middleRows(rows.begin(b), rows.length(b));
-  Matrix<T> part_out(part_rows, dv);
-  Vector<T> part_lse(part_rows);
-  const Index k_stride = cache.keys().outerStride(), v_stride = cache.values().outerStride();
+      q_scaled.middleRows(rows.begin(b), rows.length(b)) =
+          scale * q.middleRows(rows.begin(b), rows.length(b)).template cast<C>();
+  Matrix<C> part_out(part_rows, dv);
+  Vector<C> part_lse(part_rows);
+  const detail::KVRows<S>&pool_keys = cache.key_rows(), &pool_values = cache.value_rows();
+  const Index k_stride = pool_keys.stride(), v_stride = pool_values.stride();
   detail::parallel_for_with_scratch(
-      Index(items.size()), [&] { return Matrix<T>(max_queries * heads, split_blocks * B); },
-      [&](Index c, Matrix<T>& scores) {
+      Index(items.size()), [&] { return Matrix<C>(max_queries * heads, split_blocks * B); },
+      [&](Index c, Matrix<C>& scores) {
         const Item& item = items[std::size_t(c)];
         const Index seq = sequences[std::size_t(item.b)], n = rows.length(item.b);
         const std::vector<Index>& table = cache.block_table(seq);
-        const Matrix<T>* keys = replaced(item.b);
+        const detail::KVRows<S>& keys = replaced_rows[std::size_t(item.b)];
         const auto runs = [&](Index j) {
           const Index position = item.k0 + j, offset = position % B;
           const Index row = table[std::size_t(position / B)] * B + offset;
-          if (keys != nullptr && position < keys->rows())  // an item ends where the replaced keys do
-            return detail::KeyRun<T>{keys->row(position).data(), cache.values().row(row).data(),
-                                     std::min(B - offset, keys->rows() - position)};
-          return detail::KeyRun<T>{cache.keys().row(row).data(), cache.values().row(row).data(), B - offset};
+          if (position < keys.rows())  // an item ends where the replaced keys do
+            return detail::KeyRun<E>{keys.row(position), pool_values.row(row),
+                                     std::min(B - offset, keys.rows() - position)};
+          return detail::KeyRun<E>{pool_keys.row(row), pool_values.row(row), B - offset};
         };
-        detail::decode_split_runs<T>(q_scaled.row(rows.begin(item.b)).data(), n, k_stride, v_stride, layout,
+        detail::decode_split_runs<C, E>(q_scaled.row(rows.begin(item.b)).data(), n, k_stride, v_stride, layout,
                                      masks[std::size_t(item.b)], 0, item.k0, item.n, runs, scores,
                                      part_out.middleRows(item.part, n * heads),
                                      part_lse.segment(item.part, n * heads));
@@ -661,9 +699,9 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
       [&](Index b, int&) {
         const Index n = rows.length(b), begin = rows.begin(b), count = n * heads;
         const Index i0 = first_item[std::size_t(b)], i1 = first_item[std::size_t(b) + 1];
-        constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-        Matrix<T> merged(count, dv);  // (n H, d_v): no split is no key seen, zeros and lse -inf
-        Vector<T> merged_lse(count);
+        constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+        Matrix<C> merged(count, dv);  // (n H, d_v): no split is no key seen, zeros and lse -inf
+        Vector<C> merged_lse(count);
         if (i0 == i1) {
           merged.setZero();
           merged_lse.setConstant(kNegInf);
@@ -672,23 +710,23 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
           merged_lse = part_lse.segment(items[std::size_t(i0)].part, count);
         }
         for (Index i = i0 + 1; i < i1; ++i)
-          merge_partial_into<T>(merged, merged_lse, part_out.middleRows(items[std::size_t(i)].part, count),
+          merge_partial_into<C>(merged, merged_lse, part_out.middleRows(items[std::size_t(i)].part, count),
                                 part_lse.segment(items[std::size_t(i)].part, count));
         for (Index r = 0; r < n; ++r)
           for (Index h = 0; h < heads; ++h) {
             const Index row = r * heads + h;
             if (sinks.size() != 0)
-              detail::merge_sink_into<T>(merged.middleRows(row, 1), merged_lse.segment(row, 1), sinks(h));
-            out.row(begin + r).segment(h * dv, dv) = merged.row(row);
-            if (lse.size() != 0) lse(begin + r, h) = merged_lse(row);
+              detail::merge_sink_into<C>(merged.middleRows(row, 1), merged_lse.segment(row, 1), C(sinks(h)));
+            out.row(begin + r).segment(h * dv, dv) = merged.row(row).template cast<T>();
+            if (lse.size() != 0) lse(begin + r, h) = T(merged_lse(row));
           }
       });
 }
 
 /// Batched decoding without a mask beyond the cache's causality and window. See the overload
 /// with a mask.
-template <class T, class DQ>
-void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+template <class S, class DQ>
+void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
                           const Eigen::MatrixBase<DQ>& q, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                           const AttentionOptions& options = {}) {
   paged_attention_into(cache, sequences, rows, q, num_heads, out, NoMask{}, options);
@@ -703,14 +741,14 @@ void paged_attention_into(const PagedKVCache<T>& cache, const std::vector<Index>
 /// \throws attend::invalid_argument as paged_attention_into and append, on a sequence listed
 ///         twice, or when the pool cannot hold every append; std::bad_alloc when memory runs out.
 ///         The cache is then unchanged, whatever throws and wherever (the appends are undone).
-template <class T, class DQ, class DK, class DV, class Mask>
-void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+template <class S, class DQ, class DK, class DV, class Mask>
+void paged_decode_step_into(PagedKVCache<S>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
                             const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                             const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                             const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                             const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>(),
                             const std::vector<Matrix<typename DQ::Scalar>>* sink_keys = nullptr) {
-  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+  static_assert(detail::supported_scalars<DQ, DK, DV> && detail::kv_query<S, typename DQ::Scalar>);
   const Index batch = Index(sequences.size());
   ATTEND_CHECK(rows.size() == batch && rows.rows_used() <= k_new.rows() && k_new.rows() == v_new.rows(),
                "k_new " + detail::shape_of(k_new) + " and v_new " + detail::shape_of(v_new) + " must hold the rows of " +
@@ -720,7 +758,7 @@ void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& se
   const auto repeated = std::adjacent_find(sorted.begin(), sorted.end());
   ATTEND_CHECK(repeated == sorted.end(), "sequence " + std::to_string(repeated == sorted.end() ? 0 : *repeated) +
                                              " is listed twice in a decode step");
-  detail::UndoablePagedAppend<T> appended(cache);
+  detail::UndoablePagedAppend<S> appended(cache);
   for (Index b = 0; b < batch; ++b)
     appended.append(sequences[std::size_t(b)], k_new.middleRows(rows.begin(b), rows.length(b)),
                     v_new.middleRows(rows.begin(b), rows.length(b)));
@@ -731,8 +769,8 @@ void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& se
 
 /// One decoding step of many sequences without a mask beyond the cache's. See the overload with
 /// a mask.
-template <class T, class DQ, class DK, class DV>
-void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
+template <class S, class DQ, class DK, class DV>
+void paged_decode_step_into(PagedKVCache<S>& cache, const std::vector<Index>& sequences, const SequenceRows& rows,
                             const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k_new,
                             const Eigen::MatrixBase<DV>& v_new, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                             const AttentionOptions& options = {}) {
@@ -757,13 +795,13 @@ void paged_decode_step_into(PagedKVCache<T>& cache, const std::vector<Index>& se
 /// \return (rows, E_out); rows in no sequence hold W_o 0 + b_o
 /// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's, and
 ///         as paged_decode_step_into (the cache is then unchanged).
-template <class T, class DX, class Mask>
-Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<T>& cache,
+template <class T, class S, class DX, class Mask>
+Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<S>& cache,
                             const std::vector<Index>& sequences, const SequenceRows& rows,
                             const Eigen::MatrixBase<DX>& x, const MaskBase<Mask>& mask,
                             const AttentionOptions& options = {},
                             const Eigen::Ref<const Vector<typename DX::Scalar>>& sinks = Vector<typename DX::Scalar>()) {
-  static_assert(detail::supported_scalars<T, DX>);
+  static_assert(detail::supported_scalars<T, DX> && detail::kv_query<S, T>);
   ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
                    cache.value_head_dim() == layer.value_head_dim(),
                "a paged cache of kv_heads=" + std::to_string(cache.kv_heads()) + ", head_dim=" +
@@ -805,7 +843,8 @@ Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<T>&
       Matrix<T>& keys = sink_keys[std::size_t(b)];
       keys.resize(sinks_held, cache.kv_heads() * cache.head_dim());
       const std::vector<Index>& table = cache.block_table(seq);
-      for (Index t = 0; t < sinks_held; ++t) keys.row(t) = cache.keys().row(table[std::size_t(t / B)] * B + t % B);
+      for (Index t = 0; t < sinks_held; ++t)  // (dequantized from the cache's format; rotated, stored in it again)
+        keys.row(t) = cache.key_rows().read(table[std::size_t(t / B)] * B + t % B, 1).template cast<T>();
       rope->apply(keys, Vector<Index>::Constant(sinks_held, delta));
     }
   }
@@ -817,8 +856,8 @@ Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<T>&
 
 /// A decoding step of a layer for many sequences without a mask beyond the cache's. See the
 /// overload with a mask.
-template <class T, class DX>
-Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<T>& cache,
+template <class T, class S, class DX>
+Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<S>& cache,
                             const std::vector<Index>& sequences, const SequenceRows& rows,
                             const Eigen::MatrixBase<DX>& x, const AttentionOptions& options = {}) {
   return paged_decode_step(layer, cache, sequences, rows, x, NoMask{}, options);

@@ -14,6 +14,7 @@
 #pragma once
 
 #include "../detail/checks.hpp"
+#include "../detail/kv_rows.hpp"
 #include "../detail/packet.hpp"
 #include "../detail/parallel.hpp"
 #include "../masks.hpp"
@@ -99,9 +100,13 @@ namespace detail {
 /// and hence the result's bits, never depend on the thread count.
 inline constexpr Index kDecodeSplitKeys = 256;
 
-/// Lanes of one 64-byte vector register: the unit of the value loop of the decode kernel.
-template <class T>
-using Lanes = Eigen::Array<T, 64 / sizeof(T), 1>;
+/// Query rows of one work item of a multi-row decode (a prefill chunk over a cache): the scores
+/// scratch of an item is (rows H, split).
+inline constexpr Index kDecodeQueryRows = 8;
+
+/// Bytes the decode kernel prefetches ahead of the key or value row it reads (software prefetch:
+/// rows of a cache are a page or more apart, where the hardware prefetchers stop).
+inline constexpr Index kDecodePrefetchBytes = 16384;
 
 // GCC 12 reports its own _mm512_undefined_ps() inside the AVX-512 unpack intrinsics of the
 // transpose as used uninitialized (a false positive fixed in GCC 13; the lanes it "uses" are
@@ -114,8 +119,12 @@ using Lanes = Eigen::Array<T, 64 / sizeof(T), 1>;
 /// sums[n] = the sum of the lanes of acc[n], n < N. With N a multiple of the packet width W,
 /// W at a time: after a register transpose of W accumulators, lane n of the sum of the W
 /// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
-/// costs log2 W shuffles and adds each). Otherwise lane by lane, in order.
+/// costs log2 W shuffles and adds each). Otherwise lane by lane, in order. (Flattened: Eigen's
+/// transpose is inlined here, within the pragmas above, wherever it would not be otherwise.)
 template <class T, int N>
+#if defined(__GNUC__)
+__attribute__((flatten))
+#endif
 void lane_sums(const Packet<T>* acc, T* sums) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
@@ -137,60 +146,109 @@ void lane_sums(const Packet<T>* acc, T* sums) {
 #pragma GCC diagnostic pop
 #endif
 
-/// For B query rows q_b = q + b * q_stride and J key rows key_i = key + i * key_stride:
-///   s[b * s_stride + i] = <q_b, key_i>.
-/// Each packet of the keys and of the queries is loaded once for all B x J products, and the
+/// Value c of a stored head row (elements at p): p[c] as C, or x^_c = s q_c of its q8_0 block.
+template <class C, class E>
+C stored_value(const E* p, Index c) {
+  if constexpr (std::is_same_v<E, BlockQ8_0>)
+    return dequantize_q8_0(p[c / kQ8Block], c % kQ8Block);
+  else
+    return C(p[c]);
+}
+
+/// For B query rows q_b = q + b * q_stride (C, pre-scaled) and J stored key rows key_i = key +
+/// i * key_stride (elements of a cache format, at a head's first element) of d values:
+///   s[b * s_stride + i] = <q_b, key_i>,
+/// accumulated in C. Each packet of the keys is loaded and converted once for all B rows (bf16
+/// and half widen exactly; a q8_0 packet is s q converted and scaled in registers), and the
 /// B x J lane-wise partial sums are reduced together (lane_sums).
-template <int B, int J, class T>
-void dot_block(const T* q, Index q_stride, const T* key, Index key_stride, Index d, T* s, Index s_stride) {
+template <int B, int J, class C, class E>
+void dot_block(const C* q, Index q_stride, const E* key, Index key_stride, Index d, C* s, Index s_stride) {
   namespace simd = Eigen::internal;
-  using P = Packet<T>;
-  constexpr Index W = kLanes<T>;
+  using P = Packet<C>;
+  constexpr Index W = kLanes<C>;
   P acc[std::size_t(B * J)];  // acc[b J + i]: lane-wise partial sums of <q_b, key_i>
-  for (P& a : acc) a = simd::pset1<P>(T(0));
-  Index c = 0;
-  for (; c + W <= d; c += W) {
-    P keys[std::size_t(J)];
-    for (int i = 0; i < J; ++i) keys[i] = simd::ploadu<P>(key + i * key_stride + c);
+  for (P& a : acc) a = simd::pset1<P>(C(0));
+  const auto multiply_add = [&](const P* keys, Index c) {
     for (int b = 0; b < B; ++b) {
       const P query = simd::ploadu<P>(q + b * q_stride + c);
       for (int i = 0; i < J; ++i) acc[b * J + i] = simd::pmadd(query, keys[i], acc[b * J + i]);
     }
+  };
+  Index c = 0;
+  if constexpr (std::is_same_v<E, BlockQ8_0>) {
+    for (; c + kQ8Block <= d; c += kQ8Block) {
+      const Index block = c / kQ8Block;
+      P scales[std::size_t(J)];
+      for (int i = 0; i < J; ++i) scales[i] = simd::pset1<P>(key[i * key_stride + block].scale);
+      for (Index l = 0; l < kQ8Block; l += W) {
+        P keys[std::size_t(J)];
+        for (int i = 0; i < J; ++i) keys[i] = simd::pmul(load_q8(key[i * key_stride + block].q + l), scales[i]);
+        multiply_add(keys, c + l);
+      }
+    }
+  } else {
+    for (; c + W <= d; c += W) {
+      P keys[std::size_t(J)];
+      for (int i = 0; i < J; ++i) keys[i] = load_as<C>(key + i * key_stride + c);
+      multiply_add(keys, c);
+    }
   }
-  T sums[std::size_t(B * J)];
-  lane_sums<T, B * J>(acc, sums);
+  C sums[std::size_t(B * J)];
+  lane_sums<C, B * J>(acc, sums);
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < J; ++i) {
-      T sum = sums[b * J + i];
-      for (Index t = c; t < d; ++t) sum += q[b * q_stride + t] * key[i * key_stride + t];
+      C sum = sums[b * J + i];
+      for (Index t = c; t < d; ++t) sum += q[b * q_stride + t] * stored_value<C>(key + i * key_stride, t);
       s[b * s_stride + i] = sum;
     }
 }
 
-/// For B output rows out_b = out + b * out_stride and J value rows value_i = value + i * value_stride:
-///   out_b += sum_i p[b * p_stride + i] value_i.
-/// Each lane block of the values is loaded once, and each of the outputs read and written once.
-template <int B, int J, class T>
-void accumulate_block(const T* p, Index p_stride, const T* value, Index value_stride, Index dv, T* out,
+/// For B output rows out_b = out + b * out_stride (C) and J stored value rows value_i = value +
+/// i * value_stride of d_v values:
+///   out_b += sum_i p[b * p_stride + i] value_i,
+/// accumulated in C, one fused multiply-add per key in key order (so the result does not depend
+/// on how the keys are grouped into blocks). Each packet of the values is loaded and converted
+/// once, and each of the outputs read and written once. For q8_0 the weights take the block's
+/// scale, (w s) q_i.
+template <int B, int J, class C, class E>
+void accumulate_block(const C* p, Index p_stride, const E* value, Index value_stride, Index dv, C* out,
                       Index out_stride) {
-  constexpr Index kWidth = Lanes<T>::SizeAtCompileTime;
-  T w[std::size_t(B)][std::size_t(J)];
+  namespace simd = Eigen::internal;
+  using P = Packet<C>;
+  constexpr Index W = kLanes<C>;
+  C w[std::size_t(B)][std::size_t(J)];
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < J; ++i) w[b][i] = p[b * p_stride + i];
-  Index c = 0;
-  for (; c + kWidth <= dv; c += kWidth) {
-    Lanes<T> values[std::size_t(J)];
-    for (int i = 0; i < J; ++i) values[i] = Eigen::Map<const Lanes<T>>(value + i * value_stride + c);
+  const auto multiply_add = [&](const P* values, const C (*weights)[std::size_t(J)], Index c) {
     for (int b = 0; b < B; ++b) {
-      Eigen::Map<Lanes<T>> acc(out + b * out_stride + c);
-      Lanes<T> sum = acc;
-      for (int i = 0; i < J; ++i) sum += w[b][i] * values[i];
-      acc = sum;
+      P acc = simd::ploadu<P>(out + b * out_stride + c);
+      for (int i = 0; i < J; ++i) acc = simd::pmadd(simd::pset1<P>(weights[b][i]), values[i], acc);
+      simd::pstoreu(out + b * out_stride + c, acc);
+    }
+  };
+  Index c = 0;
+  if constexpr (std::is_same_v<E, BlockQ8_0>) {
+    for (; c + kQ8Block <= dv; c += kQ8Block) {
+      const Index block = c / kQ8Block;
+      C weights[std::size_t(B)][std::size_t(J)];
+      for (int b = 0; b < B; ++b)
+        for (int i = 0; i < J; ++i) weights[b][i] = w[b][i] * value[i * value_stride + block].scale;
+      for (Index l = 0; l < kQ8Block; l += W) {
+        P values[std::size_t(J)];
+        for (int i = 0; i < J; ++i) values[i] = load_q8(value[i * value_stride + block].q + l);
+        multiply_add(values, weights, c + l);
+      }
+    }
+  } else {
+    for (; c + W <= dv; c += W) {
+      P values[std::size_t(J)];
+      for (int i = 0; i < J; ++i) values[i] = load_as<C>(value + i * value_stride + c);
+      multiply_add(values, w, c);
     }
   }
   for (; c < dv; ++c)
     for (int b = 0; b < B; ++b)
-      for (int i = 0; i < J; ++i) out[b * out_stride + c] += w[b][i] * value[i * value_stride + c];
+      for (int i = 0; i < J; ++i) out[b * out_stride + c] += w[b][i] * stored_value<C>(value + i * value_stride, c);
 }
 
 /// Calls f(std::integral_constant<int, N>, i) over [0, count) in blocks of N = 4, then N = 1.
@@ -201,87 +259,170 @@ void for_blocks_of_4(Index count, F&& f) {
   for (; i < count; ++i) f(std::integral_constant<int, 1>{}, i);
 }
 
-/// `count` contiguous key rows from `key` and value rows from `value` (at the strides of their
-/// buffers): a stretch of the keys a decode split reads, e.g. one block of a paged cache.
-template <class T>
+/// Calls f(std::integral_constant<int, N>, i) over [0, count) in blocks of N = Max (4 or 8), then 1.
+template <int Max, class F>
+void for_blocks_of(Index count, F&& f) {
+  Index i = 0;
+  for (; i + Max <= count; i += Max) f(std::integral_constant<int, Max>{}, i);
+  for (; i < count; ++i) f(std::integral_constant<int, 1>{}, i);
+}
+
+/// `count` contiguous key rows from `key` and value rows from `value` (elements of a cache
+/// format, at the strides of their buffers): a stretch of the keys a decode split reads, e.g.
+/// one block of a paged cache.
+template <class E>
 struct KeyRun {
-  const T* key;
-  const T* value;
+  const E* key;
+  const E* value;
   Index count;
 };
 
+/// Prefetches `bytes` bytes from p, a cache line at a time.
+inline void prefetch_bytes(const void* p, Index bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (Index b = 0; b < bytes; b += 64) prefetch_at(c, b);
+}
+
 /// The partial of one decode split for Q query rows and n keys, all H heads at once. `runs(j)`
 /// returns the contiguous rows that start at key j of the split (j < n; a run may extend past
-/// the split). Each K and V row (all H_kv heads side by side) is read from memory once; its
+/// the split), stored in a cache format (elements E: float, double, bf16, half, q8_0 blocks)
+/// and converted on load; everything is computed and accumulated in C (float, or double for a
+/// double cache). Each K and V row (all H_kv heads side by side) is read from memory once; its
 /// segment of kv head g then serves the G query heads of group g of every query row from
 /// registers and cache:
 ///   s_rhj = <q_rh, k_j^(g)> (q pre-scaled),  p_rh = softmax(s_rh) (lse_rh),
 ///   out_rh = sum_j p_rhj v_j^(g),
 /// at row r H + h of scores, out and lse. The mask of head h, masks[h], acts on the scores of
 /// query row r as on a (1, n) tile of query q0 + r and keys [k0, k0 + n). Keys are taken 4 at a
-/// time within each run, so a key's score depends only on its position within its run.
+/// time within each run for the scores, so a key's score depends only on its position within
+/// its run, and 8 at a time for P V (whose result does not depend on the grouping); the rows
+/// kDecodePrefetchBytes ahead are prefetched meanwhile.
 /// \param q       (Q, H d) contiguous rows of queries, pre-scaled
 /// \param scores  (Q H, >= n) scratch
 /// \param out     (Q H, d_v) normalized partial output
 /// \param lse     (Q H) its log-sum-exp
-template <class T, class BoundMask, class Runs>
-void decode_split_runs(const T* q, Index num_queries, Index k_stride, Index v_stride, const HeadLayout& layout,
+template <class C, class E, class BoundMask, class Runs>
+void decode_split_runs(const C* q, Index num_queries, Index k_stride, Index v_stride, const HeadLayout& layout,
                        const std::vector<BoundMask>& masks, Index q0, Index k0, Index n, const Runs& runs,
-                       MatrixRef<T> scores, MatrixRef<T> out, VectorRef<T> lse) {
+                       MatrixRef<C> scores, MatrixRef<C> out, VectorRef<C> lse) {
   const Index heads = layout.heads, d = layout.key_dim, dv = layout.value_dim, group = heads / layout.kv_heads;
   const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
-  const auto for_keys = [&](auto&& f) {  // f(keys, j, key row j, value row j), 4 or 1 keys at a time
+  const Index k_head = kv_head_elements<E>(d), v_head = kv_head_elements<E>(dv);
+  const Index k_bytes = k_stride * Index(sizeof(E)), v_bytes = v_stride * Index(sizeof(E));
+  // f(keys, j, key row j, value row j), 4 (key pass) or 8 (value pass) keys at a time, then 1;
+  // meanwhile the K or V rows `ahead` keys further on are prefetched.
+  const auto for_keys = [&](auto keys_pass, auto&& f) {
+    constexpr int kBlock = decltype(keys_pass)::value ? 4 : 8;
+    const Index row_bytes = keys_pass ? k_bytes : v_bytes;
+    const Index ahead = std::max(Index(1), kDecodePrefetchBytes / std::max(row_bytes, Index(1)));
     for (Index j = 0; j < n;) {
-      const KeyRun<T> run = runs(j);
+      const KeyRun<E> run = runs(j);
       const Index count = std::min(run.count, n - j);
-      for_blocks_of_4(count, [&](auto keys, Index i) { f(keys, j + i, run.key + i * k_stride, run.value + i * v_stride); });
+      for_blocks_of<kBlock>(count, [&](auto keys, Index i) {
+        for (Index t = j + i + ahead; t < std::min(j + i + ahead + decltype(keys)::value, n); ++t) {
+          const Index offset = t - j;  // in this run, or the next
+          if (offset < run.count) {
+            prefetch_bytes(keys_pass ? static_cast<const void*>(run.key + offset * k_stride)
+                                     : static_cast<const void*>(run.value + offset * v_stride),
+                           row_bytes);
+          } else {
+            const KeyRun<E> next = runs(t);
+            prefetch_bytes(keys_pass ? static_cast<const void*>(next.key) : static_cast<const void*>(next.value),
+                           row_bytes);
+          }
+        }
+        f(keys, j + i, run.key + i * k_stride, run.value + i * v_stride);
+      });
       j += count;
     }
   };
-  for_keys([&](auto keys, Index j, const T* key, const T*) {
+  for_keys(std::true_type{}, [&](auto keys, Index j, const E* key, const E*) {
     for (Index r = 0; r < num_queries; ++r)
       for (Index g = 0; g < layout.kv_heads; ++g)
         for_blocks_of_4(group, [&](auto block, Index i) {
           const Index h = g * group + i;
-          dot_block<decltype(block)::value, decltype(keys)::value>(q + (r * heads + h) * d, d, key + g * d, k_stride,
-                                                                   d, &scores(r * heads + h, j), s_stride);
+          dot_block<decltype(block)::value, decltype(keys)::value>(q + (r * heads + h) * d, d, key + g * k_head,
+                                                                   k_stride, d, &scores(r * heads + h, j), s_stride);
         });
   });
   for (Index r = 0; r < num_queries; ++r)
     for (Index h = 0; h < heads; ++h) {
       auto row = scores.block(r * heads + h, 0, 1, n);  // (1, n)
       switch (masks[std::size_t(h)].classify(q0 + r, q0 + r + 1, k0, k0 + n)) {
-        case TileKind::Empty: row.setConstant(-std::numeric_limits<T>::infinity()); break;
+        case TileKind::Empty: row.setConstant(-std::numeric_limits<C>::infinity()); break;
         case TileKind::Partial: apply_mask(masks[std::size_t(h)], row, q0 + r, k0); break;
         case TileKind::Full: break;
       }
     }
-  softmax_rows_inplace<T>(scores.topLeftCorner(num_queries * heads, n), lse);
+  softmax_rows_inplace<C>(scores.topLeftCorner(num_queries * heads, n), lse);
   out.setZero();
   if (dv == 0) return;  // (no output column to address)
-  for_keys([&](auto keys, Index j, const T*, const T* value) {
+  for_keys(std::false_type{}, [&](auto keys, Index j, const E*, const E* value) {
     for (Index r = 0; r < num_queries; ++r)
       for (Index g = 0; g < layout.kv_heads; ++g)
         for_blocks_of_4(group, [&](auto block, Index i) {
           const Index h = r * heads + g * group + i;
-          accumulate_block<decltype(block)::value, decltype(keys)::value>(&scores(h, j), s_stride, value + g * dv,
+          accumulate_block<decltype(block)::value, decltype(keys)::value>(&scores(h, j), s_stride, value + g * v_head,
                                                                           v_stride, dv, &out(h, 0), out_stride);
         });
   });
 }
 
-/// The partial of one decode split of one query row over the contiguous keys [k0, k0 + n) of k
-/// and v (mask row 0, mask keys [k0, k0 + n)). See decode_split_runs.
-/// \param q       (H d) the query row, pre-scaled
-/// \param scores  (H, >= n) scratch
-/// \param out     (H, d_v) normalized partial output
-/// \param lse     (H) its log-sum-exp
-template <class T, class BoundMask>
-void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, const HeadLayout& layout,
-                  const std::vector<BoundMask>& masks, Index k0, Index n, MatrixRef<T> scores, MatrixRef<T> out,
-                  VectorRef<T> lse) {
-  const auto runs = [&](Index j) { return KeyRun<T>{k.row(k0 + j).data(), v.row(k0 + j).data(), n - j}; };
-  decode_split_runs<T>(q, 1, k.outerStride(), v.outerStride(), layout, masks, 0, k0, n, runs, scores, out, lse);
+/// Decode of Q query rows over the keys [seen.begin, seen.end) of contiguous rows (`runs` as
+/// in decode_split_runs, key j of the problem), split into fixed splits of `split` keys and
+/// groups of kDecodeQueryRows query rows, run in parallel; each split's partials are merged
+/// into the first in split order, so the result's bits never depend on the thread count. Query
+/// rows that see no key get zeros and lse -inf.
+/// \param q   (Q, H d) pre-scaled queries
+/// \param out (Q H, d_v), lse (Q H): row r H + h is query row r, head h
+template <class C, class E, class BoundMask, class Runs>
+void decode_rows(const Matrix<C>& q, Index k_stride, Index v_stride, const HeadLayout& layout,
+                 const std::vector<BoundMask>& masks, KeyRange seen, Index split, const Runs& runs, Matrix<C>& out,
+                 Vector<C>& lse) {
+  const Index heads = layout.heads, rows = q.rows() * heads, dv = layout.value_dim;
+  const Index num_seen = std::max(seen.end - seen.begin, Index(0));
+  split = std::min(split, std::max(num_seen, Index(1)));  // scratch within the problem's size
+  const Index splits = (num_seen + split - 1) / split;
+  const Index groups = (q.rows() + kDecodeQueryRows - 1) / kDecodeQueryRows;
+  // The partial of split c is rows [c Q H, (c + 1) Q H).
+  Matrix<C> part_out(std::max(splits, Index(1)) * rows, dv);
+  Vector<C> part_lse(std::max(splits, Index(1)) * rows);
+  if (splits == 0) {  // no key to see: zero output, lse -inf
+    part_out.setZero();
+    part_lse.setConstant(-std::numeric_limits<C>::infinity());
+  }
+  parallel_for_with_scratch(
+      splits * groups, [&] { return Matrix<C>(std::min(q.rows(), kDecodeQueryRows) * heads, split); },
+      [&](Index item, Matrix<C>& scores) {
+        const Index c = item / groups, r0 = (item % groups) * kDecodeQueryRows;
+        const Index count = std::min(kDecodeQueryRows, q.rows() - r0);
+        const Index k0 = seen.begin + c * split;
+        const auto split_runs = [&](Index j) { return runs(k0 + j); };
+        decode_split_runs<C, E>(q.row(r0).data(), count, k_stride, v_stride, layout, masks, r0, k0,
+                                std::min(split, seen.end - k0), split_runs, scores,
+                                part_out.middleRows(c * rows + r0 * heads, count * heads),
+                                part_lse.segment(c * rows + r0 * heads, count * heads));
+      });
+  for (Index c = 1; c < splits; ++c)
+    merge_partial_into<C>(part_out.topRows(rows), part_lse.head(rows), part_out.middleRows(c * rows, rows),
+                          part_lse.segment(c * rows, rows));
+  out = part_out.topRows(rows);
+  lse = part_lse.head(rows);
+}
+
+/// Writes the merged decode rows (Q H, d_v) and lse (Q H) into out (Q, H d_v) of scalar O
+/// (rounded once to a 16-bit O), merging head h with sinks(h) first when there are sinks.
+template <class C, class O, class L>
+void write_decode_rows(Matrix<C>& rows, Vector<C>& rows_lse, Index heads, const Eigen::Ref<const Vector<L>>& sinks,
+                       MatrixRef<O> out, VectorRef<O> lse) {
+  const Index dv = rows.cols();
+  for (Index r = 0; r < out.rows(); ++r)
+    for (Index h = 0; h < heads; ++h) {
+      const Index row = r * heads + h;
+      if (sinks.size() != 0) merge_sink_into<C>(rows.middleRows(row, 1), rows_lse.segment(row, 1), C(sinks(h)));
+      out.row(r).segment(h * dv, dv) = rows.row(row).template cast<O>();
+      if (lse.size() != 0) lse(row) = O(rows_lse(row));
+    }
 }
 
 }  // namespace detail
@@ -295,6 +436,11 @@ void decode_split(const T* q, const ConstMatrixRef<T>& k, const ConstMatrixRef<T
 /// once, the G = H / H_kv query heads sharing a kv head reuse its segment from cache (GQA-aware).
 /// The partials are then merged in split order, so results are bitwise identical for any thread
 /// count. A head that sees no key gets a zero output and log-sum-exp -inf.
+///
+/// Precision: k and v may be float or double (q of the same scalar), or Eigen::bfloat16 or
+/// Eigen::half with q of that scalar or float (a bf16/f16 KV cache). K and V are converted
+/// exactly to float as they are loaded; scores, softmax, P V, the log-sum-exp and the merges
+/// are computed in float (double for double), and the output rounded once to q's scalar.
 ///
 /// \param q   (1, H d) the new token's queries, heads side by side
 /// \param k   (Lk, H_kv d) keys, e.g. `KVCache::keys()`
@@ -314,22 +460,32 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
                            const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                            VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>(),
                            const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
-  static_assert(detail::supported_scalars<DQ, DK, DV>);
+  static_assert(detail::supported_scalars<DK, DV>);
   using T = typename DQ::Scalar;
+  using S = typename DK::Scalar;
+  static_assert(detail::kv_query<S, T>);
+  using C = detail::kv_compute_t<S>;
   const detail::ThreadScope threads(options.num_threads);
   ATTEND_CHECK(q.rows() == 1, "a decode step takes one query row, got q " + detail::shape_of(q));
   ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
                                          " must have the same number of rows (keys)");
   ATTEND_CHECK(options.block_k >= 0, "block_k=" + std::to_string(options.block_k) + " must be positive, or 0");
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
-  const Index heads = layout.heads, dv = layout.value_dim;
-  detail::check_shape(out, 1, heads * dv, "output");
+  const Index heads = layout.heads;
+  detail::check_shape(out, 1, heads * layout.value_dim, "output");
   ATTEND_CHECK(lse.size() == 0 || lse.size() == heads, "log-sum-exp of size " + std::to_string(lse.size()) +
                                                            " must have num_heads = " + std::to_string(heads) +
                                                            " entries");
   detail::check_sinks(sinks.size(), heads);
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, lse);
+  const ConstMatrixRef<T> q_ref(q);
+  const ConstMatrixRef<S> k_ref(k), v_ref(v);
+  detail::check_no_alias(out, "output", q_ref, "input q");
+  detail::check_no_alias(out, "output", k_ref, "input k");
+  detail::check_no_alias(out, "output", v_ref, "input v");
+  detail::check_no_alias(lse, "log-sum-exp", q_ref, "input q");
+  detail::check_no_alias(lse, "log-sum-exp", k_ref, "input k");
+  detail::check_no_alias(lse, "log-sum-exp", v_ref, "input v");
+  detail::check_no_alias(lse, "log-sum-exp", out, "output");
   // Each head's policy, and the keys any head may see.
   std::vector<decltype(detail::bind_mask(mask.derived(), HeadIndex{}, 1, 0))> masks;
   masks.reserve(std::size_t(heads));
@@ -339,34 +495,15 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
     const KeyRange r = masks.back().keys(0, 1);
     if (r.begin < r.end) seen = {std::min(seen.begin, r.begin), std::max(seen.end, r.end)};
   }
-  const Index num_seen = std::max(seen.end - seen.begin, Index(0));
-  const Vector<T> q_scaled = detail::resolve_scale<T>(options, layout.key_dim) * q_ref.row(0).transpose();  // (H d)
-  // A split longer than the keys is all of them: the scratch stays within the problem's size.
-  const Index split =
-      std::min(options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys, std::max(num_seen, Index(1)));
-  const Index splits = (num_seen + split - 1) / split;
-  // Partial of split c: rows [c H, (c + 1) H), one per head.
-  Matrix<T> part_out(std::max(splits, Index(1)) * heads, dv);
-  Vector<T> part_lse(std::max(splits, Index(1)) * heads);
-  if (splits == 0) {  // no key to see: zero output, lse -inf (before the sinks)
-    part_out.setZero();
-    part_lse.setConstant(-std::numeric_limits<T>::infinity());
-  }
-  detail::parallel_for_with_scratch(
-      splits, [&] { return Matrix<T>(heads, split); },
-      [&](Index c, Matrix<T>& scores) {
-        const Index k0 = seen.begin + c * split;
-        detail::decode_split<T>(q_scaled.data(), k_ref, v_ref, layout, masks, k0, std::min(split, seen.end - k0),
-                                scores, part_out.middleRows(c * heads, heads), part_lse.segment(c * heads, heads));
-      });
-  for (Index c = 1; c < splits; ++c)
-    merge_partial_into<T>(part_out.topRows(heads), part_lse.head(heads), part_out.middleRows(c * heads, heads),
-                          part_lse.segment(c * heads, heads));
-  if (sinks.size() != 0)
-    for (Index h = 0; h < heads; ++h)
-      detail::merge_sink_into<T>(part_out.middleRows(h, 1), part_lse.segment(h, 1), sinks(h));
-  for (Index h = 0; h < heads; ++h) out.row(0).segment(h * dv, dv) = part_out.row(h);
-  if (lse.size() != 0) lse = part_lse.head(heads);
+  const Matrix<C> q_scaled = detail::resolve_scale<C>(options, layout.key_dim) * q_ref.template cast<C>();  // (1, H d)
+  const auto runs = [&](Index j) {
+    return detail::KeyRun<S>{k_ref.row(j).data(), v_ref.row(j).data(), k_ref.rows() - j};
+  };
+  Matrix<C> rows;
+  Vector<C> rows_lse;
+  detail::decode_rows<C, S>(q_scaled, k_ref.outerStride(), v_ref.outerStride(), layout, masks, seen,
+                            options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys, runs, rows, rows_lse);
+  detail::write_decode_rows<C, T, T>(rows, rows_lse, heads, sinks, out, lse);
 }
 
 /// One decode step over every key: decode_attention_into with NoMask.
