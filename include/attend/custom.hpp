@@ -28,6 +28,18 @@
 ///  - `void hide(S&& s, q0, k0) const`: sets the scores of hidden keys to -infinity; runs after
 ///    every operand's add_bias, so what a policy hides stays hidden.
 /// S is an Eigen block of the policy's scalar type, of any orientation and stride.
+///
+/// Gradients (attention/backward.hpp). The backward recomputes the scores with the same calls,
+/// and needs the derivative of every score modifier. A policy whose add_bias is not a plain
+/// addition of a term that does not depend on s (a modifier: s <- f(s)) must also give
+///  - `void add_bias(S&& s, G&& slope, q0, k0) const`: the same change of s, and slope(r, c) *=
+///    f'(s(r, c)), the derivative at the score it received (G has S's shape and orientation).
+/// The backward calls that form instead, so that the chain rule runs through the modifiers in
+/// the order of `&`; a policy without it is taken as additive (derivative 1), so a modifier that
+/// lacks it gets wrong gradients. SoftCap has it. A ScoreMod has it when it is given the
+/// derivative: `ScoreMod(modify, derivative)` with derivative(s, h, q, k) (or (s, b, h, q, k))
+/// = d modify(s, h, q, k) / ds, or a modify object with a member `grad` of either form; a
+/// backward of a ScoreMod without one fails to compile, naming what to provide.
 #pragma once
 
 #include "masks.hpp"
@@ -61,6 +73,36 @@ decltype(auto) call_score_mod(const F& f, T s, const HeadIndex& at, Index q, Ind
     return f(s, at.head, q, k);
 }
 
+/// A ScoreMod given no derivative: its backward does not compile (BoundScoreMod::add_bias).
+struct NoScoreDerivative {};
+
+/// Whether a ScoreMod's modify function has a member grad(s, h, q, k) or grad(s, b, h, q, k).
+template <class Modify, class T, class = void>
+struct has_grad_member : std::false_type {};
+
+template <class Modify, class T>
+struct has_grad_member<Modify, T, std::void_t<decltype(std::declval<const Modify&>().grad(T(0), Index(0), Index(0), Index(0)))>>
+    : std::true_type {};
+
+template <class Modify, class T, class = void>
+struct has_batched_grad_member : std::false_type {};
+
+template <class Modify, class T>
+struct has_batched_grad_member<
+    Modify, T, std::void_t<decltype(std::declval<const Modify&>().grad(T(0), Index(0), Index(0), Index(0), Index(0)))>>
+    : std::true_type {};
+
+/// Logit soft-capping of a tile with its derivative: s <- cap tanh(s / cap), and
+/// slope *= d s_new / d s = 1 - tanh^2(s / cap). The one routine of the SoftCap policy's
+/// backward and soft_capped_attention's (detail::SoftCapModifier); its scores round as
+/// SoftCapPolicy::add_bias's.
+template <class Scores, class Slopes, class T>
+void soft_cap_with_slope(Scores&& s, Slopes&& slope, T cap) {
+  s.array() = (s.array() / cap).tanh();
+  slope.array() *= T(1) - s.array().square();
+  s.array() *= cap;
+}
+
 /// No block classification: every tile is Partial.
 struct EveryTilePartial {
   TileKind operator()(Index, Index, Index, Index, Index) const { return TileKind::Partial; }
@@ -88,9 +130,10 @@ struct BoundMaskMod {
   }
 };
 
-template <class Modify>
+template <class Modify, class Derivative>
 struct BoundScoreMod {
   Modify modify;
+  Derivative derivative;
   HeadIndex at;
   Index num_keys;
 
@@ -101,6 +144,29 @@ struct BoundScoreMod {
     using T = typename std::decay_t<Scores>::Scalar;
     for (Index r = 0; r < s.rows(); ++r)
       for (Index c = 0; c < s.cols(); ++c) s(r, c) = static_cast<T>(call_score_mod(modify, s(r, c), at, q0 + r, k0 + c));
+  }
+  /// For the backward: the same scores, and slope *= d modify(s) / ds at each score.
+  template <class Scores, class Slopes>
+  void add_bias(Scores&& s, Slopes&& slope, Index q0, Index k0) const {
+    using T = typename std::decay_t<Scores>::Scalar;
+    constexpr bool given = !std::is_same_v<Derivative, NoScoreDerivative>;
+    constexpr bool member = has_grad_member<Modify, T>::value || has_batched_grad_member<Modify, T>::value;
+    static_assert(given || member,
+                  "attend: the backward of a ScoreMod needs the derivative of its function: construct it as "
+                  "ScoreMod(modify, derivative) with derivative(s, h, q, k) (or (s, b, h, q, k)) returning "
+                  "d modify(s, h, q, k) / ds, or give the modify object a member grad(s, h, q, k)");
+    for (Index r = 0; r < s.rows(); ++r)
+      for (Index c = 0; c < s.cols(); ++c) {
+        const T x = s(r, c);
+        const Index q = q0 + r, k = k0 + c;
+        s(r, c) = static_cast<T>(call_score_mod(modify, x, at, q, k));
+        if constexpr (given)
+          slope(r, c) *= static_cast<T>(call_score_mod(derivative, x, at, q, k));
+        else if constexpr (has_batched_grad_member<Modify, T>::value)
+          slope(r, c) *= static_cast<T>(modify.grad(x, at.batch, at.head, q, k));
+        else if constexpr (member)
+          slope(r, c) *= static_cast<T>(modify.grad(x, at.head, q, k));
+      }
   }
   template <class Scores>
   void hide(Scores&&, Index, Index) const {}
@@ -118,6 +184,11 @@ struct SoftCapPolicy {
     using T = typename std::decay_t<Scores>::Scalar;
     const T c = static_cast<T>(cap);
     s.array() = c * (s.array() / c).tanh();
+  }
+  /// For the backward: the same scores, and slope *= 1 - tanh^2(s / cap).
+  template <class Scores, class Slopes>
+  void add_bias(Scores&& s, Slopes&& slope, Index, Index) const {
+    soft_cap_with_slope(s, slope, static_cast<typename std::decay_t<Scores>::Scalar>(cap));
   }
   template <class Scores>
   void hide(Scores&&, Index, Index) const {}
@@ -150,17 +221,22 @@ class MaskMod : public MaskBase<MaskMod<Predicate, Classify>> {
 /// s_qk <- modify(s_qk, h, q, k) (or modify(s, b, h, q, k)), with s the scaled score in the
 /// call's scalar type. It runs on every score a mask does not skip, before any key is hidden;
 /// a result of -infinity drops the key from the softmax. Copied and called as MaskMod's functions.
-template <class Modify>
-class ScoreMod : public MaskBase<ScoreMod<Modify>> {
+/// For gradients, give `derivative(s, h, q, k)` (or (s, b, h, q, k)) = d modify(s, h, q, k) / ds,
+/// evaluated at the same s; or a modify object with a member `grad` of that form. A dropped key
+/// (-infinity) gets no gradient whatever the derivative says there.
+template <class Modify, class Derivative = detail::NoScoreDerivative>
+class ScoreMod : public MaskBase<ScoreMod<Modify, Derivative>> {
  public:
-  explicit ScoreMod(Modify modify) : modify_(std::move(modify)) {}
+  explicit ScoreMod(Modify modify, Derivative derivative = {})
+      : modify_(std::move(modify)), derivative_(std::move(derivative)) {}
 
-  detail::BoundScoreMod<Modify> bind(const HeadIndex& at, Index /*num_queries*/, Index num_keys) const {
-    return {modify_, at, num_keys};
+  detail::BoundScoreMod<Modify, Derivative> bind(const HeadIndex& at, Index /*num_queries*/, Index num_keys) const {
+    return {modify_, derivative_, at, num_keys};
   }
 
  private:
   Modify modify_;
+  Derivative derivative_;
 };
 
 /// Logit soft-capping as a score modifier, s <- cap tanh(s / cap) (Gemma 2, Grok), for any entry

@@ -6,6 +6,7 @@
 // entry, on both paths; in float against the long-double reference with the rule of
 // support/gradient_reference.hpp where the reference covers the variant.
 #include "support/attention_case.hpp"
+#include "support/finite_differences.hpp"
 #include "support/gradient_reference.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
@@ -29,30 +30,6 @@ using M = Matrix<double>;
 using V = Vector<double>;
 
 std::vector<AttentionOptions> fd_paths() { return {materialized_path(), blocked_path(4, 5)}; }
-
-/// Compares the analytic gradient `g` of loss() with respect to every entry of `x` with central
-/// differences of loss(), h = 1e-6 max(scale, |x|): truncation (h^2) and rounding (eps |loss| / h)
-/// stay below 1e-8 for these O(1) problems (pass the inputs' scale when it is not 1).
-template <class Loss, class X, class G>
-void expect_matches_finite_differences(const Loss& loss, X&& x, const G& g, const char* what, double scale = 1) {
-  ASSERT_EQ(x.rows(), g.rows()) << what;
-  ASSERT_EQ(x.cols(), g.cols()) << what;
-  for (Index i = 0; i < x.rows(); ++i)
-    for (Index j = 0; j < x.cols(); ++j) {
-      if (!std::isfinite(x(i, j))) continue;
-      const double x0 = x(i, j), h = 1e-6 * std::max(scale, std::fabs(x0));
-      x(i, j) = x0 + h;
-      const double up = loss();
-      x(i, j) = x0 - h;
-      const double down = loss();
-      x(i, j) = x0;
-      const double numeric = (up - down) / (2 * h);
-      ASSERT_NEAR(g(i, j), numeric, 1e-6 * std::max(1.0, std::fabs(numeric))) << what << "(" << i << ", " << j << ")";
-    }
-}
-
-/// <d_out, out>: the loss whose gradient at `out` is d_out.
-double inner(const M& d_out, const M& out) { return (d_out.array() * out.array()).sum(); }
 
 struct Problem {
   M q, k, v, d_out;

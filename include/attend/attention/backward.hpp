@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -57,34 +58,49 @@ struct RelativePositionBuckets {
 };
 
 /// Gradients of learnable score biases, on request. The gradient of a bias added to the scores
-/// is dS = dL/dS itself (zero at hidden keys):
-///  - d_bias: when set, resized to (Lq, Lk) and filled with dS, the gradient of an AdditiveMask's
-///    matrix (for one mask in the call; several additive masks each get this same gradient);
-///  - d_table: when set, resized to (num_buckets) and filled with the gradient of a T5 table,
-///    sum of dS_ij over the (i, j) with bucket(j - a_i) = b, buckets as `table_buckets` says.
+/// is dS = dL/dS itself (zero at hidden keys). Each field, when set, is resized and filled:
+///  - d_bias (Lq, Lk): the gradient of an AdditiveMask's matrix that every head shares, summed
+///    over the heads of a multi-head call (for one mask in the call; several additive masks each
+///    get this same gradient);
+///  - d_bias_per_head (H Lq, Lk): slice h (rows h Lq .. (h + 1) Lq) the gradient of head h's
+///    slice of a stacked per-head AdditiveMask (masks.hpp); (Lq, Lk) for one head;
+///  - d_table (num_buckets): the gradient of a T5 table that every head shares (a vector table),
+///    sum of dS_ij over the (i, j) with bucket(j - a_i) = b, buckets as `table_buckets` says,
+///    summed over the heads of a multi-head call;
+///  - d_table_per_head (num_buckets, H): column h the gradient of column h of a per-head
+///    (num_buckets, H) RelativePositionBias table.
+/// Sums over heads and key tiles run in a fixed order: bitwise the same for any thread count.
+/// The gradients are those of biases that no score modifier (SoftCap, ScoreMod) follows in the
+/// mask: a request with a mask that has a modifier is rejected.
 template <class T>
 struct BiasGradients {
   Matrix<T>* d_bias = nullptr;
   Vector<T>* d_table = nullptr;
   RelativePositionBuckets table_buckets{};
+  Matrix<T>* d_bias_per_head = nullptr;
+  Matrix<T>* d_table_per_head = nullptr;
+
+  bool requested() const { return d_bias || d_table || d_bias_per_head || d_table_per_head; }
 };
 
 namespace detail {
 
-/// Receives the key pass's tiles of dS (backward_blocked.hpp): copies them into d_bias, and sums
-/// them by bucket into row `task` of `partials` (one row per key tile, summed in order after).
+/// Receives the key pass's tiles of dS of one head (backward_blocked.hpp): copies them into rows
+/// [row0, row0 + Lq) of d_bias, and sums them by bucket into row `task` of `partials` (one row
+/// per key tile, summed in order after).
 template <class T>
 struct BiasGradientSink {
   static constexpr bool active = true;
-  Matrix<T>* d_bias;                 // (Lq, Lk) or null
-  Matrix<T>* partials;               // (tasks, num_buckets) or null
-  const std::vector<Index>* bucket;  // bucket of relative position d at [d - d_min]
-  Index d_min;
-  Index offset;  // aligned key of query 0
+  Matrix<T>* d_bias = nullptr;                 // (H Lq, Lk) or null
+  Index row0 = 0;                              // the head's first row in d_bias
+  Matrix<T>* partials = nullptr;               // (tasks, num_buckets) or null
+  const std::vector<Index>* bucket = nullptr;  // bucket of relative position d at [d - d_min]
+  Index d_min = 0;
+  Index offset = 0;  // aligned key of query 0
 
   template <class S>
   void add(const S& ds, Index q0, Index k0, Index task) const {
-    if (d_bias) d_bias->block(q0, k0, ds.rows(), ds.cols()) = ds;
+    if (d_bias) d_bias->block(row0 + q0, k0, ds.rows(), ds.cols()) = ds;
     if (!partials) return;
     for (Index i = 0; i < ds.rows(); ++i) {
       const Index first = k0 - (q0 + i + offset) - d_min;  // relative position of key k0, shifted
@@ -92,6 +108,101 @@ struct BiasGradientSink {
     }
   }
 };
+
+/// The sinks of a backward call of H heads for the gradients `request` asks for, and the sums
+/// that make the requested gradients of what they received (finish).
+template <class T>
+class BiasGradientSinks {
+ public:
+  /// \param tasks the key pass's tasks of one head (key tiles; 1 for the materialized path)
+  /// \throws attend::invalid_argument on a bad bucket configuration or a gradient too large
+  BiasGradientSinks(const BiasGradients<T>& request, Index num_heads, Index num_queries, Index num_keys, Index tasks)
+      : request_(request), heads_(num_heads), queries_(num_queries), keys_(num_keys), tasks_(tasks) {
+    sinks_.resize(std::size_t(num_heads));
+    Matrix<T>* d_bias = nullptr;  // (H Lq, Lk) the sinks write
+    if (request.d_bias_per_head) {
+      check_array_size<T>(num_heads * num_queries, num_keys, "per-head bias gradient (H Lq x Lk)");
+      request.d_bias_per_head->setZero(num_heads * num_queries, num_keys);
+      d_bias = request.d_bias_per_head;
+    }
+    if (request.d_bias) {
+      check_array_size<T>(num_queries, num_keys, "bias gradient (Lq x Lk)");
+      if (!d_bias) {
+        d_bias = num_heads == 1 ? request.d_bias : &stacked_;
+        check_array_size<T>(num_heads * num_queries, num_keys, "per-head bias gradient (H Lq x Lk)");
+        d_bias->setZero(num_heads * num_queries, num_keys);
+      }
+    }
+    if (request.d_table || request.d_table_per_head) {
+      const RelativePositionBuckets& b = request.table_buckets;
+      relative_position_bucket(0, b.bidirectional, b.num_buckets, b.max_distance);  // validates the configuration
+      offset_ = diagonal_offset(b.alignment, num_queries, num_keys);
+      d_min_ = -(num_queries - 1 + offset_);
+      if (num_queries > 0 && num_keys > 0)
+        for (Index d = d_min_; d <= num_keys - 1 - offset_; ++d)
+          bucket_.push_back(relative_position_bucket(d, b.bidirectional, b.num_buckets, b.max_distance));
+      partials_.assign(std::size_t(num_heads), Matrix<T>::Zero(tasks, b.num_buckets));
+    }
+    for (Index h = 0; h < num_heads; ++h) {
+      BiasGradientSink<T>& sink = sinks_[std::size_t(h)];
+      sink.d_bias = d_bias;
+      sink.row0 = h * num_queries;
+      if (!partials_.empty()) {
+        sink.partials = &partials_[std::size_t(h)];
+        sink.bucket = &bucket_;
+        sink.d_min = d_min_;
+        sink.offset = offset_;
+      }
+    }
+  }
+
+  /// Head h's sink; the sinks of heads h, h + 1, ... follow it.
+  const BiasGradientSink<T>* sinks(Index h = 0) const { return &sinks_[std::size_t(h)]; }
+
+  /// Sums what the sinks received into the requested gradients: per-head tables over the key
+  /// tiles in order, shared ones over the heads in order.
+  void finish() {
+    const bool empty = queries_ == 0 || keys_ == 0;  // (no block of an empty matrix)
+    if (request_.d_bias) {
+      const Matrix<T>* stacked = request_.d_bias_per_head ? request_.d_bias_per_head : &stacked_;
+      if (heads_ > 1 || request_.d_bias_per_head) {
+        request_.d_bias->setZero(queries_, keys_);
+        if (!empty)
+          for (Index h = 0; h < heads_; ++h) *request_.d_bias += stacked->middleRows(h * queries_, queries_);
+      }
+    }
+    if (request_.d_table || request_.d_table_per_head) {
+      const Index buckets = request_.table_buckets.num_buckets;
+      Matrix<T> columns = Matrix<T>::Zero(buckets, heads_);  // (num_buckets, H)
+      for (Index h = 0; h < heads_; ++h)
+        for (Index t = 0; t < tasks_; ++t) columns.col(h) += partials_[std::size_t(h)].row(t).transpose();
+      if (request_.d_table) {
+        request_.d_table->setZero(buckets);
+        for (Index h = 0; h < heads_; ++h) *request_.d_table += columns.col(h);
+      }
+      if (request_.d_table_per_head) *request_.d_table_per_head = std::move(columns);
+    }
+  }
+
+ private:
+  BiasGradients<T> request_;
+  Index heads_, queries_, keys_, tasks_;
+  Index offset_ = 0, d_min_ = 0;
+  Matrix<T> stacked_;                   // (H Lq, Lk) for d_bias of several heads without d_bias_per_head
+  std::vector<Matrix<T>> partials_;     // per head (tasks, num_buckets)
+  std::vector<Index> bucket_;           // bucket of relative position d at [d - d_min]
+  std::vector<BiasGradientSink<T>> sinks_;
+};
+
+/// Rejects bias gradients with a mask that has a score modifier: dS is the gradient of the final
+/// scores, not of a bias that a modifier transforms afterwards.
+template <class BoundMask>
+void check_bias_gradients_without_modifier(bool requested) {
+  if constexpr (has_score_slope<BoundMask>::value)
+    ATTEND_CHECK(!requested,
+                 "bias gradients (BiasGradients) with a mask that has a score modifier (SoftCap, ScoreMod) are not "
+                 "supported: the gradient of a bias is dS only where no modifier transforms the scores after it");
+}
 
 /// Checks the shapes of a backward call (out and d_out of out_cols columns) and that no output
 /// shares memory with an input or another output.
@@ -149,34 +260,13 @@ void attention_backward_into(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>
                              const AttentionOptions& options, MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv,
                              const BiasGradients<T>& request) {
   const Index num_queries = q.rows(), num_keys = k.rows();
+  check_bias_gradients_without_modifier<decltype(bind_mask(mask, HeadIndex{}, 0, 0))>(request.requested());
   const bool blocked = use_blocked(options, num_queries, num_keys);
   const TileShape tiles = resolve_backward_tiles(options, num_queries, num_keys);
   const Index tasks = blocked ? std::max<Index>((num_keys + tiles.keys - 1) / tiles.keys, 1) : 1;
-  BiasGradientSink<T> sink{nullptr, nullptr, nullptr, 0, 0};
-  Matrix<T> partials;
-  std::vector<Index> bucket;
-  if (request.d_bias) {
-    check_array_size<T>(num_queries, num_keys, "bias gradient (Lq x Lk)");
-    request.d_bias->setZero(num_queries, num_keys);
-    sink.d_bias = request.d_bias;
-  }
-  if (request.d_table) {
-    const RelativePositionBuckets& b = request.table_buckets;
-    sink.offset = diagonal_offset(b.alignment, num_queries, num_keys);
-    sink.d_min = -(num_queries - 1 + sink.offset);
-    relative_position_bucket(0, b.bidirectional, b.num_buckets, b.max_distance);  // validates the configuration
-    if (num_queries > 0 && num_keys > 0)
-      for (Index d = sink.d_min; d <= num_keys - 1 - sink.offset; ++d)
-        bucket.push_back(relative_position_bucket(d, b.bidirectional, b.num_buckets, b.max_distance));
-    partials.setZero(tasks, b.num_buckets);
-    sink.partials = &partials;
-    sink.bucket = &bucket;
-  }
-  attention_backward_into<T>(q, k, v, out, lse, d_out, scale, modifier, mask, options, dq, dk, dv, sink);
-  if (request.d_table) {
-    request.d_table->setZero(request.table_buckets.num_buckets);
-    for (Index t = 0; t < tasks; ++t) *request.d_table += partials.row(t).transpose();
-  }
+  BiasGradientSinks<T> sinks(request, 1, num_queries, num_keys, tasks);
+  attention_backward_into<T>(q, k, v, out, lse, d_out, scale, modifier, mask, options, dq, dk, dv, *sinks.sinks());
+  sinks.finish();
 }
 
 /// Gradients of y = x / max(||x||, 1e-12) (unit_rows) for each row: with n = ||x||,
@@ -224,7 +314,7 @@ void scaled_dot_product_attention_backward_into(const Eigen::MatrixBase<DQ>& q, 
   const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out);
   const Vector<T> lse_copy = lse.reshaped();  // O(Lq); any vector expression or orientation
   const T scale = detail::resolve_scale<T>(options, q.cols());
-  if (bias_gradients.d_bias || bias_gradients.d_table)
+  if (bias_gradients.requested())
     detail::attention_backward_into<T>(q_ref, k_ref, v_ref, out_ref, lse_copy, d_out_ref, scale,
                                        detail::IdentityModifier{}, mask.derived(), options, dq, dk, dv, bias_gradients);
   else
@@ -467,12 +557,66 @@ MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eige
   return result;
 }
 
+namespace detail {
+
+/// The two passes of a multi-head backward over bound masks[h] and sinks[h] of every head h
+/// (GQA: kv head g serves query heads g group .. (g + 1) group - 1).
+template <class T, class BoundMask, class Sink>
+void multi_head_backward_passes(const std::vector<BackwardHead<T>>& heads, const std::vector<BoundMask>& masks,
+                                const Sink* sinks, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
+                                const HeadLayout& layout, T scale, const TileShape& tiles, bool blocked,
+                                MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv) {
+  const Index num_queries = heads[0].q.rows(), num_keys = k.rows(), d = layout.key_dim, dv_width = layout.value_dim;
+  const Index group = layout.heads / layout.kv_heads;
+  const auto k_of = [&](Index g) { return ConstMatrixRef<T>(k.middleCols(g * d, d)); };
+  const auto v_of = [&](Index g) { return ConstMatrixRef<T>(v.middleCols(g * dv_width, dv_width)); };
+  if (!blocked) {
+    // The readable path, head by head; a kv head's gradients sum its query heads' in order.
+    dk.setZero();
+    dv.setZero();
+    Matrix<T> dk_head(num_keys, d), dv_head(num_keys, dv_width);
+    for (Index h = 0; h < layout.heads; ++h) {
+      const Index g = h / group;
+      materialized_backward<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, IdentityModifier{},
+                               masks[std::size_t(h)], dq.middleCols(h * d, d), dk_head, dv_head, sinks[h]);
+      dk.middleCols(g * d, d) += dk_head;
+      dv.middleCols(g * dv_width, dv_width) += dv_head;
+    }
+    return;
+  }
+  constexpr bool slope = needs_slope<IdentityModifier, BoundMask>;
+  const Index key_tiles = (num_keys + tiles.keys - 1) / tiles.keys;
+  const Index query_tiles = (num_queries + tiles.queries - 1) / tiles.queries;
+  parallel_for_with_scratch(
+      layout.kv_heads * key_tiles, [&] { return KeyPassScratch<T>(tiles, d, dv_width, slope); },
+      [&](Index item, KeyPassScratch<T>& scratch) {
+        const Index g = item / key_tiles, tile = item % key_tiles, k0 = tile * tiles.keys;
+        backward_key_tile<T>(&heads[std::size_t(g * group)], &masks[std::size_t(g * group)], sinks + g * group, group,
+                             k_of(g), v_of(g), scale, IdentityModifier{}, tiles, k0,
+                             std::min(tiles.keys, num_keys - k0), dk.middleCols(g * d, d),
+                             dv.middleCols(g * dv_width, dv_width), scratch, tile);
+      });
+  parallel_for_with_scratch(
+      layout.heads * query_tiles, [&] { return QueryPassScratch<T>(tiles, d, dv_width, slope); },
+      [&](Index item, QueryPassScratch<T>& scratch) {
+        const Index h = item / query_tiles, q0 = (item % query_tiles) * tiles.queries, g = h / group;
+        backward_query_tile<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, IdentityModifier{},
+                               masks[std::size_t(h)], tiles, q0, std::min(tiles.queries, num_queries - q0),
+                               dq.middleCols(h * d, d), scratch);
+      });
+}
+
+}  // namespace detail
+
 /// Writes the gradients of multi_head_attention(q, k, v, num_heads, mask, options) at d_out
 /// (Lq, H d_v) into dq (Lq, H d), dk (Lk, H_kv d), dv (Lk, H_kv d_v), given the forward's
 /// output (Lq, H d_v) and log-sum-exp (Lq, H) (multi_head_attention_with_lse). The dK and dV of
 /// a kv head sum the contributions of its H / H_kv query heads (GQA, MQA), in head order.
-/// The key pass runs over (kv head, key tile) items and the query pass over (head, query tile)
-/// items, in parallel, so even one head splits across threads.
+/// The mask binds per head as the forward's (HeadIndex{0, h, 1, H}); `bias_gradients` asks for
+/// the gradients of its learnable biases: a per-head T5 table (num_buckets, H) or stacked
+/// AdditiveMask (H Lq, Lk) per head, or summed over the heads for a table or mask they share
+/// (see BiasGradients). The key pass runs over (kv head, key tile) items and the query pass over
+/// (head, query tile) items, in parallel, so even one head splits across threads.
 /// \throws attend::invalid_argument on mismatched shapes or aliasing outputs.
 template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
 void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
@@ -480,7 +624,8 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
                                         const Eigen::MatrixBase<DO>& out, const Eigen::MatrixBase<DL>& lse,
                                         const Eigen::MatrixBase<DD>& d_out, MatrixRef<typename DQ::Scalar> dq,
                                         MatrixRef<typename DQ::Scalar> dk, MatrixRef<typename DQ::Scalar> dv,
-                                        const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+                                        const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+                                        const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
   using T = typename DQ::Scalar;
   const detail::ThreadScope threads(options.num_threads);
@@ -496,61 +641,37 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
   detail::check_no_alias(dv, "dv", lse_ref, "forward log-sum-exp");
   const T scale = detail::resolve_scale<T>(options, d);
   const detail::TileShape tiles = detail::resolve_backward_tiles(options, num_queries, num_keys);
-  if (num_queries == 0 || num_keys == 0) {  // nothing seen (and no column block of an empty matrix)
-    for (Index h = 0; h < layout.heads; ++h)
-      detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, layout.heads}, num_queries, num_keys);
-    dq.setZero();
-    dk.setZero();
-    dv.setZero();
-    return;
-  }
+  const bool blocked = detail::use_blocked(options, num_queries, num_keys);
   const auto bind = [&](Index h) {
     return detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, layout.heads}, num_queries, num_keys);
   };
-  std::vector<decltype(bind(0))> masks;  // head h's policy (ALiBi slopes, T5 columns, stacked masks)
-  std::vector<detail::BackwardHead<T>> heads;
-  for (Index h = 0; h < layout.heads; ++h) {
-    masks.push_back(bind(h));
-    heads.push_back({q_ref.middleCols(h * d, d), out_ref.middleCols(h * dv_width, dv_width),
-                     d_out_ref.middleCols(h * dv_width, dv_width), lse_ref.col(h)});
-  }
-  const Index group = layout.heads / layout.kv_heads;
-  const auto k_of = [&](Index g) { return ConstMatrixRef<T>(k_ref.middleCols(g * d, d)); };
-  const auto v_of = [&](Index g) { return ConstMatrixRef<T>(v_ref.middleCols(g * dv_width, dv_width)); };
-  if (!detail::use_blocked(options, num_queries, num_keys)) {
-    // The readable path, head by head; a kv head's gradients sum its query heads' in order.
+  using BoundMask = decltype(bind(0));
+  std::vector<BoundMask> masks;  // head h's policy (ALiBi slopes, T5 columns, stacked masks), all validated
+  for (Index h = 0; h < layout.heads; ++h) masks.push_back(bind(h));
+  detail::check_bias_gradients_without_modifier<BoundMask>(bias_gradients.requested());
+  const Index tasks = blocked ? std::max<Index>((num_keys + tiles.keys - 1) / tiles.keys, 1) : 1;
+  std::optional<detail::BiasGradientSinks<T>> sinks;
+  if (bias_gradients.requested()) sinks.emplace(bias_gradients, layout.heads, num_queries, num_keys, tasks);
+  if (num_queries == 0 || num_keys == 0) {  // nothing seen (and no column block of an empty matrix)
+    dq.setZero();
     dk.setZero();
     dv.setZero();
-    Matrix<T> dk_head(num_keys, d), dv_head(num_keys, dv_width);
-    for (Index h = 0; h < layout.heads; ++h) {
-      const Index g = h / group;
-      detail::materialized_backward<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, detail::IdentityModifier{},
-                                       masks[std::size_t(h)], dq.middleCols(h * d, d), dk_head, dv_head,
-                                       detail::NoBiasGradient{});
-      dk.middleCols(g * d, d) += dk_head;
-      dv.middleCols(g * dv_width, dv_width) += dv_head;
-    }
+    if (sinks) sinks->finish();
     return;
   }
-  const Index key_tiles = (num_keys + tiles.keys - 1) / tiles.keys;
-  const Index query_tiles = (num_queries + tiles.queries - 1) / tiles.queries;
-  detail::parallel_for_with_scratch(
-      layout.kv_heads * key_tiles, [&] { return detail::KeyPassScratch<T>(tiles, d, dv_width, false); },
-      [&](Index item, detail::KeyPassScratch<T>& scratch) {
-        const Index g = item / key_tiles, k0 = (item % key_tiles) * tiles.keys;
-        detail::backward_key_tile<T>(&heads[std::size_t(g * group)], &masks[std::size_t(g * group)], group, k_of(g),
-                                     v_of(g), scale, detail::IdentityModifier{}, tiles, k0,
-                                     std::min(tiles.keys, num_keys - k0), dk.middleCols(g * d, d),
-                                     dv.middleCols(g * dv_width, dv_width), scratch, detail::NoBiasGradient{}, item);
-      });
-  detail::parallel_for_with_scratch(
-      layout.heads * query_tiles, [&] { return detail::QueryPassScratch<T>(tiles, d, dv_width, false); },
-      [&](Index item, detail::QueryPassScratch<T>& scratch) {
-        const Index h = item / query_tiles, q0 = (item % query_tiles) * tiles.queries, g = h / group;
-        detail::backward_query_tile<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, detail::IdentityModifier{},
-                                       masks[std::size_t(h)], tiles, q0, std::min(tiles.queries, num_queries - q0),
-                                       dq.middleCols(h * d, d), scratch);
-      });
+  std::vector<detail::BackwardHead<T>> heads;
+  for (Index h = 0; h < layout.heads; ++h)
+    heads.push_back({q_ref.middleCols(h * d, d), out_ref.middleCols(h * dv_width, dv_width),
+                     d_out_ref.middleCols(h * dv_width, dv_width), lse_ref.col(h)});
+  if (sinks) {
+    detail::multi_head_backward_passes<T>(heads, masks, sinks->sinks(), k_ref, v_ref, layout, scale, tiles, blocked, dq,
+                                          dk, dv);
+    sinks->finish();
+  } else {
+    const std::vector<detail::NoBiasGradient> none(std::size_t(layout.heads));
+    detail::multi_head_backward_passes<T>(heads, masks, none.data(), k_ref, v_ref, layout, scale, tiles, blocked, dq, dk,
+                                          dv);
+  }
 }
 
 /// Returns the gradients of multi_head_attention at d_out, given its multi_head_attention_with_lse
@@ -559,12 +680,13 @@ template <class DQ, class DK, class DV, class DD, class Mask = NoMask>
 AttentionGradients<typename DQ::Scalar> multi_head_attention_backward(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
     const MultiHeadLseResult<typename DQ::Scalar>& forward, const Eigen::MatrixBase<DD>& d_out,
-    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DD>);
   using T = typename DQ::Scalar;
   AttentionGradients<T> g{Matrix<T>(q.rows(), q.cols()), Matrix<T>(k.rows(), k.cols()), Matrix<T>(v.rows(), v.cols())};
   multi_head_attention_backward_into(q, k, v, num_heads, forward.output, forward.lse, d_out, g.dq, g.dk, g.dv, mask,
-                                     options);
+                                     options, bias_gradients);
   return g;
 }
 

@@ -56,14 +56,19 @@ struct BackwardHead {
   ConstStridedVectorRef<T> lse;
 };
 
-/// The gradient of additive biases is dS itself; a sink receives every visited tile of dS
-/// (queries x keys, first element (q0, k0)) from the key pass, whose task `task` owns the key
-/// tile. Unvisited tiles (empty, or never seen) have dS = 0. This one drops it.
+/// The gradient of additive biases is dS itself; a sink receives every visited tile of dS of its
+/// head (queries x keys, first element (q0, k0)) from the key pass, whose task `task` owns the
+/// key tile (the tile's index). Unvisited tiles (empty, or never seen) have dS = 0. This one drops it.
 struct NoBiasGradient {
   static constexpr bool active = false;
   template <class S>
   void add(const S&, Index, Index, Index) const {}
 };
+
+/// Whether the backward of score function Modifier under bound mask BoundMask needs the slope
+/// tile g = ds/dz: a soft-capped score, or a mask with a score modifier (SoftCap, ScoreMod).
+template <class Modifier, class BoundMask>
+inline constexpr bool needs_slope = Modifier::active || has_score_slope<BoundMask>::value;
 
 /// Per-thread scratch of the key pass. lanes_k = Bk rounded up to packets.
 ///   kt, vt  (Dk, lanes_k), (Dv, lanes_k)  the key tile's K^T and V^T
@@ -136,12 +141,13 @@ struct QueryPassScratch {
 
 /// The key pass for one tile of keys [k0, k0 + cols) of a kv head read by `num_heads` query
 /// heads (GQA: their contributions are summed, head by head, in order), head h under the bound
-/// mask masks[h]: writes dK and dV of those keys.
+/// mask masks[h], its dS tiles to sinks[h]: writes dK and dV of those keys.
 template <class T, class Modifier, class BoundMask, class Sink>
-void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, Index num_heads,
+void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, const Sink* sinks, Index num_heads,
                        const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale, const Modifier& modifier,
                        TileShape tiles, Index k0, Index cols, MatrixRef<T> dk, MatrixRef<T> dv,
-                       KeyPassScratch<T>& scratch, const Sink& sink, Index task) {
+                       KeyPassScratch<T>& scratch, Index task) {
+  constexpr bool slope = needs_slope<Modifier, BoundMask>;
   const Index k1 = k0 + cols, stride = scratch.s.outerStride(), lanes = round_up_to_lanes<T>(cols);
   const Index value_dim = v.cols();
   auto dk_acc = scratch.dk.topRows(cols);  // (cols, Dk)
@@ -184,8 +190,12 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, Ind
       const ConstMatrixRef<T> sq_ref(sq);
       score_tile<T>(sq_ref, scratch.kt.data(), scratch.kt.outerStride(), lanes, scratch.s.data(), stride, rows_seeing);
       auto s = scratch.s.topLeftCorner(rows, cols);
-      if constexpr (Modifier::active) modifier.forward(s, scratch.g.topLeftCorner(rows, cols));
-      if (kind == TileKind::Partial) apply_mask(mask, s, q0, k0);
+      auto g = scratch.g.topLeftCorner(slope ? rows : 0, cols);
+      if constexpr (Modifier::active)
+        modifier.forward(s, g);
+      else if constexpr (slope)
+        g.setOnes();
+      if (kind == TileKind::Partial) apply_mask_with_slope(mask, s, g, q0, k0);
       // dP (rows, cols) = dO V^T.
       const ConstMatrixRef<T> d_out = head.d_out.middleRows(q0, rows);
       score_tile<T>(d_out, scratch.vt.data(), scratch.vt.outerStride(), lanes, scratch.dp.data(), stride, rows_seeing);
@@ -198,8 +208,8 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, Ind
       // dV += P^T dO (P held as the value kernel's transposed weights: row i of P is query i).
       value_tile<T>(scratch.s.data(), stride, d_out, scratch.ones.data(), dv_acc, rows_seeing);
       auto ds = scratch.dp.topLeftCorner(rows, cols);
-      if constexpr (Sink::active) sink.add(ds, q0, k0, task);
-      if constexpr (Modifier::active) ds.array() *= scratch.g.topLeftCorner(rows, cols).array();
+      if constexpr (Sink::active) sinks[h].add(ds, q0, k0, task);
+      if constexpr (slope) chain_score_slope(ds, g, scratch.s.topLeftCorner(rows, cols));
       // dK += dS^T (scale Q).
       value_tile<T>(scratch.dp.data(), stride, sq_ref, scratch.ones.data(), dk_acc, rows_seeing);
     }
@@ -213,6 +223,7 @@ template <class T, class Modifier, class BoundMask>
 void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale,
                          const Modifier& modifier, const BoundMask& mask, TileShape tiles, Index q0, Index rows,
                          MatrixRef<T> dq, QueryPassScratch<T>& scratch) {
+  constexpr bool slope = needs_slope<Modifier, BoundMask>;
   const Index q1 = q0 + rows, lanes = round_up_to_lanes<T>(rows), stride = scratch.st.outerStride();
   auto dq_acc = scratch.dq.topRows(rows);  // (rows, Dk)
   dq_acc.setZero();
@@ -240,14 +251,19 @@ void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k
     // S^T (cols, lanes), exactly the forward's.
     score_tile<T>(k_tile, scratch.qt.data(), scratch.qt.outerStride(), lanes, scratch.st.data(), stride, seen_by);
     auto st = scratch.st.topLeftCorner(cols, lanes);
-    if constexpr (Modifier::active) modifier.forward(st, scratch.g.topLeftCorner(cols, lanes));
-    if (kind == TileKind::Partial) apply_mask(mask, scratch.st.topLeftCorner(cols, rows).transpose(), q0, k0);
+    auto g = scratch.g.topLeftCorner(slope ? cols : 0, lanes);
+    if constexpr (Modifier::active)
+      modifier.forward(st, g);
+    else if constexpr (slope)
+      g.setOnes();
+    if (kind == TileKind::Partial)
+      apply_mask_with_slope(mask, scratch.st.topLeftCorner(cols, rows).transpose(),
+                            scratch.g.topLeftCorner(slope ? cols : 0, rows).transpose(), q0, k0);
     // dP^T (cols, lanes) = V dO^T.
     score_tile<T>(v_tile, scratch.dot.data(), scratch.dot.outerStride(), lanes, scratch.dpt.data(), stride, seen_by);
     weights_and_score_gradient_lanes(scratch.st.data(), scratch.dpt.data(), stride, cols, lanes, scratch.shift(),
                                      scratch.stat());
-    if constexpr (Modifier::active)
-      scratch.dpt.topLeftCorner(cols, lanes).array() *= scratch.g.topLeftCorner(cols, lanes).array();
+    if constexpr (slope) chain_score_slope(scratch.dpt.topLeftCorner(cols, lanes), g, st);
     // dQ += dS K (dS held transposed, as the value kernel's weights).
     value_tile<T>(scratch.dpt.data(), stride, k_tile, scratch.ones.data(), dq_acc, seen_by);
   }
@@ -264,15 +280,15 @@ void blocked_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, c
   const Index key_dim = k.cols(), value_dim = v.cols();
   const Index key_tiles = (k.rows() + tiles.keys - 1) / tiles.keys;
   parallel_for_with_scratch(
-      key_tiles, [&] { return KeyPassScratch<T>(tiles, key_dim, value_dim, Modifier::active); },
+      key_tiles, [&] { return KeyPassScratch<T>(tiles, key_dim, value_dim, needs_slope<Modifier, BoundMask>); },
       [&](Index tile, KeyPassScratch<T>& scratch) {
         const Index k0 = tile * tiles.keys;
-        backward_key_tile<T>(&head, &mask, 1, k, v, scale, modifier, tiles, k0, std::min(tiles.keys, k.rows() - k0), dk,
-                             dv, scratch, sink, tile);
+        backward_key_tile<T>(&head, &mask, &sink, 1, k, v, scale, modifier, tiles, k0,
+                             std::min(tiles.keys, k.rows() - k0), dk, dv, scratch, tile);
       });
   const Index query_tiles = (head.q.rows() + tiles.queries - 1) / tiles.queries;
   parallel_for_with_scratch(
-      query_tiles, [&] { return QueryPassScratch<T>(tiles, key_dim, value_dim, Modifier::active); },
+      query_tiles, [&] { return QueryPassScratch<T>(tiles, key_dim, value_dim, needs_slope<Modifier, BoundMask>); },
       [&](Index tile, QueryPassScratch<T>& scratch) {
         const Index q0 = tile * tiles.queries;
         backward_query_tile<T>(head, k, v, scale, modifier, mask, tiles, q0,

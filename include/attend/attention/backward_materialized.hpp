@@ -21,7 +21,8 @@ namespace attend::detail {
 ///                                is not needed, and a row that sees one key has P = 1 exactly)
 ///   dV = P^T dO
 ///   dP = dO V^T,  D_i = sum_j P_ij dP_ij (= <dO_i, O_i>),  dS = P * (dP - D)   (0 where P = 0)
-///   dZ = dS * modifier'(Z)      (Z = scale Q K^T)
+///   dZ = dS * modifier'(Z)      (Z = scale Q K^T; the score function's and the mask's score
+///                                modifiers, chained, and 0 where P = 0)
 ///   dQ = scale dZ K,  dK = dZ^T (scale Q)
 /// `sink` receives dS whole (task 0). Products run in parallel over blocks of rows.
 template <class T, class Modifier, class BoundMask, class Sink>
@@ -38,14 +39,13 @@ void materialized_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>&
   const Matrix<T> sq = scale * head.q;  // (Lq, Dk)
   Matrix<T> p(num_queries, num_keys);   // Z, S, then P
   parallel_product(p, sq, k.transpose());
-  Matrix<T> slope;  // (Lq, Lk) dS/dZ
-  if constexpr (Modifier::active) {
-    slope.resize(num_queries, num_keys);
-    modifier.forward(p, slope);
-  }
+  constexpr bool chain = needs_slope<Modifier, BoundMask>;
+  Matrix<T> slope;  // (Lq, Lk) dS/dZ, through the score function's and the mask's modifiers
+  if constexpr (chain) slope.setOnes(num_queries, num_keys);
+  if constexpr (Modifier::active) modifier.forward(p, slope);
   switch (mask.classify(0, num_queries, 0, num_keys)) {
     case TileKind::Empty: p.setConstant(-std::numeric_limits<T>::infinity()); break;
-    case TileKind::Partial: apply_mask(mask, p, 0, 0); break;
+    case TileKind::Partial: apply_mask_with_slope(mask, p, slope, 0, 0); break;
     case TileKind::Full: break;
   }
   Matrix<T> ds(num_queries, num_keys);  // dP, then dS
@@ -59,7 +59,7 @@ void materialized_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>&
   }
   parallel_product(dv, p.transpose(), head.d_out);
   if constexpr (Sink::active) sink.add(ds, 0, 0, 0);
-  if constexpr (Modifier::active) ds.array() *= slope.array();
+  if constexpr (chain) chain_score_slope(ds, slope, p);
   parallel_product(dk, ds.transpose(), sq);
   parallel_product(dq, ds, k);
   dq *= scale;

@@ -169,14 +169,17 @@ void linear_backward(const Matrix<T>& x, const Matrix<T>& weight, const Vector<T
 }  // namespace detail
 
 /// Gradients of a loss through `layer` at d_output = dLoss/doutput (Lq, E_out), from the
-/// context of multi_head_layer_forward with the same layer, mask and options.
+/// context of multi_head_layer_forward with the same layer, mask and options. `bias_gradients`
+/// asks for the gradients of the mask's learnable biases (a per-head T5 table, a stacked
+/// per-head AdditiveMask, or ones every head shares), as multi_head_attention_backward_into.
 /// \throws attend::invalid_argument when d_output or the context does not fit the layer.
 template <class T, class DO, class Mask = NoMask>
 MultiHeadLayerGradients<T> multi_head_layer_backward(const MultiHeadAttention<T>& layer,
                                                      const MultiHeadContext<T>& context,
                                                      const Eigen::MatrixBase<DO>& d_output,
                                                      const MaskBase<Mask>& mask = NoMask{},
-                                                     const AttentionOptions& options = {}) {
+                                                     const AttentionOptions& options = {},
+                                                     const BiasGradients<T>& bias_gradients = {}) {
   static_assert(detail::supported_scalars<T, DO>);
   const MultiHeadContext<T>& c = context;
   const MultiHeadWeights<T>& w = layer.weights();
@@ -199,7 +202,7 @@ MultiHeadLayerGradients<T> multi_head_layer_backward(const MultiHeadAttention<T>
   // heads = attention(Q, K, V): dQ, dK, dV with respect to the rotated projections
   Matrix<T> dq(lq, c.q.cols()), dk(lk, c.k.cols()), dv(lk, c.v.cols());
   multi_head_attention_backward_into(c.q, c.k, c.v, layer.num_heads(), c.heads, c.lse, d_heads, dq, dk, dv, mask,
-                                     options);
+                                     options, bias_gradients);
   if (const RotaryEmbedding<T>* rope = layer.rotary()) {  // Q = R Q_lin: dQ_lin = R^T dQ
     rope->apply_transpose(dq);
     rope->apply_transpose(dk);

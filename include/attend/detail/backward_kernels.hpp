@@ -2,18 +2,23 @@
 /// \file detail/backward_kernels.hpp
 /// \brief Element-wise pieces of the attention backward (FlashAttention-2), over Eigen packets:
 /// the row statistic D_i = <dO_i, O_i>, the recomputed weights P = exp(S - lse) and the score
-/// gradient dS = P * (dP - D), and the score modifiers whose derivative the backward applies.
+/// gradient dS = P * (dP - D), the score modifiers whose derivative the backward applies, and
+/// the masks' score modifiers (SoftCap, ScoreMod) applied with their derivatives.
 ///
 /// The products of the backward (S = Q K^T, dP = dO V^T, dV = P^T dO, dK = dS^T Q, dQ = dS K)
 /// run on the forward's register-blocked kernels (tile_kernels.hpp); what is here is the work
 /// between them.
 #pragma once
 
+#include "../custom.hpp"
+#include "../masks.hpp"
 #include "../types.hpp"
 #include "packet.hpp"
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 
 ATTEND_PACKET_WARNINGS_PUSH
 
@@ -108,7 +113,8 @@ struct IdentityModifier {
   void forward(S&&, G&&) const {}
 };
 
-/// Logit soft-capping s = cap tanh(z / cap) (scores/soft_cap.hpp), with ds/dz = 1 - (s / cap)^2.
+/// Logit soft-capping s = cap tanh(z / cap) (scores/soft_cap.hpp), with ds/dz = 1 - (s / cap)^2:
+/// the tile routine of the SoftCap mask policy (custom.hpp), on the scores before any mask.
 template <class T>
 struct SoftCapModifier {
   static constexpr bool active = true;
@@ -116,11 +122,71 @@ struct SoftCapModifier {
   /// z -> s in place; g = ds/dz, same shape.
   template <class S, class G>
   void forward(S&& z, G&& g) const {
-    z.array() = (z.array() / cap).tanh();
-    g.array() = T(1) - z.array().square();
-    z.array() *= cap;
+    g.setOnes();
+    soft_cap_with_slope(z, g, cap);
   }
 };
+
+/// Whether a bound policy's add_bias transforms the scores other than by adding a term that does
+/// not depend on them: it then gives `add_bias(s, slope, q0, k0)` (custom.hpp's protocol), which
+/// the backward calls. Composed policies (`a & b`, OffsetMask) have one when an operand has.
+template <class P, class = void>
+struct has_score_slope : std::false_type {};
+
+template <class P>
+struct has_score_slope<P, std::void_t<decltype(std::declval<const P&>().add_bias(
+                              std::declval<Matrix<double>&>(), std::declval<Matrix<double>&>(), Index(0), Index(0)))>>
+    : std::true_type {};
+
+template <class A, class B>
+struct has_score_slope<BothVisible<A, B>>
+    : std::bool_constant<has_score_slope<A>::value || has_score_slope<B>::value> {};
+
+template <class Inner>
+struct has_score_slope<OffsetPolicy<Inner>> : has_score_slope<Inner> {};
+
+/// The add_bias phase of `mask` on a tile of scores s whose first element is (q0, k0), and the
+/// chain rule through it: every operand that transforms the scores multiplies `slope` (same
+/// shape as s) by the derivative of its output with respect to its input, in the order the
+/// operands of `&` are written (as BothVisible::add_bias runs them); additive operands leave it.
+template <class BoundMask, class Scores, class Slopes>
+void add_bias_with_slope(const BoundMask& mask, Scores&& s, Slopes&& slope, Index q0, Index k0) {
+  if constexpr (has_score_slope<BoundMask>::value)
+    mask.add_bias(s, slope, q0, k0);
+  else
+    mask.add_bias(s, q0, k0);
+}
+
+template <class A, class B, class Scores, class Slopes>
+void add_bias_with_slope(const BothVisible<A, B>& mask, Scores&& s, Slopes&& slope, Index q0, Index k0) {
+  const Index q1 = q0 + s.rows(), k1 = k0 + s.cols();
+  if (mask.first.classify(q0, q1, k0, k1) != TileKind::Full) add_bias_with_slope(mask.first, s, slope, q0, k0);
+  if (mask.second.classify(q0, q1, k0, k1) != TileKind::Full) add_bias_with_slope(mask.second, s, slope, q0, k0);
+}
+
+template <class Inner, class Scores, class Slopes>
+void add_bias_with_slope(const OffsetPolicy<Inner>& mask, Scores&& s, Slopes&& slope, Index q0, Index k0) {
+  add_bias_with_slope(mask.inner, s, slope, q0 + mask.query_offset, k0 + mask.key_offset);
+}
+
+/// apply_mask (masks.hpp) of a Partial tile for the backward: its biases and score modifiers,
+/// with slope *= the modifiers' derivatives when the mask has any, then -inf at hidden keys.
+template <class BoundMask, class Scores, class Slopes>
+void apply_mask_with_slope(const BoundMask& mask, Scores&& s, Slopes&& slope, Index q0, Index k0) {
+  if constexpr (has_score_slope<BoundMask>::value) {
+    add_bias_with_slope(mask, s, slope, q0, k0);
+    mask.hide(s, q0, k0);
+  } else {
+    apply_mask(mask, s, q0, k0);
+  }
+}
+
+/// dZ = dS * slope, and exactly 0 where the weight p is 0 (a hidden or dropped key contributes
+/// nothing, whatever a modifier's derivative is there: NaN or infinite at -inf, say).
+template <class DS, class G, class P>
+void chain_score_slope(DS&& ds, const G& slope, const P& p) {
+  ds = (p.array() == 0).select(0, ds.array() * slope.array());
+}
 
 }  // namespace attend::detail
 
