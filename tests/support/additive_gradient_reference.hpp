@@ -25,13 +25,17 @@ struct AdditiveGradientsOf {
   Matrix<S> dq, dk, dv;         // (Lq, d_q), (Lk, d_k), (Lk, Dv)
   Matrix<S> dw_query, dw_key;   // (h, d_q), (h, d_k)
   Vector<S> dw_v, dbias;        // (h), (h) or empty
+  // The size of what each gradient entry sums, the same chain rule on magnitudes
+  // (dS_ij from p_ij (|dP_ij| + |D_i|)): the `terms` of gradient_within_tolerance.
+  Matrix<S> dq_terms, dk_terms, dv_terms, dw_query_terms, dw_key_terms;
+  Vector<S> dw_v_terms, dbias_terms;
 
-  /// 1 + the largest finite |lse|: the lse_scale of gradient_within.
-  Real lse_scale() const {
+  /// The largest finite |lse|: the max_abs_lse of gradient_within_tolerance (gradient_reference.hpp).
+  Real max_abs_lse() const {
     Real m = 0;
     for (Index i = 0; i < lse.size(); ++i)
       if (std::isfinite(lse(i))) m = std::max(m, std::fabs(Real(lse(i))));
-    return 1 + m;
+    return m;
   }
 };
 
@@ -79,7 +83,8 @@ AdditiveGradientsOf<S> additive_gradients(const Matrix<T>& w_query, const Matrix
   }
   g.output = Matrix<S>::Zero(lq, dv);
   g.dv = Matrix<S>::Zero(lk, dv);
-  Matrix<S> ds = Matrix<S>::Zero(lq, lk);
+  g.dv_terms = Matrix<S>::Zero(lk, dv);
+  Matrix<S> ds = Matrix<S>::Zero(lq, lk), ds_terms = Matrix<S>::Zero(lq, lk);
   for (Index i = 0; i < lq; ++i) {
     S delta = 0;
     for (Index j = 0; j < lk; ++j) {
@@ -87,74 +92,55 @@ AdditiveGradientsOf<S> additive_gradients(const Matrix<T>& w_query, const Matrix
       for (Index c = 0; c < dv; ++c) {
         g.output(i, c) += p(i, j) * at(values, j, c);
         g.dv(j, c) += p(i, j) * at(d_out, i, c);
+        g.dv_terms(j, c) += p(i, j) * std::fabs(at(d_out, i, c));
         dp += at(d_out, i, c) * at(values, j, c);
       }
       ds(i, j) = dp;
       delta += p(i, j) * dp;
     }
-    for (Index j = 0; j < lk; ++j) ds(i, j) = p(i, j) * (ds(i, j) - delta);
+    for (Index j = 0; j < lk; ++j) {
+      ds_terms(i, j) = p(i, j) * (std::fabs(ds(i, j)) + std::fabs(delta));
+      ds(i, j) = p(i, j) * (ds(i, j) - delta);
+    }
   }
   Matrix<S> dqp = Matrix<S>::Zero(lq, h), dkp = Matrix<S>::Zero(lk, h);
-  g.dw_v = Vector<S>::Zero(h);
+  Matrix<S> dqp_terms = Matrix<S>::Zero(lq, h), dkp_terms = Matrix<S>::Zero(lk, h);
+  g.dw_v = g.dw_v_terms = Vector<S>::Zero(h);
   for (Index i = 0; i < lq; ++i)
     for (Index j = 0; j < lk; ++j)
       for (Index c = 0; c < h; ++c) {
-        const S t = tanh_of(i, j, c);
-        dqp(i, c) += ds(i, j) * static_cast<S>(v(c)) * (1 - t * t);
-        dkp(j, c) += ds(i, j) * static_cast<S>(v(c)) * (1 - t * t);
+        const S t = tanh_of(i, j, c), slope = static_cast<S>(v(c)) * (1 - t * t);
+        dqp(i, c) += ds(i, j) * slope;
+        dkp(j, c) += ds(i, j) * slope;
         g.dw_v(c) += ds(i, j) * t;
+        dqp_terms(i, c) += ds_terms(i, j) * std::fabs(slope);
+        dkp_terms(j, c) += ds_terms(i, j) * std::fabs(slope);
+        g.dw_v_terms(c) += ds_terms(i, j) * std::fabs(t);
       }
-  g.dq = Matrix<S>::Zero(lq, q.cols());
-  g.dw_query = Matrix<S>::Zero(h, q.cols());
+  g.dq = g.dq_terms = Matrix<S>::Zero(lq, q.cols());
+  g.dw_query = g.dw_query_terms = Matrix<S>::Zero(h, q.cols());
   for (Index i = 0; i < lq; ++i)
     for (Index c = 0; c < h; ++c)
       for (Index e = 0; e < q.cols(); ++e) {
         g.dq(i, e) += dqp(i, c) * at(w_query, c, e);
         g.dw_query(c, e) += dqp(i, c) * at(q, i, e);
+        g.dq_terms(i, e) += dqp_terms(i, c) * std::fabs(at(w_query, c, e));
+        g.dw_query_terms(c, e) += dqp_terms(i, c) * std::fabs(at(q, i, e));
       }
-  g.dk = Matrix<S>::Zero(lk, k.cols());
-  g.dw_key = Matrix<S>::Zero(h, k.cols());
+  g.dk = g.dk_terms = Matrix<S>::Zero(lk, k.cols());
+  g.dw_key = g.dw_key_terms = Matrix<S>::Zero(h, k.cols());
   for (Index j = 0; j < lk; ++j)
     for (Index c = 0; c < h; ++c)
       for (Index e = 0; e < k.cols(); ++e) {
         g.dk(j, e) += dkp(j, c) * at(w_key, c, e);
         g.dw_key(c, e) += dkp(j, c) * at(k, j, e);
+        g.dk_terms(j, e) += dkp_terms(j, c) * std::fabs(at(w_key, c, e));
+        g.dw_key_terms(c, e) += dkp_terms(j, c) * std::fabs(at(k, j, e));
       }
-  g.dbias = bias.size() != 0 ? Vector<S>(dqp.colwise().sum().transpose()) : Vector<S>();
+  const bool with_bias = bias.size() != 0 && lq > 0;  // (no column sums of an empty matrix)
+  g.dbias = with_bias ? Vector<S>(dqp.colwise().sum().transpose()) : Vector<S>::Zero(bias.size());
+  g.dbias_terms = with_bias ? Vector<S>(dqp_terms.colwise().sum().transpose()) : Vector<S>::Zero(bias.size());
   return g;
-}
-
-/// FlashAttention's rule for gradients: the error of `actual` against the long-double
-/// `expected` is at most 3 times the error of the naive same-precision `baseline`, plus a few
-/// roundings of the largest entry, times `lse_scale` (so that a baseline that happens to be
-/// exact, as P = exp(0) / 1 for a row that sees one key, does not demand an exact result). A
-/// backward that recomputes P = exp(s - lse) from the saved log-sum-exp carries lse's rounding,
-/// a relative error of eps |lse| in P: pass lse_scale = 1 + max |lse|.
-template <class T, class A, class B, class C>
-::testing::AssertionResult gradient_within(const A& actual, const B& expected, const C& baseline,
-                                           Real lse_scale = 1) {
-  if (actual.rows() != expected.rows() || actual.cols() != expected.cols())
-    return ::testing::AssertionFailure() << "shape (" << actual.rows() << " x " << actual.cols() << ") != expected ("
-                                         << expected.rows() << " x " << expected.cols() << ")";
-  Real ref_max = 1, err = 0, err_base = 0;
-  Index wi = 0, wj = 0;
-  for (Index i = 0; i < expected.rows(); ++i)
-    for (Index j = 0; j < expected.cols(); ++j) {
-      const Real x = Real(actual(i, j)), y = Real(expected(i, j));
-      if (!std::isfinite(x)) return ::testing::AssertionFailure() << "non-finite " << x << " at (" << i << ", " << j << ")";
-      ref_max = std::max(ref_max, std::fabs(y));
-      err_base = std::max(err_base, std::fabs(Real(baseline(i, j)) - y));
-      if (std::fabs(x - y) > err) {
-        err = std::fabs(x - y);
-        wi = i;
-        wj = j;
-      }
-    }
-  const Real bound = 3 * err_base + 8 * Real(std::numeric_limits<T>::epsilon()) * ref_max * lse_scale;
-  if (err <= bound) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "max error " << err << " at (" << wi << ", " << wj << ") = "
-                                       << Real(actual(wi, wj)) << " vs " << Real(expected(wi, wj)) << " exceeds "
-                                       << bound << " (naive error " << err_base << ")";
 }
 
 }  // namespace attend::test

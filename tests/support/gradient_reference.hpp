@@ -12,10 +12,11 @@
 //   dz_ij = ds_ij (1 - tanh^2(z_ij / cap)),  dq_i = scale sum_j dz_ij k_j,  dk_j = scale sum_i dz_ij q_i.
 // Hidden keys have p = ds = 0; a query that sees no key has zero gradients.
 //
-// Tolerance of a gradient (FlashAttention's rule for its backward): the error against this
-// reference may be at most 3 times the error of the naive same-precision implementation below
-// (whole matrices, Eigen products, the two-pass softmax of baseline.hpp), plus the rounding of
-// the saved log-sum-exp that weights recomputed from it carry (gradient_within_tolerance).
+// Tolerance of a gradient (FlashAttention's rule for its backward), gradient_within_tolerance,
+// the one helper of every backward test (additive_gradient_reference.hpp's included): the error
+// against the reference may be at most 3 times the error of the naive same-precision
+// implementation (here: whole matrices, Eigen products, the two-pass softmax of baseline.hpp),
+// plus the rounding of the saved log-sum-exp that weights recomputed from it carry.
 #pragma once
 
 #include "baseline.hpp"
@@ -29,6 +30,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 namespace attend::test {
 
@@ -158,26 +160,32 @@ Gradients<T> baseline_gradients(const Q& q, const K& k, const V& v, const DO& d_
   return g;
 }
 
-/// FlashAttention's rule for a gradient, after the non-finite entries agree (same positions,
-/// same class): max error <= 3 err_base + 4 eps (1 + max|lse|) max(1, max terms), where err_base
-/// is the naive baseline's error and `terms` the sizes of what each entry sums (RealGradients).
-/// The second part is the rounding of the saved log-sum-exp, eps |lse| relative in every
-/// recomputed weight, which the baseline (weights normalized by their own sum) does not have;
-/// it matters where a gradient is a cancelling sum (dS sums to zero over each row).
+/// FlashAttention's rule for a gradient, the one tolerance of every backward test: after the
+/// non-finite entries agree (same positions, same class),
+///   max error <= 3 err_base + 4 eps (1 + max|lse|) size,
+/// err_base the error of the naive same-precision baseline against the long-double `expected`.
+/// `size_or_terms` gives `size`: a number (at least 1), or a matrix of the sizes of what each
+/// entry sums (RealGradients' terms), whose largest finite entry (at least 1) is taken. The
+/// second part is the rounding of the saved log-sum-exp, eps |lse| relative in every recomputed
+/// weight, which the baseline (weights normalized by their own sum) does not have; it matters
+/// where a gradient is a cancelling sum (dS sums to zero over each row), and it keeps a baseline
+/// that happens to be exact (P = 1 for a row that sees one key) from demanding an exact result.
 template <class T, class A, class B, class C, class M>
 ::testing::AssertionResult gradient_within_tolerance(const A& actual, const B& expected, const C& baseline,
-                                                     const M& terms, Real max_abs_lse) {
+                                                     const M& size_or_terms, Real max_abs_lse) {
   if (actual.rows() != expected.rows() || actual.cols() != expected.cols())
     return ::testing::AssertionFailure() << "shape (" << actual.rows() << " x " << actual.cols() << ") != expected ("
                                          << expected.rows() << " x " << expected.cols() << ")";
   Real size = 1;
+  if constexpr (std::is_arithmetic_v<M>) size = std::max(Real(1), Real(size_or_terms));
   for (Index i = 0; i < expected.rows(); ++i)
     for (Index j = 0; j < expected.cols(); ++j) {
       const Real x = Real(actual(i, j)), y = Real(expected(i, j));
       if (std::isnan(x) != std::isnan(y) || ((std::isinf(x) || std::isinf(y)) && x != y))
         return ::testing::AssertionFailure()
                << "non-finite mismatch at (" << i << ", " << j << "): " << x << " vs expected " << y;
-      if (std::isfinite(Real(terms(i, j)))) size = std::max(size, Real(terms(i, j)));
+      if constexpr (!std::is_arithmetic_v<M>)
+        if (std::isfinite(Real(size_or_terms(i, j)))) size = std::max(size, Real(size_or_terms(i, j)));
     }
   const Real eps = std::numeric_limits<T>::epsilon();
   const Real err_base = max_abs_error(baseline, expected);
@@ -188,7 +196,7 @@ template <class T, class A, class B, class C, class M>
   return ::testing::AssertionFailure() << "max error " << err << " at (" << wi << ", " << wj
                                        << ") = " << Real(actual(wi, wj)) << " vs " << Real(expected(wi, wj))
                                        << " exceeds bound " << bound << " (baseline error " << err_base
-                                       << ", max terms " << size << ", max |lse| " << max_abs_lse << ")";
+                                       << ", size " << size << ", max |lse| " << max_abs_lse << ")";
 }
 
 /// dq, dk and dv against the reference with gradient_within_tolerance.
