@@ -104,9 +104,11 @@ inline constexpr Index kDecodeSplitKeys = 256;
 /// scratch of an item is (rows H, split).
 inline constexpr Index kDecodeQueryRows = 8;
 
-/// Bytes the decode kernel prefetches ahead of the key or value row it reads (software prefetch:
-/// rows of a cache are a page or more apart, where the hardware prefetchers stop).
-inline constexpr Index kDecodePrefetchBytes = 16384;
+/// How far ahead the decode kernel prefetches the rows it will read: 32 KiB of rows (at least 4,
+/// at most 32 rows). Rows of a cache are a page or more apart (8 heads of 128 floats: 4 KiB),
+/// where the hardware prefetchers stop; each kv head's segment of the later rows is prefetched
+/// next to the work on the same segment of the current rows, spread over the block's work.
+inline constexpr Index kDecodePrefetchBytes = 32768;
 
 // GCC 12 reports its own _mm512_undefined_ps() inside the AVX-512 unpack intrinsics of the
 // transpose as used uninitialized (a false positive fixed in GCC 13; the lanes it "uses" are
@@ -277,12 +279,6 @@ struct KeyRun {
   Index count;
 };
 
-/// Prefetches `bytes` bytes from p, a cache line at a time.
-inline void prefetch_bytes(const void* p, Index bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (Index b = 0; b < bytes; b += 64) prefetch_at(c, b);
-}
-
 /// The partial of one decode split for Q query rows and n keys, all H heads at once. `runs(j)`
 /// returns the contiguous rows that start at key j of the split (j < n; a run may extend past
 /// the split), stored in a cache format (elements E: float, double, bf16, half, q8_0 blocks)
@@ -295,8 +291,8 @@ inline void prefetch_bytes(const void* p, Index bytes) {
 /// at row r H + h of scores, out and lse. The mask of head h, masks[h], acts on the scores of
 /// query row r as on a (1, n) tile of query q0 + r and keys [k0, k0 + n). Keys are taken 4 at a
 /// time within each run for the scores, so a key's score depends only on its position within
-/// its run, and 8 at a time for P V (whose result does not depend on the grouping); the rows
-/// kDecodePrefetchBytes ahead are prefetched meanwhile.
+/// its run, and 8 at a time for P V (whose result does not depend on the grouping). The rows
+/// kDecodePrefetchBytes ahead are prefetched meanwhile, a kv head's segment at a time.
 /// \param q       (Q, H d) contiguous rows of queries, pre-scaled
 /// \param scores  (Q H, >= n) scratch
 /// \param out     (Q H, d_v) normalized partial output
@@ -308,42 +304,48 @@ void decode_split_runs(const C* q, Index num_queries, Index k_stride, Index v_st
   const Index heads = layout.heads, d = layout.key_dim, dv = layout.value_dim, group = heads / layout.kv_heads;
   const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
   const Index k_head = kv_head_elements<E>(d), v_head = kv_head_elements<E>(dv);
-  const Index k_bytes = k_stride * Index(sizeof(E)), v_bytes = v_stride * Index(sizeof(E));
-  // f(keys, j, key row j, value row j), 4 (key pass) or 8 (value pass) keys at a time, then 1;
-  // meanwhile the K or V rows `ahead` keys further on are prefetched.
+  // f(keys, j, key row j, value row j, later), 4 (key pass) or 8 (value pass) keys at a time,
+  // then 1; later[i] is the K (key pass) or V row of key j + i + ahead (in this run or the one
+  // that holds it; null past the split), for prefetching.
   const auto for_keys = [&](auto keys_pass, auto&& f) {
-    constexpr int kBlock = decltype(keys_pass)::value ? 4 : 8;
-    const Index row_bytes = keys_pass ? k_bytes : v_bytes;
-    const Index ahead = std::max(Index(1), kDecodePrefetchBytes / std::max(row_bytes, Index(1)));
+    constexpr bool kKeys = decltype(keys_pass)::value;
+    constexpr int kBlock = kKeys ? 4 : 8;
+    const Index row_bytes = (kKeys ? k_stride : v_stride) * Index(sizeof(E));
+    const Index ahead = std::clamp(kDecodePrefetchBytes / std::max(row_bytes, Index(1)), Index(4), Index(32));
     for (Index j = 0; j < n;) {
       const KeyRun<E> run = runs(j);
       const Index count = std::min(run.count, n - j);
       for_blocks_of<kBlock>(count, [&](auto keys, Index i) {
-        for (Index t = j + i + ahead; t < std::min(j + i + ahead + decltype(keys)::value, n); ++t) {
-          const Index offset = t - j;  // in this run, or the next
-          if (offset < run.count) {
-            prefetch_bytes(keys_pass ? static_cast<const void*>(run.key + offset * k_stride)
-                                     : static_cast<const void*>(run.value + offset * v_stride),
-                           row_bytes);
-          } else {
-            const KeyRun<E> next = runs(t);
-            prefetch_bytes(keys_pass ? static_cast<const void*>(next.key) : static_cast<const void*>(next.value),
-                           row_bytes);
-          }
+        const E* later[std::size_t(decltype(keys)::value)];
+        for (int x = 0; x < decltype(keys)::value; ++x) {
+          const Index t = i + ahead + x;  // key j + t
+          const KeyRun<E> holder = t < run.count ? KeyRun<E>{run.key + t * k_stride, run.value + t * v_stride, 1}
+                                   : j + t < n   ? runs(j + t)
+                                                 : KeyRun<E>{nullptr, nullptr, 0};
+          later[x] = kKeys ? holder.key : holder.value;
         }
-        f(keys, j + i, run.key + i * k_stride, run.value + i * v_stride);
+        f(keys, j + i, run.key + i * k_stride, run.value + i * v_stride, later);
       });
       j += count;
     }
   };
-  for_keys(std::true_type{}, [&](auto keys, Index j, const E* key, const E*) {
+  // The segment of kv head g (elems elements) of the rows in later[0, count), into the cache.
+  const auto prefetch_segments = [](const E* const* later, int count, Index offset, Index elems) {
+    for (int x = 0; x < count; ++x)
+      if (later[x] != nullptr)
+        for (Index b = 0; b < elems * Index(sizeof(E)); b += 64)
+          prefetch_at(reinterpret_cast<const char*>(later[x] + offset), b);
+  };
+  for_keys(std::true_type{}, [&](auto keys, Index j, const E* key, const E*, const E* const* later) {
     for (Index r = 0; r < num_queries; ++r)
-      for (Index g = 0; g < layout.kv_heads; ++g)
+      for (Index g = 0; g < layout.kv_heads; ++g) {
+        if (r == 0) prefetch_segments(later, decltype(keys)::value, g * k_head, k_head);
         for_blocks_of_4(group, [&](auto block, Index i) {
           const Index h = g * group + i;
           dot_block<decltype(block)::value, decltype(keys)::value>(q + (r * heads + h) * d, d, key + g * k_head,
                                                                    k_stride, d, &scores(r * heads + h, j), s_stride);
         });
+      }
   });
   for (Index r = 0; r < num_queries; ++r)
     for (Index h = 0; h < heads; ++h) {
@@ -357,14 +359,16 @@ void decode_split_runs(const C* q, Index num_queries, Index k_stride, Index v_st
   softmax_rows_inplace<C>(scores.topLeftCorner(num_queries * heads, n), lse);
   out.setZero();
   if (dv == 0) return;  // (no output column to address)
-  for_keys(std::false_type{}, [&](auto keys, Index j, const E*, const E* value) {
+  for_keys(std::false_type{}, [&](auto keys, Index j, const E*, const E* value, const E* const* later) {
     for (Index r = 0; r < num_queries; ++r)
-      for (Index g = 0; g < layout.kv_heads; ++g)
+      for (Index g = 0; g < layout.kv_heads; ++g) {
+        if (r == 0) prefetch_segments(later, decltype(keys)::value, g * v_head, v_head);
         for_blocks_of_4(group, [&](auto block, Index i) {
           const Index h = r * heads + g * group + i;
           accumulate_block<decltype(block)::value, decltype(keys)::value>(&scores(h, j), s_stride, value + g * v_head,
                                                                           v_stride, dv, &out(h, 0), out_stride);
         });
+      }
   });
 }
 
