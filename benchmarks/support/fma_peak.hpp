@@ -50,8 +50,7 @@ double fma_loop(long rounds) {
 /// an FMA: each of the 16 float lanes adds two products of bf16 pairs, 2 multiplies and 2 adds,
 /// so 4 flops per lane and 64 per instruction (an fp32 FMA on 512 bits: 32). A kernel that
 /// computes 2 n flops of multiply-adds in bf16 thus runs n / 32 such instructions. 16 chains
-/// hide the instruction's latency (measured on AMD Zen 5: 12 chains reach about half of what
-/// 16 do).
+/// keep two instructions per cycle in flight for a latency of up to 8 cycles.
 inline double bf16_dot_loop(long rounds) {
   constexpr int kAccumulators = 16;
   __m512 acc[kAccumulators];
