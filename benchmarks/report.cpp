@@ -162,6 +162,33 @@ Variant one_head(std::string name, Algorithm path, const char* flops_rule, doubl
   return v;
 }
 
+/// Scaled dot-product attention on the blocked path with Q, K, V and the output stored as S
+/// (bf16, half): one row and plot series per precision, next to the fp32 "scaled-dot" and
+/// "causal" rows of the same shapes.
+template <class S>
+Variant reduced_precision(const std::string& precision, bool causal) {
+  Variant v = describe((causal ? "causal-" : "scaled-dot-") + precision, "blocked", kDim,
+                       causal ? kFlopsCausal : kFlopsDense, kScratchBlocked);
+  v.run = [causal](benchmark::State& state, Index length) {
+    const OneHead x(length);
+    const attend::Matrix<S> q = x.q.cast<S>(), k = x.k.cast<S>(), value = x.v.cast<S>();
+    attend::Matrix<S> out(length, kDim);
+    const attend::AttentionOptions options = on_path(Algorithm::Blocked);
+    for (auto _ : state) {
+      if (causal)
+        attend::scaled_dot_product_attention_into(q, k, value, out, attend::Causal{}, options);
+      else
+        attend::scaled_dot_product_attention_into(q, k, value, out, attend::NoMask{}, options);
+      benchmark::DoNotOptimize(out.data());
+      benchmark::ClobberMemory();
+    }
+  };
+  v.flops = [causal](Index length) { return 4.0 * double(kDim) * (causal ? causal_pairs : dense_pairs)(length); };
+  v.scratch = [](Index length, int threads) { return one_head_scratch(Algorithm::Blocked, length, threads); };
+  v.note = [precision](Index) { return "Q, K, V, out in " + precision + "; float accumulation"; };
+  return v;
+}
+
 Variant additive(Algorithm path) {
   Variant v = describe("additive-h64", path_name(path), kDim, kFlopsAdditive, kScratchAdditive);
   v.run = [path](benchmark::State& state, Index length) {
@@ -265,6 +292,10 @@ std::vector<Variant> all_variants() {
                                 [](OneHead& x, const Options& o) {
                                   attend::scaled_dot_product_attention_into(x.q, x.k, x.v, x.out, Causal{}, o);
                                 }));
+  for (bool causal : {false, true}) {
+    variants.push_back(reduced_precision<Eigen::bfloat16>("bf16", causal));
+    variants.push_back(reduced_precision<Eigen::half>("f16", causal));
+  }
   const Algorithm blocked = Algorithm::Blocked;
   variants.push_back(one_head(
       "dot", blocked, kFlopsDense, dense_pairs, kScratchBlocked,
