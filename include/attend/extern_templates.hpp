@@ -139,3 +139,56 @@ namespace attend::detail {
 #endif
 }  // namespace attend::detail
 #endif
+
+/// The backward (attention/backward.hpp) of the scaled dot-product score, for T in {float,
+/// double}: the checks and path choice (`detail::attention_backward_into`) for the masks above,
+/// and the blocked and materialized paths and the multi-head passes for their bound forms, with
+/// and without bias gradients: the cores of every scaled_dot_product_attention_backward*,
+/// multi-head and layer backward with those masks (local window, top-k, soft-capped, bilinear and
+/// cosine backward, other masks and `a & b` compile from the headers).
+#define ATTEND_PRECOMPILED_BACKWARD_CORES(PREFIX, T)               \
+  ATTEND_PRECOMPILED_BACKWARD_PATHS(PREFIX, T, detail::AllVisible)   \
+  ATTEND_PRECOMPILED_BACKWARD_PATHS(PREFIX, T, detail::Band)         \
+  ATTEND_PRECOMPILED_BACKWARD_PATHS(PREFIX, T, detail::DenseBoolean) \
+  ATTEND_PRECOMPILED_BACKWARD_PATHS(PREFIX, T, detail::DenseBias<T>) \
+  ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, NoMask)            \
+  ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, Causal)            \
+  ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, Window)            \
+  ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, KeyPadding)        \
+  ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, BooleanMask)       \
+  ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, AdditiveMask<T>)
+
+/// The blocked and materialized backward and the multi-head passes for one bound mask, without
+/// and with the sinks of bias gradients (the entry points choose at run time).
+#define ATTEND_PRECOMPILED_BACKWARD_PATHS(PREFIX, T, BOUND)                       \
+  ATTEND_PRECOMPILED_BACKWARD_SINK_PATHS(PREFIX, T, BOUND, detail::NoBiasGradient) \
+  ATTEND_PRECOMPILED_BACKWARD_SINK_PATHS(PREFIX, T, BOUND, detail::BiasGradientSink<T>)
+
+#define ATTEND_PRECOMPILED_BACKWARD_SINK_PATHS(PREFIX, T, BOUND, SINK)                                           \
+  PREFIX void detail::blocked_backward<T, detail::IdentityModifier, BOUND, SINK>(                                \
+      const detail::BackwardHead<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, T,                     \
+      const detail::IdentityModifier&, const BOUND&, detail::TileShape, MatrixRef<T>, MatrixRef<T>, MatrixRef<T>, \
+      const SINK&);                                                                                              \
+  PREFIX void detail::materialized_backward<T, detail::IdentityModifier, BOUND, SINK>(                           \
+      const detail::BackwardHead<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, T,                     \
+      const detail::IdentityModifier&, const BOUND&, MatrixRef<T>, MatrixRef<T>, MatrixRef<T>, const SINK&);     \
+  PREFIX void detail::multi_head_backward_passes<T, BOUND, SINK>(                                                \
+      const std::vector<detail::BackwardHead<T>>&, const std::vector<BOUND>&, const SINK*,                       \
+      const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::HeadLayout&, T, const detail::TileShape&, \
+      bool, MatrixRef<T>, MatrixRef<T>, MatrixRef<T>);
+
+/// The checks and path choice of the backward for one mask, without and with bias gradients.
+#define ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, MASK)                     \
+  ATTEND_PRECOMPILED_BACKWARD_SINK_DISPATCH(PREFIX, T, MASK, detail::NoBiasGradient) \
+  ATTEND_PRECOMPILED_BACKWARD_SINK_DISPATCH(PREFIX, T, MASK, detail::BiasGradientSink<T>)
+
+#define ATTEND_PRECOMPILED_BACKWARD_SINK_DISPATCH(PREFIX, T, MASK, SINK)                                         \
+  PREFIX void detail::attention_backward_into<T, detail::IdentityModifier, MASK, SINK>(                          \
+      const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&,   \
+      const detail::ConstStridedVectorRef<T>&, const ConstMatrixRef<T>&, T, const detail::IdentityModifier&,     \
+      const MASK&, const AttentionOptions&, MatrixRef<T>, MatrixRef<T>, MatrixRef<T>, const SINK&);
+
+namespace attend {
+ATTEND_PRECOMPILED_BACKWARD_CORES(ATTEND_PRECOMPILED_PREFIX, float)
+ATTEND_PRECOMPILED_BACKWARD_CORES(ATTEND_PRECOMPILED_PREFIX, double)
+}  // namespace attend

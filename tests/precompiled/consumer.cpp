@@ -65,6 +65,24 @@ void run(const char* scalar) {
     print(path + "boolean", attend::scaled_dot_product_attention(q, k, v, attend::BooleanMask(visible), options));
     print(path + "additive", attend::scaled_dot_product_attention(q, k, v, attend::AdditiveMask<T>(bias), options));
     print(path + "lse", attend::scaled_dot_product_attention_with_lse(q, k, v, attend::Causal(), options).lse);
+    const Matrix<T> d_out = filled<T>(lq, d, 13);
+    const auto backward = [&](const std::string& name, const auto& mask) {
+      const attend::AttentionResult<T> f = attend::scaled_dot_product_attention_with_lse(q, k, v, mask, options);
+      const attend::AttentionGradients<T> g =
+          attend::scaled_dot_product_attention_backward(q, k, v, f, d_out, mask, options);
+      print(path + "backward " + name + " dq", g.dq);
+      print(path + "backward " + name + " dk", g.dk);
+      print(path + "backward " + name + " dv", g.dv);
+    };
+    backward("causal", attend::Causal());
+    backward("additive", attend::AdditiveMask<T>(bias));
+    Matrix<T> d_bias;
+    attend::BiasGradients<T> request;
+    request.d_bias = &d_bias;
+    const attend::AttentionResult<T> f =
+        attend::scaled_dot_product_attention_with_lse(q, k, v, attend::AdditiveMask<T>(bias), options);
+    attend::scaled_dot_product_attention_backward(q, k, v, f, d_out, attend::AdditiveMask<T>(bias), options, request);
+    print(path + "backward additive d_bias", d_bias);
   }
   print(prefix + "weights", attend::scaled_dot_product_attention_with_weights(q, k, v, attend::Causal()).weights);
 
@@ -94,6 +112,11 @@ void run(const char* scalar) {
   const std::vector<Matrix<T>> batch = layer.forward_batch({x, x.topRows(7)}, {}, attend::Causal(), {15, 5});
   print(prefix + "batch 0", batch[0]);
   print(prefix + "batch 1", batch[1]);
+  const attend::MultiHeadTrainingForward<T> trained = attend::multi_head_layer_forward(layer, x, attend::Causal());
+  const attend::MultiHeadLayerGradients<T> grads =
+      attend::multi_head_layer_backward(layer, trained.context, filled<T>(length, e, 14), attend::Causal());
+  print(prefix + "layer backward d_input", grads.d_input());
+  print(prefix + "layer backward d_q_proj_weight", grads.weights.q_proj_weight);
 }
 
 }  // namespace
