@@ -131,6 +131,28 @@ void lane_sums(const Packet<T>* acc, T* sums) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   constexpr int W = int(kLanes<T>);
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<T, float> && N == 16 && W == 16) {
+    // A tree of pairwise sums over 16 accumulators, halving the packets at each of 4 stages
+    // (15 pairs of 2 shuffles and an add, where a transpose takes 64 shuffles and 15 adds).
+    // After it, lane 4 L + t holds the sum of acc[4 t + L]; one permutation puts acc[n] at n.
+    __m512 s8[8], s4[4], s2[2];
+    for (int k = 0; k < 8; ++k)  // 128-bit quarters: [x q0+q2, x q1+q3, y q0+q2, y q1+q3]
+      s8[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0x44),
+                            _mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; ++k)  // quarter L: the 4 partial lanes of acc[4 k + L]
+      s4[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s8[2 * k], s8[2 * k + 1], 0x88),
+                            _mm512_shuffle_f32x4(s8[2 * k], s8[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; ++k)  // quarter L: 2 partials of acc[8 k + L], then 2 of acc[8 k + 4 + L]
+      s2[k] = _mm512_add_ps(_mm512_shuffle_ps(s4[2 * k], s4[2 * k + 1], 0x44),
+                            _mm512_shuffle_ps(s4[2 * k], s4[2 * k + 1], 0xEE));
+    const __m512 total =  // quarter L: acc[L], acc[4 + L], acc[8 + L], acc[12 + L]
+        _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], 0x88), _mm512_shuffle_ps(s2[0], s2[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(sums, _mm512_permutexvar_ps(order, total));
+    return;
+  }
+#endif
   if constexpr (N % W == 0) {
     for (int g = 0; g < N; g += W) {
       simd::PacketBlock<P, W> block;
