@@ -302,6 +302,14 @@ TEST(KVFormatMixed, Bf16QueriesAndFloatLayers) {
   // The queries as stored in bf16; the output rounded once to bf16 (the naive one is too).
   expect_rows_match<Eigen::bfloat16>(q.cast<Eigen::bfloat16>().cast<float>(), k, v, heads,
                                      visibility(0, len, len, -1), out);
+  // The same through a bf16 pool, the whole sequence as one chunk.
+  PagedKVCache<Eigen::bfloat16> pool16(8, kv_heads, d, {8});
+  Matrix<Eigen::bfloat16> out16(len, heads * d);
+  paged_decode_step_into(pool16, {pool16.add_sequence()}, SequenceRows::uniform(1, len),
+                         Matrix<Eigen::bfloat16>(q.cast<Eigen::bfloat16>()), Matrix<Eigen::bfloat16>(k.cast<Eigen::bfloat16>()),
+                         Matrix<Eigen::bfloat16>(v.cast<Eigen::bfloat16>()), heads, out16);
+  expect_rows_match<Eigen::bfloat16>(q.cast<Eigen::bfloat16>().cast<float>(), k, v, heads,
+                                     visibility(0, len, len, -1), out16.cast<float>());
 
   const Shape s{4, 2, 32, 32, 48, 48, 48, 40, true};
   const MultiHeadAttention<float> layer(s.heads, random_weights<float>(s, rng), s.kv_heads);
