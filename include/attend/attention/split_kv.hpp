@@ -232,8 +232,7 @@ void dot_block(const C* q, Index q_stride, const E* key, Index key_stride, Index
 ///   out_b += sum_i p[b * p_stride + i] value_i,
 /// accumulated in C, one fused multiply-add per key in key order (so the result does not depend
 /// on how the keys are grouped into blocks). Each packet of the values is loaded and converted
-/// once, and each of the outputs read and written once. For q8_0 the weights take the block's
-/// scale, (w s) q_i.
+/// once (q8_0: s q in registers, as for the keys), and each of the outputs read and written once.
 template <int B, int J, class C, class E>
 void accumulate_block(const C* p, Index p_stride, const E* value, Index value_stride, Index dv, C* out,
                       Index out_stride) {
@@ -254,13 +253,12 @@ void accumulate_block(const C* p, Index p_stride, const E* value, Index value_st
   if constexpr (std::is_same_v<E, BlockQ8_0>) {
     for (; c + kQ8Block <= dv; c += kQ8Block) {
       const Index block = c / kQ8Block;
-      C weights[std::size_t(B)][std::size_t(J)];
-      for (int b = 0; b < B; ++b)
-        for (int i = 0; i < J; ++i) weights[b][i] = w[b][i] * value[i * value_stride + block].scale;
+      P scales[std::size_t(J)];
+      for (int i = 0; i < J; ++i) scales[i] = simd::pset1<P>(value[i * value_stride + block].scale);
       for (Index l = 0; l < kQ8Block; l += W) {
         P values[std::size_t(J)];
-        for (int i = 0; i < J; ++i) values[i] = load_q8(value[i * value_stride + block].q + l);
-        multiply_add(values, weights, c + l);
+        for (int i = 0; i < J; ++i) values[i] = simd::pmul(load_q8(value[i * value_stride + block].q + l), scales[i]);
+        multiply_add(values, w, c + l);
       }
     }
   } else {
