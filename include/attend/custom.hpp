@@ -81,7 +81,8 @@ template <class Modify, class T, class = void>
 struct has_grad_member : std::false_type {};
 
 template <class Modify, class T>
-struct has_grad_member<Modify, T, std::void_t<decltype(std::declval<const Modify&>().grad(T(0), Index(0), Index(0), Index(0)))>>
+struct has_grad_member<Modify, T,
+                       std::void_t<decltype(std::declval<const Modify&>().grad(T(0), Index(0), Index(0), Index(0)))>>
     : std::true_type {};
 
 template <class Modify, class T, class = void>
@@ -143,7 +144,8 @@ struct BoundScoreMod {
   void add_bias(Scores&& s, Index q0, Index k0) const {
     using T = typename std::decay_t<Scores>::Scalar;
     for (Index r = 0; r < s.rows(); ++r)
-      for (Index c = 0; c < s.cols(); ++c) s(r, c) = static_cast<T>(call_score_mod(modify, s(r, c), at, q0 + r, k0 + c));
+      for (Index c = 0; c < s.cols(); ++c)
+        s(r, c) = static_cast<T>(call_score_mod(modify, s(r, c), at, q0 + r, k0 + c));
   }
   /// For the backward: the same scores, and slope *= d modify(s) / ds at each score.
   template <class Scores, class Slopes>

@@ -89,7 +89,7 @@ TEST(BackwardBiasHeadsTest, SharedTableAndMaskMatchFiniteDifferences) {
   ATTEND_SEEDED_RNG(rng);
   HeadsProblem p = draw(rng, 2);
   M bias = rng.normal<double>(p.q.rows(), p.k.rows(), 2.0);  // (Lq, Lk), every head's
-  V table = rng.normal<double>(kBuckets, 1, 2.0);           // one table, every head's
+  V table = rng.normal<double>(kBuckets, 1, 2.0);            // one table, every head's
   const RelativePositionBuckets buckets{kBuckets, false, kMaxDistance, Alignment::TopLeft};
   for (const AttentionOptions& options : fd_paths()) {
     SCOPED_TRACE(describe(options));
@@ -253,10 +253,14 @@ TEST(BackwardBiasHeadsTest, NoQueriesOrNoKeysGiveZeroBiasGradientsOfTheirShapes)
 TEST(BackwardBiasHeadsTest, LayerBackwardGivesThePerHeadTableGradient) {
   ATTEND_SEEDED_RNG(rng);
   const Index e = 8, d = 2, lq = 5;
-  MultiHeadWeights<double> w{rng.normal<double>(kHeads * d, e, 0.6), rng.normal<double>(2 * d, e, 0.6),
-                             rng.normal<double>(2 * d, e, 0.6),      rng.normal<double>(e, kHeads * d, 0.6),
-                             V(),                                    V(),
-                             V(),                                    V()};
+  MultiHeadWeights<double> w{rng.normal<double>(kHeads * d, e, 0.6),
+                             rng.normal<double>(2 * d, e, 0.6),
+                             rng.normal<double>(2 * d, e, 0.6),
+                             rng.normal<double>(e, kHeads * d, 0.6),
+                             V(),
+                             V(),
+                             V(),
+                             V()};
   const MultiHeadAttention<double> layer(kHeads, w, 2);
   const M x = rng.normal<double>(lq, e), d_out = rng.normal<double>(lq, e);
   M table = rng.normal<double>(kBuckets, kHeads);

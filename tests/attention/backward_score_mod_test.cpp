@@ -46,7 +46,8 @@ void check_single_head(Problem& p, const Mask& mask, const std::string& name) {
     SCOPED_TRACE(name + " " + describe(options));
     const auto loss = [&] { return inner(p.d_out, scaled_dot_product_attention(p.q, p.k, p.v, mask, options)); };
     const AttentionResult<double> f = scaled_dot_product_attention_with_lse(p.q, p.k, p.v, mask, options);
-    const AttentionGradients<double> g = scaled_dot_product_attention_backward(p.q, p.k, p.v, f, p.d_out, mask, options);
+    const AttentionGradients<double> g =
+        scaled_dot_product_attention_backward(p.q, p.k, p.v, f, p.d_out, mask, options);
     expect_matches_finite_differences(loss, p.q, g.dq, "dq");
     expect_matches_finite_differences(loss, p.k, g.dk, "dk");
     expect_matches_finite_differences(loss, p.v, g.dv, "dv");
@@ -63,7 +64,9 @@ struct Wobble {
 TEST(BackwardScoreModTest, ScoreModWithItsDerivativeMatchesFiniteDifferences) {
   ATTEND_SEEDED_RNG(rng);
   Problem p = draw(rng, 7, 11, 5, 3, 1.5);
-  const auto cube = [](double s, Index, Index q, Index k) { return s + 0.1 * s * s * s / (1 + s * s) + 0.02 * double(q + k); };
+  const auto cube = [](double s, Index, Index q, Index k) {
+    return s + 0.1 * s * s * s / (1 + s * s) + 0.02 * double(q + k);
+  };
   const auto cube_grad = [](double s, Index, Index, Index) {
     const double t = 1 + s * s;
     return 1 + 0.1 * (3 * s * s * t - 2 * s * s * s * s) / (t * t);
@@ -151,7 +154,8 @@ TEST(BackwardScoreModTest, DroppedKeysGetNoGradientWhateverTheDerivativeSays) {
     SCOPED_TRACE(describe(options));
     const auto mask = ScoreMod(modify, derivative);
     const AttentionResult<double> f = scaled_dot_product_attention_with_lse(p.q, p.k, p.v, mask, options);
-    const AttentionGradients<double> g = scaled_dot_product_attention_backward(p.q, p.k, p.v, f, p.d_out, mask, options);
+    const AttentionGradients<double> g =
+        scaled_dot_product_attention_backward(p.q, p.k, p.v, f, p.d_out, mask, options);
     const AttentionResult<double> fm = scaled_dot_product_attention_with_lse(p.q, p.k, p.v, same_visibility, options);
     const AttentionGradients<double> gm =
         scaled_dot_product_attention_backward(p.q, p.k, p.v, fm, p.d_out, same_visibility, options);

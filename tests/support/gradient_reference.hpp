@@ -195,8 +195,8 @@ template <class T, class A, class B, class C, class M>
   if (err <= bound) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "max error " << err << " at (" << wi << ", " << wj
                                        << ") = " << Real(actual(wi, wj)) << " vs " << Real(expected(wi, wj))
-                                       << " exceeds bound " << bound << " (baseline error " << err_base
-                                       << ", size " << size << ", max |lse| " << max_abs_lse << ")";
+                                       << " exceeds bound " << bound << " (baseline error " << err_base << ", size "
+                                       << size << ", max |lse| " << max_abs_lse << ")";
 }
 
 /// dq, dk and dv against the reference with gradient_within_tolerance.

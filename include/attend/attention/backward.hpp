@@ -188,9 +188,9 @@ class BiasGradientSinks {
   BiasGradients<T> request_;
   Index heads_, queries_, keys_, tasks_;
   Index offset_ = 0, d_min_ = 0;
-  Matrix<T> stacked_;                   // (H Lq, Lk) for d_bias of several heads without d_bias_per_head
-  std::vector<Matrix<T>> partials_;     // per head (tasks, num_buckets)
-  std::vector<Index> bucket_;           // bucket of relative position d at [d - d_min]
+  Matrix<T> stacked_;                // (H Lq, Lk) for d_bias of several heads without d_bias_per_head
+  std::vector<Matrix<T>> partials_;  // per head (tasks, num_buckets)
+  std::vector<Index> bucket_;        // bucket of relative position d at [d - d_min]
   std::vector<BiasGradientSink<T>> sinks_;
 };
 
@@ -669,8 +669,8 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
     sinks->finish();
   } else {
     const std::vector<detail::NoBiasGradient> none(std::size_t(layout.heads));
-    detail::multi_head_backward_passes<T>(heads, masks, none.data(), k_ref, v_ref, layout, scale, tiles, blocked, dq, dk,
-                                          dv);
+    detail::multi_head_backward_passes<T>(heads, masks, none.data(), k_ref, v_ref, layout, scale, tiles, blocked, dq,
+                                          dk, dv);
   }
 }
 

@@ -130,17 +130,22 @@ struct SoftCapModifier {
 /// Whether a bound policy's add_bias transforms the scores other than by adding a term that does
 /// not depend on them: it then gives `add_bias(s, slope, q0, k0)` (custom.hpp's protocol), which
 /// the backward calls. Composed policies (`a & b`, OffsetMask) have one when an operand has.
-template <class P, class = void>
-struct has_score_slope : std::false_type {};
+template <class P, class S, class = void>
+struct has_score_slope_for : std::false_type {};
 
-template <class P>
-struct has_score_slope<P, std::void_t<decltype(std::declval<const P&>().add_bias(
-                              std::declval<Matrix<double>&>(), std::declval<Matrix<double>&>(), Index(0), Index(0)))>>
+template <class P, class S>
+struct has_score_slope_for<P, S,
+                           std::void_t<decltype(std::declval<const P&>().add_bias(
+                               std::declval<Matrix<S>&>(), std::declval<Matrix<S>&>(), Index(0), Index(0)))>>
     : std::true_type {};
 
+template <class P>
+struct has_score_slope
+    : std::bool_constant<has_score_slope_for<P, float>::value || has_score_slope_for<P, double>::value> {};
+
 template <class A, class B>
-struct has_score_slope<BothVisible<A, B>>
-    : std::bool_constant<has_score_slope<A>::value || has_score_slope<B>::value> {};
+struct has_score_slope<BothVisible<A, B>> : std::bool_constant<has_score_slope<A>::value || has_score_slope<B>::value> {
+};
 
 template <class Inner>
 struct has_score_slope<OffsetPolicy<Inner>> : has_score_slope<Inner> {};
