@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -215,6 +216,43 @@ TEST(BackwardBiasHeadsTest, BiasGradientsDoNotDependOnTheThreadCount) {
       EXPECT_TRUE(d_stacked == first_bias) << threads << " threads";
       EXPECT_TRUE(d_tables == first_table) << threads << " threads";
     }
+  }
+}
+
+TEST(BackwardBiasHeadsTest, StridedViewsGiveTheContiguousBits) {
+  ATTEND_SEEDED_RNG(rng);
+  const HeadsProblem p = draw(rng, 2, 21, 30, 5, 4);
+  const M stacked = rng.normal<double>(kHeads * 21, 30), table = rng.normal<double>(kBuckets, kHeads);
+  // Every input and the mask's matrices as blocks of larger ones (outer strides, offsets).
+  M q_big = rng.normal<double>(23, p.q.cols() + 3), k_big = rng.normal<double>(32, p.k.cols() + 1),
+    v_big = rng.normal<double>(31, p.v.cols() + 2), stacked_big = rng.normal<double>(kHeads * 21 + 1, 33),
+    table_big = rng.normal<double>(kBuckets + 2, kHeads + 1);
+  q_big.block(1, 2, 21, p.q.cols()) = p.q;
+  k_big.block(2, 1, 30, p.k.cols()) = p.k;
+  v_big.block(1, 0, 30, p.v.cols()) = p.v;
+  stacked_big.block(1, 3, kHeads * 21, 30) = stacked;
+  table_big.block(2, 1, kBuckets, kHeads) = table;
+  const auto q_view = q_big.block(1, 2, 21, p.q.cols());
+  const auto k_view = k_big.block(2, 1, 30, p.k.cols());
+  const auto v_view = v_big.block(1, 0, 30, p.v.cols());
+  for (const AttentionOptions& options : {materialized_path(), blocked_path(4, 5)}) {
+    SCOPED_TRACE(describe(options));
+    const auto gradients = [&](const auto& q, const auto& k, const auto& v, const auto& bias, const auto& t) {
+      const auto mask = AdditiveMask(bias) & RelativePositionBias(t, true, kMaxDistance) & Causal();
+      const MultiHeadLseResult<double> f = multi_head_attention_with_lse(q, k, v, kHeads, mask, options);
+      std::pair<M, M> out;
+      BiasGradients<double> request;
+      request.d_bias_per_head = &out.first;
+      request.d_table_per_head = &out.second;
+      request.table_buckets = {kBuckets, true, kMaxDistance, Alignment::TopLeft};
+      multi_head_attention_backward(q, k, v, kHeads, f, p.d_out, mask, options, request);
+      return out;
+    };
+    const std::pair<M, M> contiguous = gradients(p.q, p.k, p.v, stacked, table);
+    const std::pair<M, M> views = gradients(q_view, k_view, v_view, stacked_big.block(1, 3, kHeads * 21, 30),
+                                            table_big.block(2, 1, kBuckets, kHeads));
+    EXPECT_TRUE(views.first == contiguous.first) << "d_bias_per_head";
+    EXPECT_TRUE(views.second == contiguous.second) << "d_table_per_head";
   }
 }
 
