@@ -70,6 +70,8 @@ struct RelativePositionBuckets {
 ///  - d_table_per_head (num_buckets, H): column h the gradient of column h of a per-head
 ///    (num_buckets, H) RelativePositionBias table.
 /// Sums over heads and key tiles run in a fixed order: bitwise the same for any thread count.
+/// The dS of every head is kept until the heads are summed, so a multi-head d_bias without
+/// d_bias_per_head holds an (H Lq, Lk) temporary.
 /// The gradients are those of biases that no score modifier (SoftCap, ScoreMod) follows in the
 /// mask: a request with a mask that has a modifier is rejected.
 template <class T>
