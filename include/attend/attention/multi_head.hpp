@@ -122,6 +122,20 @@ struct SequenceViews {
   std::vector<Matrix<accumulator_t<S>>>* weights = nullptr;  // when set: H per-head (Lq, Lk) weights
 };
 
+/// Contiguous copies of one head's K and V, reused from head to head by a thread.
+template <class S>
+struct HeadCopies {
+  /// Whether the blocked path should read a head of `k` from copies: its rows are strided and
+  /// enough query rows (more than one query tile) share the copy.
+  bool worth_it(const ConstMatrixRef<S>& k, Index num_queries, const AttentionOptions& options) const {
+    return k.outerStride() != k.cols() && num_queries > resolve_tiles(options).queries &&
+           use_blocked(options, num_queries, k.rows());
+  }
+
+  Matrix<S> keys;    // (Lk, d)
+  Matrix<S> values;  // (Lk, d_v)
+};
+
 /// Attention of every (sequence, head) pair; mask_of(s) is the mask policy of sequence s, bound
 /// for head h of sequence s as HeadIndex{s, h, S, H}. Everything that can throw is checked
 /// before the parallel loop. The loop runs over
@@ -148,7 +162,12 @@ void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, 
       bind_mask(mask_of(Index(s)).derived(), head_index(Index(s), h), seq.q.rows(), seq.k.rows());
     if (seq.weights) seq.weights->assign(std::size_t(layout.heads), Matrix<T>(seq.q.rows(), seq.k.rows()));
   }
-  const auto head = [&](Index item) {
+  // A head's K and V rows in an (L, H_kv d) matrix lie H_kv d apart (a page for 8 heads of 128
+  // floats), so every row of a key tile sits on its own page; the blocked path then reads them
+  // from contiguous copies made once per head (2 Lk d values per thread, against 4 Lq Lk d
+  // flops). Measured at L = 4096, d = 128, 8 heads, 2 threads: 72% of the FMA peak on the
+  // strided views, 83% on contiguous heads.
+  const auto head = [&](Index item, HeadCopies<S>& copies) {
     const SequenceViews<S>& seq = sequences[std::size_t(item / layout.heads)];
     if (seq.q.rows() == 0) return;  // nothing to write (and no block of an empty matrix at an offset)
     const Index h = item % layout.heads, g = layout.kv_head_of(h);
@@ -174,16 +193,22 @@ void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, 
                                   bound, out_full, no_vector<T>(), (*seq.weights)[std::size_t(h)]);
         out = out_full.template cast<S>();
       }
+    } else if (copies.worth_it(k, q.rows(), options)) {
+      copies.keys = k;
+      copies.values = v;
+      attention_into<S>(q, copies.keys, copies.values, ScaledDot<T>{scale}, mask.derived(), options, out,
+                        no_vector<T>(), at);
     } else {
       attention_into<S>(q, k, v, ScaledDot<T>{scale}, mask.derived(), options, out, no_vector<T>(), at);
     }
   };
   const Index items = Index(sequences.size()) * layout.heads;
   if (items == 1) {
-    head(0);
+    HeadCopies<S> copies;
+    head(0, copies);
   } else {
     parallel_for_with_scratch(
-        items, [] { return 0; }, [&](Index item, int&) { head(item); });
+        items, [] { return HeadCopies<S>(); }, head);
   }
 }
 
