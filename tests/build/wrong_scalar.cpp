@@ -6,6 +6,7 @@
 //   complex      std::complex<double> matrices
 //   long_double  long double matrices
 //   layer        a decode step of a double layer fed float rows
+//   bf16_layer   a MultiHeadAttention of bf16 weights (layers compute in float or double)
 #include <attend/attend.hpp>
 
 #include <complex>
@@ -25,7 +26,11 @@ using KV = Q;
 #endif
 
 int main() {
-#if defined(ATTEND_CASE_LAYER)
+#if defined(ATTEND_CASE_BF16_LAYER)
+  attend::MultiHeadWeights<Eigen::bfloat16> weights;
+  const attend::MultiHeadAttention<Eigen::bfloat16> layer(1, weights);
+  return int(layer.num_heads());
+#elif defined(ATTEND_CASE_LAYER)
   attend::MultiHeadWeights<double> weights;
   const attend::MultiHeadAttention<double> layer(1, weights);
   attend::KVCache<double> cache(layer, 4);
