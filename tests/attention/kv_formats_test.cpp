@@ -332,6 +332,36 @@ TEST(KVFormatMixed, Bf16QueriesAndFloatLayers) {
   EXPECT_TRUE(identical(q8_out, paged_out) || (q8_out - paged_out).cwiseAbs().maxCoeff() <= 1e-5f * scale);
 }
 
+// StreamingLLM through a rotary float layer over reduced and 8-bit pools: the re-rotated sink keys
+// are read out of the pool, rotated and stored in its format again; the outputs stay close to a
+// float pool's (the formats' rounding, loosely).
+TEST(KVFormatMixed, StreamingLLMRotaryLayerOverReducedPools) {
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 2, 32, 32, 48, 48, 48, 40, false};
+  MultiHeadAttention<float> layer(s.heads, random_weights<float>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<float>(s.d));
+  const Index len = 24;
+  const PagedKVCacheOptions options{4, 5, 0, 2};  // blocks of 4, window 5, 2 sink tokens
+  PagedKVCache<float> reference(layer, 16, options);
+  PagedKVCache<Eigen::bfloat16> bf16(layer, 16, options);
+  PagedKVCache<Q8_0> q8(layer, 16, options);
+  const Index a = reference.add_sequence();
+  bf16.add_sequence();
+  q8.add_sequence();
+  const Matrix<float> x = rng.normal<float>(len, s.eq);
+  const SequenceRows one = SequenceRows::uniform(1, 1);
+  float worst_bf16 = 0, worst_q8 = 0, scale = 0;
+  for (Index t = 0; t < len; ++t) {
+    const Matrix<float> y = paged_decode_step(layer, reference, {a}, one, x.row(t));
+    worst_bf16 = std::max(worst_bf16, (paged_decode_step(layer, bf16, {a}, one, x.row(t)) - y).cwiseAbs().maxCoeff());
+    worst_q8 = std::max(worst_q8, (paged_decode_step(layer, q8, {a}, one, x.row(t)) - y).cwiseAbs().maxCoeff());
+    scale = std::max(scale, y.cwiseAbs().maxCoeff());
+  }
+  EXPECT_LE(worst_bf16, 2e-2f * scale);
+  EXPECT_LE(worst_q8, 5e-2f * scale);
+  EXPECT_GT(worst_q8, 0) << "the 8-bit pool rounded nothing";
+}
+
 // Bitwise the same for 1, 2 and 3 threads, a single token and a chunk, in every format.
 TYPED_TEST(KVFormatTest, BitwiseEqualForOneToThreeThreads) {
 #ifndef _OPENMP
