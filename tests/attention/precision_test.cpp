@@ -220,6 +220,27 @@ TYPED_TEST(PrecisionTest, EveryVariantMeetsTheRule) {
   }
 }
 
+TYPED_TEST(PrecisionTest, DecodeStepWritesAFloatLogSumExp) {
+  using S = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 4, kv_heads = 2, d = 24, lk = 700;
+  const Matrix<S> q = draw<S>(rng, 1, heads * d), k = draw<S>(rng, lk, kv_heads * d), v = draw<S>(rng, lk, kv_heads * d);
+  Matrix<S> out(1, heads * d);
+  Vector<float> lse(heads);  // float, as every log-sum-exp of reduced inputs
+  decode_attention_into(q, k, v, heads, out, NoMask{}, {}, lse);
+  const float scale = 1 / std::sqrt(float(d));
+  for (Index h = 0; h < heads; ++h) {
+    const Index g = h / (heads / kv_heads);
+    const Matrix<S> qh = q.middleCols(h * d, d), kh = k.middleCols(g * d, d), vh = v.middleCols(g * d, d);
+    const BoolMatrix all = all_visible(1, lk);
+    const Reference ref = reference_attention(widen(qh), widen(kh), widen(vh), Real(scale), all);
+    EXPECT_LE(std::fabs(Real(lse(h)) - ref.lse(0)), 1e-5L * std::max(Real(1), std::fabs(ref.lse(0)))) << "head " << h;
+    EXPECT_TRUE(within_low_precision_rule(Matrix<S>(out.middleCols(h * d, d)), ref.output,
+                                          naive_low_precision_attention<S>(qh, kh, vh, scale, all)))
+        << "head " << h;
+  }
+}
+
 TYPED_TEST(PrecisionTest, NaNPropagatesAndEmptyRowsAreZero) {
   using S = TypeParam;
   ATTEND_SEEDED_RNG(rng);

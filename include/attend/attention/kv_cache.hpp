@@ -257,7 +257,7 @@ void cache_decode_into(const KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, 
   Vector<C> rows_lse;
   decode_rows<C, kv_element_t<S>>(q_scaled, keys.stride(), values.stride(), layout, masks, seen,
                                   options.block_k > 0 ? options.block_k : kDecodeSplitKeys, runs, rows, rows_lse);
-  write_decode_rows<C, O, O>(rows, rows_lse, layout.heads, sinks, out, no_vector<O>());
+  write_decode_rows<C, O, O, O>(rows, rows_lse, layout.heads, sinks, out, no_vector<O>());
 }
 
 }  // namespace detail

@@ -435,17 +435,18 @@ void decode_rows(const Matrix<C>& q, Index k_stride, Index v_stride, const HeadL
 }
 
 /// Writes the merged decode rows (Q H, d_v) and lse (Q H) into out (Q, H d_v) of scalar O
-/// (rounded once to a 16-bit O), merging head h with sinks(h) first when there are sinks.
-template <class C, class O, class L>
+/// (rounded once to a 16-bit O) and lse of scalar E, merging head h with sinks(h) first when
+/// there are sinks.
+template <class C, class O, class L, class E>
 void write_decode_rows(Matrix<C>& rows, Vector<C>& rows_lse, Index heads, const Eigen::Ref<const Vector<L>>& sinks,
-                       MatrixRef<O> out, VectorRef<O> lse) {
+                       MatrixRef<O> out, VectorRef<E> lse) {
   const Index dv = rows.cols();
   for (Index r = 0; r < out.rows(); ++r)
     for (Index h = 0; h < heads; ++h) {
       const Index row = r * heads + h;
       if (sinks.size() != 0) merge_sink_into<C>(rows.middleRows(row, 1), rows_lse.segment(row, 1), C(sinks(h)));
       out.row(r).segment(h * dv, dv) = rows.row(row).template cast<O>();
-      if (lse.size() != 0) lse(row) = O(rows_lse(row));
+      if (lse.size() != 0) lse(row) = E(rows_lse(row));
     }
 }
 
@@ -464,7 +465,8 @@ void write_decode_rows(Matrix<C>& rows, Vector<C>& rows_lse, Index heads, const 
 /// Precision: k and v may be float or double (q of the same scalar), or Eigen::bfloat16 or
 /// Eigen::half with q of that scalar or float (a bf16/f16 KV cache). K and V are converted
 /// exactly to float as they are loaded; scores, softmax, P V, the log-sum-exp and the merges
-/// are computed in float (double for double), and the output rounded once to q's scalar.
+/// are computed in float (double for double), and the output rounded once to q's scalar; the
+/// log-sum-exp is written in float (accumulator_t of q's scalar), the sinks are given in q's.
 ///
 /// \param q   (1, H d) the new token's queries, heads side by side
 /// \param k   (Lk, H_kv d) keys, e.g. `KVCache::keys()`
@@ -482,7 +484,8 @@ template <class DQ, class DK, class DV, class Mask>
 void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                            const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                            const MaskBase<Mask>& mask, const AttentionOptions& options = {},
-                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>(),
+                           VectorRef<accumulator_t<typename DQ::Scalar>> lse =
+                               detail::no_vector<accumulator_t<typename DQ::Scalar>>(),
                            const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DK, DV>);
   using T = typename DQ::Scalar;
@@ -527,7 +530,7 @@ void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBa
   Vector<C> rows_lse;
   detail::decode_rows<C, S>(q_scaled, k_ref.outerStride(), v_ref.outerStride(), layout, masks, seen,
                             options.block_k > 0 ? options.block_k : detail::kDecodeSplitKeys, runs, rows, rows_lse);
-  detail::write_decode_rows<C, T, T>(rows, rows_lse, heads, sinks, out, lse);
+  detail::write_decode_rows<C, T, T, accumulator_t<T>>(rows, rows_lse, heads, sinks, out, lse);
 }
 
 /// One decode step over every key: decode_attention_into with NoMask.
@@ -535,7 +538,8 @@ template <class DQ, class DK, class DV>
 void decode_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                            const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
                            const AttentionOptions& options = {},
-                           VectorRef<typename DQ::Scalar> lse = detail::no_vector<typename DQ::Scalar>()) {
+                           VectorRef<accumulator_t<typename DQ::Scalar>> lse =
+                               detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
   decode_attention_into(q, k, v, num_heads, out, NoMask{}, options, lse);
 }
 
