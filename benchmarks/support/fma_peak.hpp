@@ -77,11 +77,10 @@ inline double bf16_dot_loop(long rounds) {
 #pragma GCC diagnostic pop
 #endif
 
-/// Peak FMA throughput in GFLOP/s of `threads` threads (OpenMP, or 1 without it), the best of
-/// a few trials of about 0.1 s. Benchmarks measure it next to each timing, so that both see
-/// the same machine load.
-template <class T>
-double fma_peak_gflops(int threads) {
+/// The best GFLOP/s of a few trials of about 0.1 s in which `threads` threads (OpenMP, or 1
+/// without it) each run loop(rounds), which returns the flops it did.
+template <class Loop>
+double best_gflops_of_trials(int threads, Loop loop) {
   constexpr long kRounds = 20'000'000;
   double best = 0;
   for (int trial = 0; trial < 3; ++trial) {
@@ -90,30 +89,25 @@ double fma_peak_gflops(int threads) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(+ : flops)
 #endif
-    flops += fma_loop<T>(kRounds);
+    flops += loop(kRounds);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     best = std::max(best, flops / seconds * 1e-9);
   }
   return best;
 }
 
+/// Peak FMA throughput in GFLOP/s of `threads` threads. Benchmarks measure it next to each
+/// timing, so that both see the same machine load.
+template <class T>
+double fma_peak_gflops(int threads) {
+  return best_gflops_of_trials(threads, [](long rounds) { return fma_loop<T>(rounds); });
+}
+
 #if defined(__AVX512BF16__)
 /// Peak throughput of the bf16 dot-product instruction in GFLOP/s (flops counted as in
 /// bf16_dot_loop) of `threads` threads, measured as fma_peak_gflops.
 inline double bf16_dot_peak_gflops(int threads) {
-  constexpr long kRounds = 20'000'000;
-  double best = 0;
-  for (int trial = 0; trial < 3; ++trial) {
-    double flops = 0;
-    const auto start = std::chrono::steady_clock::now();
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads) reduction(+ : flops)
-#endif
-    flops += bf16_dot_loop(kRounds);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, flops / seconds * 1e-9);
-  }
-  return best;
+  return best_gflops_of_trials(threads, [](long rounds) { return bf16_dot_loop(rounds); });
 }
 #endif
 
