@@ -88,6 +88,8 @@ double best_gflops_of_trials(int threads, Loop loop) {
     const auto start = std::chrono::steady_clock::now();
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(+ : flops)
+#else
+    (void)threads;
 #endif
     flops += loop(kRounds);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
