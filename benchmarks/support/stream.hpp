@@ -18,42 +18,50 @@
 namespace attend::bench {
 
 /// STREAM triad a[i] = b[i] + s c[i] over three arrays of 2^25 doubles (768 MiB in all, far
-/// beyond the caches), OpenMP over `threads`, best of 10 runs, counting 3 arrays of bytes per run
-/// as STREAM does (GB/s). Measured once per thread count per process.
+/// beyond the caches), OpenMP over `threads`, best of 5 runs, counting 3 arrays of bytes per run
+/// as STREAM does (GB/s). Measured anew at every call: the bandwidth a shared machine gives
+/// drifts within a run (from 46 to 80 GB/s on 2 threads of the development machine), so each
+/// benchmark is compared with the triad of its own moment, not the first benchmark's.
 inline double triad_gbps(int threads) {
-  static std::map<int, double> measured;
-  if (const auto it = measured.find(threads); it != measured.end()) return it->second;
   const std::ptrdiff_t n = std::ptrdiff_t(1) << 25;
-  // Uninitialized, so that the first touch below places the pages by the threads.
-  const std::unique_ptr<double[]> a(new double[std::size_t(n)]), b(new double[std::size_t(n)]),
-      c(new double[std::size_t(n)]);
-  const double s = 3.0;
+  struct Arrays {  // allocated and first touched once, by the threads of the first caller
+    std::unique_ptr<double[]> a, b, c;
+  };
+  static Arrays arrays = [&] {
+    Arrays made{std::unique_ptr<double[]>(new double[std::size_t(n)]),
+                std::unique_ptr<double[]>(new double[std::size_t(n)]),
+                std::unique_ptr<double[]>(new double[std::size_t(n)])};
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
-  for (std::ptrdiff_t i = 0; i < n; ++i) {  // first touch by the threads that run the triad
-    a[std::size_t(i)] = 1.0;
-    b[std::size_t(i)] = 2.0;
-    c[std::size_t(i)] = 0.5;
-  }
+    for (std::ptrdiff_t i = 0; i < n; ++i) {
+      made.a[std::size_t(i)] = 1.0;
+      made.b[std::size_t(i)] = 2.0;
+      made.c[std::size_t(i)] = 0.5;
+    }
+    return made;
+  }();
+  double* const a = arrays.a.get();
+  const double* const b = arrays.b.get();
+  const double* const c = arrays.c.get();
+  const double s = 3.0;
   (void)threads;
   double best = 0;
-  for (int run = 0; run < 10; ++run) {
+  for (int run = 0; run < 5; ++run) {
     const auto start = std::chrono::steady_clock::now();
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
-    for (std::ptrdiff_t i = 0; i < n; ++i) a[std::size_t(i)] = b[std::size_t(i)] + s * c[std::size_t(i)];
+    for (std::ptrdiff_t i = 0; i < n; ++i) a[i] = b[i] + s * c[i];
     const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
-    benchmark::DoNotOptimize(a.get());
+    benchmark::DoNotOptimize(a);
     best = std::max(best, 3.0 * double(sizeof(double)) * double(n) / seconds.count() * 1e-9);
   }
-  measured[threads] = best;
   return best;
 }
 
-/// Reports the GB/s of `bytes` read per iteration, the triad of the same run and the
-/// percentage of it (rates over the measured time; benchmarks use real time).
+/// Reports the GB/s of `bytes` read per iteration, the triad measured right after the timed
+/// loop and the percentage of it (rates over the measured time; benchmarks use real time).
 inline void report_bandwidth(benchmark::State& state, double bytes, int threads) {
   const double triad = triad_gbps(threads);
   state.counters["GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
