@@ -6,7 +6,8 @@
 //   complex      std::complex<double> matrices
 //   long_double  long double matrices
 //   layer        a decode step of a double layer fed float rows
-//   bf16_layer   a MultiHeadAttention of bf16 weights (layers compute in float or double)
+//   bf16_layer_backward  the gradients of a bf16 MultiHeadAttention (a bf16 layer runs forward
+//                and decode_step; its training entry points take float or double only)
 #include <attend/attend.hpp>
 
 #include <complex>
@@ -26,10 +27,15 @@ using KV = Q;
 #endif
 
 int main() {
-#if defined(ATTEND_CASE_BF16_LAYER)
-  attend::MultiHeadWeights<Eigen::bfloat16> weights;
-  const attend::MultiHeadAttention<Eigen::bfloat16> layer(1, weights);
-  return int(layer.num_heads());
+#if defined(ATTEND_CASE_BF16_LAYER_BACKWARD)
+  using bf16 = Eigen::bfloat16;
+  const attend::MultiHeadWeights<bf16> weights{attend::Matrix<bf16>::Zero(4, 4), attend::Matrix<bf16>::Zero(4, 4),
+                                               attend::Matrix<bf16>::Zero(4, 4), attend::Matrix<bf16>::Zero(4, 4),
+                                               {}, {}, {}, {}};
+  const attend::MultiHeadAttention<bf16> layer(1, weights);
+  const attend::MultiHeadContext<bf16> context;
+  const attend::Matrix<bf16> d_output = attend::Matrix<bf16>::Zero(2, 4);
+  return int(attend::multi_head_layer_backward(layer, context, d_output).d_query.size());
 #elif defined(ATTEND_CASE_LAYER)
   attend::MultiHeadWeights<double> weights;
   const attend::MultiHeadAttention<double> layer(1, weights);

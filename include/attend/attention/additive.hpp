@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../detail/checks.hpp"
+#include "../detail/linear.hpp"
 #include "../detail/parallel.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
@@ -25,10 +26,17 @@ namespace attend {
 /// holds one (Bq, Bk) tile of scores beyond the projections. Any mask policy applies, and
 /// `options` selects the path and tiles; additive scores have no scale, so `options.scale` must
 /// stay unset.
+///
+/// T is the scalar of the weights, inputs and output: float, double, Eigen::bfloat16 or
+/// Eigen::half. A bf16 or half layer rounds to T once per stage, as PyTorch's bf16 modules do,
+/// and accumulates in float inside each: the projections widen q, k, W and b exactly to float,
+/// accumulate in float and round to T once; scores (tanh and the dot with v), softmax and P V
+/// are computed in float and the output rounded to T once; the log-sum-exp and the weights are
+/// float (accumulator_t<T>). Gradients (additive_backward.hpp) are float and double only.
 template <class T>
 class AdditiveAttention {
  public:
-  static_assert(detail::full_precision_scalars<T>);
+  static_assert(detail::supported_scalars<T>);
 
   /// \param w_query (h, d_q)
   /// \param w_key   (h, d_k)
@@ -36,6 +44,7 @@ class AdditiveAttention {
   /// \param bias    (h), or empty for none
   AdditiveAttention(Matrix<T> w_query, Matrix<T> w_key, Vector<T> v, Vector<T> bias = Vector<T>())
       : w_query_(std::move(w_query)), w_key_(std::move(w_key)), v_(std::move(v)), bias_(std::move(bias)) {
+    if constexpr (detail::is_reduced_precision<T>) v_wide_ = v_.template cast<accumulator_t<T>>();
     const std::string shapes = "W_q " + detail::shape_of(w_query_) + ", W_k " + detail::shape_of(w_key_) +
                                ", v (" + std::to_string(v_.size()) + "), b (" + std::to_string(bias_.size()) + ")";
     ATTEND_CHECK(w_query_.rows() >= 1 && w_query_.cols() >= 1 && w_key_.cols() >= 1,
@@ -60,7 +69,8 @@ class AdditiveAttention {
   template <class DQ, class DK, class DV, class Mask = NoMask>
   void forward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                     const Eigen::MatrixBase<DV>& values, MatrixRef<T> out, const MaskBase<Mask>& mask = NoMask{},
-                    const AttentionOptions& options = {}, VectorRef<T> lse = detail::no_vector<T>()) const {
+                    const AttentionOptions& options = {},
+                    VectorRef<accumulator_t<T>> lse = detail::no_vector<accumulator_t<T>>()) const {
     static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     check_inputs(q, k, values, options);
     const detail::ThreadScope threads(options.num_threads);  // for the projections too
@@ -88,7 +98,7 @@ class AdditiveAttention {
                                       const AttentionOptions& options = {}) const {
     static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     check_inputs(q, k, values, options);
-    AttentionResult<T> result{Matrix<T>(q.rows(), values.cols()), Vector<T>(q.rows()), {}};
+    AttentionResult<T> result{Matrix<T>(q.rows(), values.cols()), Vector<accumulator_t<T>>(q.rows()), {}};
     forward_into(q, k, values, result.output, mask, options, result.lse);
     return result;
   }
@@ -98,34 +108,44 @@ class AdditiveAttention {
   AttentionResult<T> forward_with_weights(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                           const Eigen::MatrixBase<DV>& values,
                                           const MaskBase<Mask>& mask = NoMask{}) const {
+    static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+    using A = accumulator_t<T>;
     check_inputs(q, k, values, AttentionOptions{});
-    AttentionResult<T> result{Matrix<T>(q.rows(), values.cols()), Vector<T>(q.rows()), Matrix<T>(q.rows(), k.rows())};
+    AttentionResult<T> result{Matrix<T>(), Vector<A>(q.rows()), Matrix<A>(q.rows(), k.rows())};
+    Matrix<A> output(q.rows(), values.cols());
     const Matrix<T> q_proj = project_queries(q), k_proj = project_keys(k);
     const ConstMatrixRef<T> values_ref(values);
-    detail::materialized_attention<T>(q_proj, k_proj, values_ref, score(),
-                                      detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows()),
-                                      result.output, result.lse, result.weights);
+    // (on float copies for bf16 and half: cast<A> is the matrix itself for float and double)
+    detail::materialized_attention<A>(q_proj.template cast<A>(), k_proj.template cast<A>(),
+                                      values_ref.template cast<A>(), score(),
+                                      detail::bind_mask(mask.derived(), HeadIndex{}, q.rows(), k.rows()), output,
+                                      result.lse, result.weights);
+    if constexpr (std::is_same_v<T, A>)
+      result.output = std::move(output);
+    else
+      result.output = output.template cast<T>();
     return result;
   }
 
-  /// The score policy on projected rows (scores/additive.hpp).
-  detail::AdditiveScore<T> score() const { return {{v_.data(), v_.size()}}; }
+  /// The score policy on projected rows (scores/additive.hpp), in accumulator_t<T> (float for
+  /// bf16 and half: their scores are computed on float copies of the rounded projections).
+  detail::AdditiveScore<accumulator_t<T>> score() const {
+    if constexpr (detail::is_reduced_precision<T>)
+      return {{v_wide_.data(), v_wide_.size()}};
+    else
+      return {{v_.data(), v_.size()}};
+  }
 
-  /// W_q q_i + b for every row: (Lq, h).
+  /// W_q q_i + b for every row: (Lq, h) (for bf16 and half accumulated in float, rounded once).
   template <class DQ>
   Matrix<T> project_queries(const Eigen::MatrixBase<DQ>& q) const {
-    Matrix<T> q_proj(q.rows(), hidden_dim());
-    detail::parallel_product(q_proj, q, w_query_.transpose());
-    if (bias_.size() != 0) q_proj.rowwise() += bias_.transpose();
-    return q_proj;
+    return detail::linear_rows<T>(q, w_query_, bias_);
   }
 
   /// W_k k_j for every row: (Lk, h).
   template <class DK>
   Matrix<T> project_keys(const Eigen::MatrixBase<DK>& k) const {
-    Matrix<T> k_proj(k.rows(), hidden_dim());
-    detail::parallel_product(k_proj, k, w_key_.transpose());
-    return k_proj;
+    return detail::linear_rows<T>(k, w_key_, Vector<T>());
   }
 
   /// Throws attend::invalid_argument naming the shapes when q, k and values do not fit the
@@ -149,6 +169,7 @@ class AdditiveAttention {
   Matrix<T> w_key_;    // (h, d_k)
   Vector<T> v_;        // (h)
   Vector<T> bias_;     // (h) or empty
+  Vector<accumulator_t<T>> v_wide_;  // (h) v in float for bf16 and half, else empty
 };
 
 }  // namespace attend

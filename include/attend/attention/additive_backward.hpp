@@ -215,7 +215,7 @@ AdditiveGradients<T> additive_attention_backward(const AdditiveAttention<T>& lay
                                                  const Eigen::MatrixBase<DO>& d_out,
                                                  const MaskBase<Mask>& mask = NoMask{},
                                                  const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<T, DQ, DK, DV, DO>);
+  static_assert(detail::full_precision_scalars<T, DQ, DK, DV, DO>);
   layer.check_inputs(q, k, values, options);
   const Index lq = q.rows(), lk = k.rows(), h = layer.hidden_dim();
   detail::check_shape(out, lq, values.cols(), "output");
@@ -258,6 +258,7 @@ AdditiveGradients<T> additive_attention_backward(const AdditiveAttention<T>& lay
                                                  const AttentionResult<T>& forward, const Eigen::MatrixBase<DO>& d_out,
                                                  const MaskBase<Mask>& mask = NoMask{},
                                                  const AttentionOptions& options = {}) {
+  static_assert(detail::full_precision_scalars<T, DQ, DK, DV, DO>);
   return additive_attention_backward(layer, q, k, values, ConstMatrixRef<T>(forward.output),
                                      Eigen::Ref<const Vector<T>>(forward.lse), d_out, mask, options);
 }

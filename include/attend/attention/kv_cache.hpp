@@ -82,9 +82,13 @@ class KVCache {
                                 "KV cache values (capacity x kv_heads * value_head_dim)");
   }
 
-  /// A cache shaped for `layer` (its H_kv, d and d_v), for decode_step(layer, cache, x).
-  KVCache(const MultiHeadAttention<compute_type>& layer, Index capacity, Index window = -1)
-      : KVCache(capacity, layer.num_kv_heads(), layer.head_dim(), KVCacheOptions{window, layer.value_head_dim()}) {}
+  /// A cache shaped for `layer` (its H_kv, d and d_v), for decode_step(layer, cache, x): a layer
+  /// of compute_type, or a bf16 or half layer (detail::layer_query_t).
+  template <class L>
+  KVCache(const MultiHeadAttention<L>& layer, Index capacity, Index window = -1)
+      : KVCache(capacity, layer.num_kv_heads(), layer.head_dim(), KVCacheOptions{window, layer.value_head_dim()}) {
+    static_assert(detail::kv_query<S, detail::layer_query_t<S, L>>);
+  }
 
   Index capacity() const { return keys_.rows(); }
   Index kv_heads() const { return kv_heads_; }
@@ -373,7 +377,10 @@ Matrix<typename DQ::Scalar> decode_step(KVCache<S>& cache, const Eigen::MatrixBa
 /// cache of window w, row by row.
 ///
 /// \param cache shaped for the layer, e.g. KVCache<T>(layer, capacity), or KVCache<Eigen::bfloat16>
-///              or KVCache<Q8_0> for a float layer (its K/V rows are stored in that format)
+///              or KVCache<Q8_0> for a float layer (its K/V rows are stored in that format). A
+///              bf16 or half layer queries a cache of its own scalar in it, and one of another
+///              format (float, half/bf16, q8_0) in float: its projections (rounded to T) widened
+///              exactly, the heads' output rounded to T once before W_o.
 /// \param x     (n, E_q) the new tokens
 /// \param mask  any mask, bias, score modifier or custom policy (per-head ones bind per head)
 /// \param sinks (H) learned sink logits (attention/sinks.hpp), or empty
@@ -385,7 +392,8 @@ template <class T, class S, class DX, class Mask>
 Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<S>& cache, const Eigen::MatrixBase<DX>& x,
                       const MaskBase<Mask>& mask, const AttentionOptions& options = {},
                       const Eigen::Ref<const Vector<typename DX::Scalar>>& sinks = Vector<typename DX::Scalar>()) {
-  static_assert(detail::supported_scalars<T, DX> && detail::kv_query<S, T>);
+  using Q = detail::layer_query_t<S, T>;
+  static_assert(detail::supported_scalars<T, DX> && detail::kv_query<S, Q>);
   ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
                    cache.value_head_dim() == layer.value_head_dim(),
                "a cache of kv_heads=" + std::to_string(cache.kv_heads()) + ", head_dim=" +
@@ -395,7 +403,9 @@ Matrix<T> decode_step(const MultiHeadAttention<T>& layer, KVCache<S>& cache, con
   const detail::ThreadScope threads(options.num_threads);  // for the projections too
   const Index position = cache.position();
   const Matrix<T> q = layer.project_query(x, position), k = layer.project_key(x, position), v = layer.project_value(x);
-  return layer.project_output(decode_step(cache, q, k, v, layer.num_heads(), mask, options, sinks));
+  const Matrix<Q> heads = decode_step(cache, detail::in_scalar<Q>(q), detail::in_scalar<Q>(k), detail::in_scalar<Q>(v),
+                                      layer.num_heads(), mask, options, detail::in_scalar<Q>(sinks));
+  return layer.project_output(detail::in_scalar<T>(heads));
 }
 
 /// A decoding step of a layer without a mask beyond the cache's. See the overload with a mask.

@@ -30,6 +30,7 @@
 #pragma once
 
 #include "../detail/checks.hpp"
+#include "../detail/linear.hpp"
 #include "../detail/parallel.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
@@ -59,18 +60,18 @@ struct MultiHeadOptions : AttentionOptions {
   NeedWeights need_weights = NeedWeights::None;
 };
 
-/// Output of a multi-head call.
+/// Output of a multi-head call (T: the layer's scalar; the weights are float for bf16 and half).
 template <class T>
 struct MultiHeadResult {
-  Matrix<T> output;                ///< (Lq, E_out)
-  std::vector<Matrix<T>> weights;  ///< empty, H per-head (Lq, Lk), or one head-averaged (Lq, Lk)
+  Matrix<T> output;                                ///< (Lq, E_out)
+  std::vector<Matrix<accumulator_t<T>>> weights;  ///< empty, H per-head (Lq, Lk), or one head-averaged (Lq, Lk)
 };
 
 /// Output of a multi-head call over a batch read in place (forward_batch with SequenceRows).
 template <class T>
 struct MultiHeadBatchResult {
-  Matrix<T> output;                             ///< (rows, E_out): sequence b in its rows, zeros elsewhere
-  std::vector<std::vector<Matrix<T>>> weights;  ///< per sequence, as MultiHeadResult::weights
+  Matrix<T> output;  ///< (rows, E_out): sequence b in its rows, zeros elsewhere
+  std::vector<std::vector<Matrix<accumulator_t<T>>>> weights;  ///< per sequence, as MultiHeadResult::weights
 };
 
 namespace detail {
@@ -212,18 +213,6 @@ void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, 
   }
 }
 
-/// y = x W^T + b, the nn.Linear convention (W is (out_features, in_features); b may be empty).
-/// x is a view, so that every input expression shares one instantiation (extern_templates.hpp).
-template <class T>
-Matrix<T> linear(const ConstMatrixRef<T>& x, const Matrix<T>& weight, const Vector<T>& bias, const char* what) {
-  ATTEND_CHECK(x.cols() == weight.cols(), std::string(what) + " input " + shape_of(x) + " does not match " + what +
-                                              "_weight " + shape_of(weight) + " (input width = weight columns)");
-  Matrix<T> y(x.rows(), weight.rows());
-  parallel_product(y, x, weight.transpose());
-  if (bias.size() != 0) y.rowwise() += bias.transpose();
-  return y;
-}
-
 }  // namespace detail
 
 /// Multi-head attention of a batch of sequences of different lengths read in place (FlashAttention's
@@ -323,10 +312,20 @@ struct MultiHeadWeights {
 /// query row i at position i, key row j at position j (Llama, GPT-NeoX). Incremental decoding
 /// of the same layer over a KVCache is `decode_step(attention, cache, x)` (kv_cache.hpp).
 /// See the file comment for the correspondence with torch.nn.MultiheadAttention.
+///
+/// T is the scalar of the weights, inputs and outputs: float, double, Eigen::bfloat16 or
+/// Eigen::half. A bf16 or half layer runs as PyTorch runs a bf16 module, with one rounding to T
+/// per stage and float accumulation inside each: every projection widens its T inputs, weights
+/// and bias exactly to float, accumulates the products in float and rounds y = x W^T + b to T
+/// once; rotary turns the rounded Q and K in float and rounds them once more; attention runs on
+/// the T projections with float scores, softmax and P V (scaled_dot_product.hpp) and rounds each
+/// head's output to T once; the output projection is one more projection. Weights returned by
+/// need_weights are float (accumulator_t<T>). Gradients (multi_head_training.hpp) are float and
+/// double only.
 template <class T>
 class MultiHeadAttention {
  public:
-  static_assert(detail::full_precision_scalars<T>);
+  static_assert(detail::supported_scalars<T>);
 
   /// \param num_heads    H
   /// \param weights      projections; their shapes fix d, d_v, E_q, E_k, E_v and E_out
@@ -392,9 +391,10 @@ class MultiHeadAttention {
   /// Rotates the heads of Q and K with `rope` from now on (its head_dim must be head_dim()).
   /// A YaRN embedding also scales the rotated features by its attention factor m (cos and sin
   /// times m, as HF transformers and ggml), in forward, forward_batch and decode_step alike:
-  /// keep the default attention scale.
+  /// keep the default attention scale. A bf16 or half layer takes a float embedding: it rotates
+  /// the rounded projections in float and rounds them to T once (RotaryEmbedding::apply).
   /// \throws attend::invalid_argument naming both head widths when they differ.
-  MultiHeadAttention& set_rotary(RotaryEmbedding<T> rope) {
+  MultiHeadAttention& set_rotary(RotaryEmbedding<accumulator_t<T>> rope) {
     ATTEND_CHECK(rope.head_dim() == layout_.key_dim, "rotary embedding of head_dim=" + std::to_string(rope.head_dim()) +
                                                          " for attention heads of head_dim=" +
                                                          std::to_string(layout_.key_dim));
@@ -402,7 +402,7 @@ class MultiHeadAttention {
     return *this;
   }
   /// The rotary embedding of Q and K, or null.
-  const RotaryEmbedding<T>* rotary() const { return rope_ ? &*rope_ : nullptr; }
+  const RotaryEmbedding<accumulator_t<T>>* rotary() const { return rope_ ? &*rope_ : nullptr; }
 
   /// Q = query W_q^T + b_q (Lq, H d), rotated at positions first_position.. when rotary is set.
   template <class D>
@@ -437,7 +437,7 @@ class MultiHeadAttention {
     const Matrix<T> q = project_query(query), k = project_key(key), v = project_value(value);
     Matrix<T> heads(query.rows(), layout_.heads * layout_.value_dim);  // (Lq, H d_v), the concatenation
     MultiHeadResult<T> result;
-    std::vector<Matrix<T>> per_head;
+    std::vector<Matrix<accumulator_t<T>>> per_head;
     const bool want = options.need_weights != NeedWeights::None;
     const std::vector<detail::SequenceViews<T>> sequences{{q, k, v, heads, want ? &per_head : nullptr}};
     detail::multi_head_attention_batch<T>(
@@ -531,7 +531,7 @@ class MultiHeadAttention {
     Matrix<T> k = detail::linear<T>(memories, w_.k_proj_weight, w_.k_proj_bias, "k_proj");  // (rows_m, H_kv d)
     const Matrix<T> v = detail::linear<T>(memories, w_.v_proj_weight, w_.v_proj_bias, "v_proj");
     Matrix<T> heads = Matrix<T>::Zero(queries.rows(), layout_.heads * layout_.value_dim);  // (rows, H d_v)
-    std::vector<std::vector<Matrix<T>>> per_head(static_cast<std::size_t>(batch));
+    std::vector<std::vector<Matrix<accumulator_t<T>>>> per_head(static_cast<std::size_t>(batch));
     std::vector<detail::SequenceViews<T>> sequences;
     std::vector<bool> used(std::size_t(queries.rows()), false);
     const bool want = options.need_weights != NeedWeights::None;
@@ -552,7 +552,7 @@ class MultiHeadAttention {
     for (Index r = 0; r < result.output.rows(); ++r)
       if (!used[std::size_t(r)]) result.output.row(r).setZero();
     if (want)
-      for (std::vector<Matrix<T>>& w : per_head) result.weights.push_back(collect_weights(std::move(w), options));
+      for (auto& w : per_head) result.weights.push_back(collect_weights(std::move(w), options));
     return result;
   }
 
@@ -566,11 +566,12 @@ class MultiHeadAttention {
 
  private:
   /// The weights a call returns from the H per-head ones: all of them, or their mean.
-  std::vector<Matrix<T>> collect_weights(std::vector<Matrix<T>> per_head, const MultiHeadOptions& options) const {
+  std::vector<Matrix<accumulator_t<T>>> collect_weights(std::vector<Matrix<accumulator_t<T>>> per_head,
+                                                        const MultiHeadOptions& options) const {
     if (options.need_weights != NeedWeights::Averaged) return per_head;
-    Matrix<T> mean = per_head[0];
+    Matrix<accumulator_t<T>> mean = per_head[0];
     for (std::size_t h = 1; h < per_head.size(); ++h) mean += per_head[h];
-    return {mean / T(layout_.heads)};
+    return {mean / accumulator_t<T>(layout_.heads)};
   }
 
   static void check_bias(const Vector<T>& bias, Index rows, const char* what) {
@@ -586,7 +587,7 @@ class MultiHeadAttention {
 
   MultiHeadWeights<T> w_;
   detail::HeadLayout layout_{};
-  std::optional<RotaryEmbedding<T>> rope_;
+  std::optional<RotaryEmbedding<accumulator_t<T>>> rope_;
 };
 
 }  // namespace attend

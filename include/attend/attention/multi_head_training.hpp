@@ -23,6 +23,9 @@
 /// backward takes the forward's mask and options. A query that sees no key (fully masked,
 /// Lk = 0) passes no gradient to Q, K, V or the input projections; its row of the output is
 /// b_o, so d_out still reaches db_o.
+///
+/// Float and double layers only: a bf16 or half MultiHeadAttention runs forward and decode_step,
+/// and its training entry points stop at attend's static_assert (train a float copy of it).
 #pragma once
 
 #include "../detail/checks.hpp"
@@ -113,7 +116,7 @@ MultiHeadTrainingForward<T> multi_head_layer_forward(const MultiHeadAttention<T>
                                                      const Eigen::MatrixBase<DV>& value,
                                                      const MaskBase<Mask>& mask = NoMask{},
                                                      const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<T, DQ, DK, DV>);
+  static_assert(detail::full_precision_scalars<T, DQ, DK, DV>);
   MultiHeadContext<T> c;
   c.query = query;
   c.key = key;
@@ -128,7 +131,7 @@ MultiHeadTrainingForward<T> multi_head_layer_forward(const MultiHeadAttention<T>
                                                      const Eigen::MatrixBase<DX>& x,
                                                      const MaskBase<Mask>& mask = NoMask{},
                                                      const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<T, DX>);
+  static_assert(detail::full_precision_scalars<T, DX>);
   MultiHeadContext<T> c;
   c.query = x;
   c.key_is_query = c.value_is_key = true;
@@ -143,7 +146,7 @@ MultiHeadTrainingForward<T> multi_head_layer_forward(const MultiHeadAttention<T>
                                                      const Eigen::MatrixBase<DM>& memory,
                                                      const MaskBase<Mask>& mask = NoMask{},
                                                      const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<T, DX, DM>);
+  static_assert(detail::full_precision_scalars<T, DX, DM>);
   MultiHeadContext<T> c;
   c.query = x;
   c.key = memory;
@@ -180,7 +183,7 @@ MultiHeadLayerGradients<T> multi_head_layer_backward(const MultiHeadAttention<T>
                                                      const MaskBase<Mask>& mask = NoMask{},
                                                      const AttentionOptions& options = {},
                                                      const BiasGradients<T>& bias_gradients = {}) {
-  static_assert(detail::supported_scalars<T, DO>);
+  static_assert(detail::full_precision_scalars<T, DO>);
   const MultiHeadContext<T>& c = context;
   const MultiHeadWeights<T>& w = layer.weights();
   const Index lq = c.query.rows(), lk = c.key_input().rows();

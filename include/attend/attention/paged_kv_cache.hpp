@@ -180,11 +180,15 @@ class PagedKVCache {
     for (Index p = num_blocks - 1; p >= 0; --p) free_.push_back(p);  // block 0 is handed out first
   }
 
-  /// A pool shaped for `layer` (its H_kv, d and d_v); options.value_head_dim is ignored.
-  PagedKVCache(const MultiHeadAttention<compute_type>& layer, Index num_blocks, PagedKVCacheOptions options = {})
+  /// A pool shaped for `layer` (its H_kv, d and d_v); options.value_head_dim is ignored. The
+  /// layer is of compute_type, or bf16 or half (detail::layer_query_t).
+  template <class L>
+  PagedKVCache(const MultiHeadAttention<L>& layer, Index num_blocks, PagedKVCacheOptions options = {})
       : PagedKVCache(num_blocks, layer.num_kv_heads(), layer.head_dim(),
                      PagedKVCacheOptions{options.block_size, options.window, layer.value_head_dim(),
-                                         options.sink_tokens}) {}
+                                         options.sink_tokens}) {
+    static_assert(detail::kv_query<S, detail::layer_query_t<S, L>>);
+  }
 
   Index num_blocks() const { return Index(ref_counts_.size()); }
   Index block_size() const { return block_size_; }
@@ -791,6 +795,9 @@ void paged_decode_step_into(PagedKVCache<S>& cache, const std::vector<Index>& se
 /// are rotated by delta = i - w + 1 - s more (to j + delta) for the step, once the window has
 /// left them (delta > 0). Such a sequence takes one token per step; a chunk is refused there.
 ///
+/// A bf16 or half layer queries the pool as decode_step(layer, cache, x) does: in its own scalar,
+/// or in float for a pool of another format.
+///
 /// \param x (rows, E_q) the new tokens of every sequence
 /// \return (rows, E_out); rows in no sequence hold W_o 0 + b_o
 /// \throws attend::invalid_argument when the cache's heads or widths do not match the layer's, and
@@ -801,7 +808,8 @@ Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<S>&
                             const Eigen::MatrixBase<DX>& x, const MaskBase<Mask>& mask,
                             const AttentionOptions& options = {},
                             const Eigen::Ref<const Vector<typename DX::Scalar>>& sinks = Vector<typename DX::Scalar>()) {
-  static_assert(detail::supported_scalars<T, DX> && detail::kv_query<S, T>);
+  using Q = detail::layer_query_t<S, T>;
+  static_assert(detail::supported_scalars<T, DX> && detail::kv_query<S, Q>);
   ATTEND_CHECK(cache.kv_heads() == layer.num_kv_heads() && cache.head_dim() == layer.head_dim() &&
                    cache.value_head_dim() == layer.value_head_dim(),
                "a paged cache of kv_heads=" + std::to_string(cache.kv_heads()) + ", head_dim=" +
@@ -824,8 +832,8 @@ Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<S>&
     k.middleRows(begin, n) = layer.project_key(x.middleRows(begin, n), cache.length(seq));
   }
   // StreamingLLM: the sink keys at their positions within the cache (see above).
-  std::vector<Matrix<T>> sink_keys;
-  const RotaryEmbedding<T>* rope = layer.rotary();
+  std::vector<Matrix<Q>> sink_keys;
+  const auto* rope = layer.rotary();
   if (cache.sink_tokens() > 0 && rope != nullptr) {
     ATTEND_CHECK(rope->attention_factor() == 1.0,
                  "StreamingLLM positions within the cache re-rotate the sink keys, which YaRN's attention factor " +
@@ -840,18 +848,19 @@ Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<S>&
                                             " tokens, but StreamingLLM positions within the cache take one per step "
                                             "once the window has left the sink tokens (from position " +
                                             std::to_string(w + sinks_held) + ")");
-      Matrix<T>& keys = sink_keys[std::size_t(b)];
+      Matrix<Q>& keys = sink_keys[std::size_t(b)];
       keys.resize(sinks_held, cache.kv_heads() * cache.head_dim());
       const std::vector<Index>& table = cache.block_table(seq);
       for (Index t = 0; t < sinks_held; ++t)  // (dequantized from the cache's format; rotated, stored in it again)
-        keys.row(t) = cache.key_rows().read(table[std::size_t(t / B)] * B + t % B, 1).template cast<T>();
+        keys.row(t) = cache.key_rows().read(table[std::size_t(t / B)] * B + t % B, 1).template cast<Q>();
       rope->apply(keys, Vector<Index>::Constant(sinks_held, delta));
     }
   }
-  Matrix<T> heads_out = Matrix<T>::Zero(x.rows(), heads * layer.value_head_dim());
-  paged_decode_step_into(cache, sequences, rows, q, k, v, heads, heads_out, mask, options, sinks,
+  Matrix<Q> heads_out = Matrix<Q>::Zero(x.rows(), heads * layer.value_head_dim());
+  paged_decode_step_into(cache, sequences, rows, detail::in_scalar<Q>(q), detail::in_scalar<Q>(k),
+                         detail::in_scalar<Q>(v), heads, heads_out, mask, options, detail::in_scalar<Q>(sinks),
                          sink_keys.empty() ? nullptr : &sink_keys);
-  return layer.project_output(heads_out);
+  return layer.project_output(detail::in_scalar<T>(heads_out));
 }
 
 /// A decoding step of a layer for many sequences without a mask beyond the cache's. See the

@@ -74,6 +74,24 @@ struct KVQueryCheck {
 template <class S, class Q>
 inline constexpr bool kv_query = KVQueryCheck<S, Q>::value;
 
+/// The scalar in which a layer (MultiHeadAttention) of scalar L queries a cache of format S: L
+/// itself where the cache takes it; otherwise float for a bf16 or half layer (its projections
+/// widened exactly, the attention output rounded back to L once), so that such a layer decodes
+/// over a cache of any format that computes in float (float, bf16, half, q8_0).
+template <class S, class L>
+using layer_query_t = std::conditional_t<kv_query_scalar<S, L> || !is_reduced_precision<L>, L, float>;
+
+/// m itself when its scalar is Q, else a copy of it in Q (a plain matrix or vector): a layer's
+/// rows in layer_query_t.
+template <class Q, class X>
+decltype(auto) in_scalar(const Eigen::MatrixBase<X>& m) {
+  if constexpr (std::is_same_v<typename X::Scalar, Q>)
+    return (m.derived());
+  else
+    return Eigen::Matrix<Q, X::RowsAtCompileTime, X::ColsAtCompileTime,
+                         X::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor>(m.template cast<Q>());
+}
+
 /// Elements of one row head of d values: d, or its q8_0 blocks.
 template <class E>
 constexpr Index kv_head_elements(Index d) {

@@ -377,6 +377,13 @@ class RotaryEmbedding {
   /// cos/sin tables stay in T).
   void apply(MatrixRef<Eigen::bfloat16> x, Index start_position = 0) const { apply_rounded(x, start_position); }
   void apply(MatrixRef<Eigen::half> x, Index start_position = 0) const { apply_rounded(x, start_position); }
+  /// bf16 or half rows at explicit positions, rotated in T and rounded back once.
+  void apply(MatrixRef<Eigen::bfloat16> x, const Eigen::Ref<const Vector<Index>>& positions) const {
+    apply_rounded(x, positions);
+  }
+  void apply(MatrixRef<Eigen::half> x, const Eigen::Ref<const Vector<Index>>& positions) const {
+    apply_rounded(x, positions);
+  }
 
   /// Rotates every head of `x` in place, row r at position positions(r) (any integers).
   /// \param x         (L, H * head_dim), heads as column blocks.
@@ -409,10 +416,10 @@ class RotaryEmbedding {
   }
 
  private:
-  template <class S>
-  void apply_rounded(MatrixRef<S> x, Index start_position) const {
+  template <class S, class Positions>
+  void apply_rounded(MatrixRef<S> x, const Positions& positions) const {
     Matrix<T> full = x.template cast<T>();  // (L, H * head_dim)
-    apply(full, start_position);
+    apply(full, positions);
     x = full.template cast<S>();
   }
 
