@@ -16,6 +16,7 @@
 #include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/sinks_reference.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -105,7 +106,8 @@ TEST(PagedKVCache, FailedCallsLeaveThePoolUnchanged) {
   expect_invalid([&] { cache.append(s, k.topRows(1).leftCols(3), v.topRows(1)); }, {"(1 x 3)", "(n x 4)"});
   expect_invalid([&] { cache.truncate(f, 11); }, {"truncate(sequence 1, 11)", "[0, length=10]"});
   expect_invalid([&] { cache.fork(5); }, {"sequence 5"});
-  expect_invalid([&] { PagedKVCache<float>(4, 1, 8, {0}); }, {"block_size=0"});
+  expect_invalid([&] { PagedKVCache<float>(4, 1, 8, {0}); }, {"block_size=0", "must be at least 1 key per block"});
+  expect_invalid([&] { PagedKVCache<float>(4, 1, 8, {-16}); }, {"block_size=-16", "must be at least 1 key per block"});
   expect_invalid([&] { PagedKVCache<float>(4, 1, 8, {16, 0}); }, {"window=0"});
   cache.truncate(f, 2);
   EXPECT_EQ(cache.free_blocks(), 0) << "the truncated blocks are still held by the original";
@@ -236,6 +238,39 @@ TYPED_TEST(PagedDecodeTest, BatchedStepsEqualFullCausalAttentionOfEachSequence) 
       o.block_k = 2 * block;  // several splits per sequence
       decode_batched<T>(cache, all, heads, [](std::size_t i, Index r) { return r < 2 ? Index(7 + i) : Index(1 + (r + i) % 3); }, o);
       for (const auto& s : streams) expect_stream_matches_reference<T>(s, heads, -1);
+    }
+}
+
+// Any block size of at least one key: 1, vLLM's 16 and 256, with lengths that do not divide
+// (300 = 18 blocks of 16 + 12, 256 + 44), causal and with a window (whose sequences hold
+// window-sized memory), decoded in prefill chunks and single tokens, equal the reference.
+TYPED_TEST(PagedDecodeTest, BlockSizesFromOneTo256KeysWork) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 4, kv_heads = 2, d = 8;
+  const std::vector<Index> lengths{300, 37, 5};
+  for (const Index block : {Index(1), Index(16), Index(256)})
+    for (const Index window : {Index(-1), Index(40)}) {
+      SCOPED_TRACE("block " + std::to_string(block) + ", window " + std::to_string(window));
+      Index blocks = 0;
+      for (Index len : lengths) blocks += (len + block - 1) / block + 1;
+      PagedKVCache<T> cache(blocks, kv_heads, d, {block, window});
+      EXPECT_EQ(cache.block_size(), block);
+      std::vector<Stream<T>> streams;
+      for (Index len : lengths) streams.push_back(make_stream<T>(rng, len, heads, kv_heads, d, d));
+      std::vector<Stream<T>*> all;
+      for (auto& st : streams) all.push_back(&st);
+      AttentionOptions o;
+      o.block_k = 64;  // splits of max(1, 64 / B) blocks
+      decode_batched<T>(cache, all, heads, [](std::size_t i, Index r) { return r == 0 ? Index(20 + i) : Index(1 + r % 3); },
+                        o);
+      for (const auto& st : streams) {
+        expect_stream_matches_reference<T>(st, heads, window);
+        if (window > 0) {
+          EXPECT_LE(cache.held_blocks(st.id), (window - 1 + 3 + block - 1) / block + 1);
+        }
+        EXPECT_EQ(Index(cache.block_table(st.id).size()), (st.q.rows() + block - 1) / block);
+      }
     }
 }
 
@@ -431,50 +466,159 @@ TYPED_TEST(PagedDecodeTest, LayerStepsEqualTheLayerOverEachWholeSequence) {
 // StreamingLLM through a rotary layer uses positions within the cache, as the paper does: the
 // query at position i > s + w - 1 sees the s sink tokens at positions 0..s-1 and its window at
 // s..s+w-1, itself last. Checked against that recomputation written out (the cache's tokens
-// projected and rotated at those positions), which differs from absolute positions.
+// projected and rotated at those positions), which differs from absolute positions; for token by
+// token steps and for chunked prefill (a first chunk longer than s + w, then chunks whose window
+// has left the sinks), in the same calls as another sequence.
 TEST(PagedDecode, StreamingLLMRotaryLayerUsesPositionsWithinTheCache) {
   ATTEND_SEEDED_RNG(rng);
   const Shape s{4, 2, 8, 8, 16, 16, 16, 16, false};
   MultiHeadAttention<double> layer(s.heads, random_weights<double>(s, rng), s.kv_heads);
   layer.set_rotary(RotaryEmbedding<double>(s.d));
-  const Index sinks = 2, window = 5, len = 26;
-  PagedKVCache<double> cache(layer, 16, {4, window, 0, sinks});
+  const Index sinks = 2, window = 5, len = 40;
   const Matrix<double> x = rng.normal<double>(len, s.eq), other = rng.normal<double>(len, s.eq);
-  const Index a = cache.add_sequence(), b = cache.add_sequence();
-  Matrix<double> out(len, s.eout);
-  for (Index t = 0; t < len;) {
-    const Index n = t == 0 ? 6 : 1;  // a chunk while the window still covers the sinks
-    Matrix<double> step(2 * n, s.eq);
-    step << x.middleRows(t, n), other.middleRows(t, n);
-    const Matrix<double> y =
-        paged_decode_step(layer, cache, {a, b}, SequenceRows::packed(std::vector<Index>{0, n, 2 * n}), step);
-    out.middleRows(t, n) = y.topRows(n);
-    t += n;
-  }
-  double worst_absolute = 0;
-  for (Index i = 0; i < len; ++i) {
-    std::vector<Index> tokens, positions;  // the cache's tokens for query i, and their positions in it
-    for (Index j = 0; j <= i; ++j)
-      if (j < sinks || i - j < window) tokens.push_back(j);
-    for (std::size_t c = 0; c < tokens.size(); ++c) positions.push_back(i < sinks + window ? tokens[c] : Index(c));
-    Matrix<double> k(Index(tokens.size()), s.kv_heads * s.d), v(Index(tokens.size()), s.kv_heads * s.dv),
-        k_absolute(Index(tokens.size()), s.kv_heads * s.d);
-    for (std::size_t c = 0; c < tokens.size(); ++c) {
-      k.row(Index(c)) = layer.project_key(x.row(tokens[c]), positions[c]);
-      k_absolute.row(Index(c)) = layer.project_key(x.row(tokens[c]), tokens[c]);
-      v.row(Index(c)) = layer.project_value(x.row(tokens[c]));
+  // (chunk sizes of sequence a and of the other sequence, cycled)
+  const std::vector<std::pair<std::vector<Index>, std::vector<Index>>> schedules{
+      {{6, 1}, {6, 1}},                 // a chunk while the window covers the sinks, then tokens
+      {{1}, {3}},                       // token by token, beside chunks
+      {{9, 4, 1, 3, 7, 2}, {2, 5, 1}},  // chunks from the start (9 > s + w) and across the window
+  };
+  for (const auto& [steps_a, steps_b] : schedules) {
+    SCOPED_TRACE("first chunk of " + std::to_string(steps_a[0]) + " tokens");
+    PagedKVCache<double> cache(layer, 24, {4, window, 0, sinks});
+    const Index a = cache.add_sequence(), b = cache.add_sequence();
+    Matrix<double> out(len, s.eout), out_other(len, s.eout);
+    for (Index t = 0, u = 0, call = 0; t < len || u < len; ++call) {
+      const Index n = std::min(steps_a[std::size_t(call) % steps_a.size()], len - t);
+      const Index m = std::min(steps_b[std::size_t(call) % steps_b.size()], len - u);
+      Matrix<double> step(n + m, s.eq);
+      step << x.middleRows(t, n), other.middleRows(u, m);
+      const Matrix<double> y =
+          paged_decode_step(layer, cache, {a, b}, SequenceRows::packed(std::vector<Index>{0, n, n + m}), step);
+      out.middleRows(t, n) = y.topRows(n);
+      out_other.middleRows(u, m) = y.bottomRows(m);
+      t += n;
+      u += m;
     }
-    const Matrix<double> q = layer.project_query(x.row(i), positions.back());
-    const Matrix<double> expected = layer.project_output(multi_head_attention(q, k, v, s.heads));
-    const Matrix<double> absolute =
-        layer.project_output(multi_head_attention(layer.project_query(x.row(i), i), k_absolute, v, s.heads));
-    EXPECT_LE(max_abs_error(out.row(i), expected), 1e-12) << "query " << i;
-    worst_absolute = std::max(worst_absolute, double(max_abs_error(absolute, expected)));
+    double worst_absolute = 0;
+    for (const bool first : {true, false}) {
+      const Matrix<double>& tokens_x = first ? x : other;
+      const Matrix<double>& decoded = first ? out : out_other;
+      for (Index i = 0; i < len; ++i) {
+        std::vector<Index> tokens, positions;  // the cache's tokens for query i, and their positions in it
+        for (Index j = 0; j <= i; ++j)
+          if (j < sinks || i - j < window) tokens.push_back(j);
+        for (std::size_t c = 0; c < tokens.size(); ++c)
+          positions.push_back(i < sinks + window ? tokens[c] : Index(c));
+        Matrix<double> k(Index(tokens.size()), s.kv_heads * s.d), v(Index(tokens.size()), s.kv_heads * s.dv),
+            k_absolute(Index(tokens.size()), s.kv_heads * s.d);
+        for (std::size_t c = 0; c < tokens.size(); ++c) {
+          k.row(Index(c)) = layer.project_key(tokens_x.row(tokens[c]), positions[c]);
+          k_absolute.row(Index(c)) = layer.project_key(tokens_x.row(tokens[c]), tokens[c]);
+          v.row(Index(c)) = layer.project_value(tokens_x.row(tokens[c]));
+        }
+        const Matrix<double> q = layer.project_query(tokens_x.row(i), positions.back());
+        const Matrix<double> expected = layer.project_output(multi_head_attention(q, k, v, s.heads));
+        const Matrix<double> absolute = layer.project_output(
+            multi_head_attention(layer.project_query(tokens_x.row(i), i), k_absolute, v, s.heads));
+        EXPECT_LE(max_abs_error(decoded.row(i), expected), 1e-12) << (first ? "a" : "b") << ", query " << i;
+        worst_absolute = std::max(worst_absolute, double(max_abs_error(absolute, expected)));
+      }
+    }
+    EXPECT_GT(worst_absolute, 1e-6) << "absolute positions would give other results";
   }
-  EXPECT_GT(worst_absolute, 1e-6) << "absolute positions would give other results";
-  expect_invalid([&] { paged_decode_step(layer, cache, {a}, SequenceRows::uniform(1, 2), x.topRows(2)); },
-                 {"takes 2 tokens", "one per step"});
 }
+
+// Chunked prefill of StreamingLLM sequences with rotary positions in a float pool: chunks equal
+// the same tokens decoded one per step (each query sees its own rotation of the sink keys), with
+// learned sinks as well; and the sink keys' replacement per query row is checked on its shape.
+TEST(PagedDecode, StreamingLLMChunksEqualTokenByTokenSteps) {
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 1, 8, 8, 16, 16, 16, 16, true};
+  MultiHeadAttention<float> layer(s.heads, random_weights<float>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<float>(s.d));
+  const Index sinks = 3, window = 6, len = 45;
+  Vector<float> learned(s.heads);
+  learned << 0.5f, -1.0f, 2.0f, 0.0f;
+  const Matrix<float> x = rng.normal<float>(len, s.eq);
+  const auto decode = [&](const std::vector<Index>& steps) {
+    PagedKVCache<float> cache(layer, 12, {4, window, 0, sinks});
+    const Index a = cache.add_sequence();
+    Matrix<float> out(len, s.eout);
+    for (Index t = 0, call = 0; t < len; ++call) {
+      const Index n = std::min(steps[std::size_t(call) % steps.size()], len - t);
+      out.middleRows(t, n) = paged_decode_step(layer, cache, {a}, SequenceRows::uniform(1, n), x.middleRows(t, n),
+                                               NoMask{}, {}, learned);
+      t += n;
+    }
+    EXPECT_LE(cache.held_blocks(a), 1 + (window - 1 + 11 + 3) / 4 + 1);
+    return out;
+  };
+  const Matrix<float> one = decode({1});
+  for (const std::vector<Index>& steps : {std::vector<Index>{11, 3, 1, 8}, std::vector<Index>{2, 9}}) {
+    SCOPED_TRACE("first chunk of " + std::to_string(steps[0]));
+    EXPECT_LE(double(max_abs_error(decode(steps), one)), 2e-6);
+  }
+  // paged_attention_into checks a replacement's shape: n s rows for n queries.
+  PagedKVCache<float> cache(8, 1, 8, {4, window, 0, sinks});
+  const Index a = cache.add_sequence();
+  cache.append(a, rng.normal<float>(20, 8), rng.normal<float>(20, 8));
+  const std::vector<Matrix<float>> wrong{Matrix<float>::Zero(5, 8)};
+  Matrix<float> out(2, 32);
+  expect_invalid([&] { paged_attention_into(cache, {a}, SequenceRows::uniform(1, 2), rng.normal<float>(2, 32), 4, out,
+                                            NoMask{}, {}, Vector<float>(), detail::no_matrix<float>(), &wrong); },
+                 {"sink_keys[0] (5 x 8)", "s <= sink_tokens=3", "n = 2 queries"});
+}
+
+// A layer's learned sinks through paged steps (prompt chunks and tokens of two sequences in
+// the same calls) equal the long-double layer with its sinks over each whole sequence.
+TYPED_TEST(PagedDecodeTest, LayerStepsWithSinksEqualTheLayerWithSinks) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 2, 8, 8, 16, 16, 16, 16, true};
+  const RotarySpec rotary{s.d, s.d, RotaryLayout::HalfSplit, 100.0};
+  MultiHeadAttention<T> layer(s.heads, random_weights<T>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<T>(s.d, rotary.options()));
+  Vector<T> sinks(s.heads);
+  sinks << T(2), T(-1), T(0.5), T(1);
+  const std::vector<Index> lengths{19, 26};
+  const std::vector<Matrix<T>> x{rng.normal<T>(lengths[0], s.eq), rng.normal<T>(lengths[1], s.eq)};
+  PagedKVCache<T> cache(layer, 16, {4});
+  const std::vector<Index> ids{cache.add_sequence(), cache.add_sequence()};
+  std::vector<Matrix<T>> out{Matrix<T>(lengths[0], s.eout), Matrix<T>(lengths[1], s.eout)};
+  for (Index call = 0, t0 = 0, t1 = 0; t0 < lengths[0] || t1 < lengths[1]; ++call) {
+    const Index n0 = std::min(call == 0 ? Index(7) : Index(1), lengths[0] - t0);
+    const Index n1 = std::min(call == 0 ? Index(4) : Index(2), lengths[1] - t1);
+    Matrix<T> step(n0 + n1, s.eq);
+    step << x[0].middleRows(t0, n0), x[1].middleRows(t1, n1);
+    const Matrix<T> y = paged_decode_step(layer, cache, ids, SequenceRows::packed(std::vector<Index>{0, n0, n0 + n1}),
+                                          step, NoMask{}, {}, sinks);
+    out[0].middleRows(t0, n0) = y.topRows(n0);
+    out[1].middleRows(t1, n1) = y.bottomRows(n1);
+    t0 += n0;
+    t1 += n1;
+  }
+  for (std::size_t b = 0; b < 2; ++b) {
+    const Index len = lengths[b];
+    const Expected<T> ex = expected_mha_with_sinks<T>(s, layer.weights(), x[b], x[b], x[b],
+                                                      causal_visibility(len, len, Alignment::TopLeft), sinks, &rotary);
+    EXPECT_TRUE(within_tolerance<T>(out[b], ex.output, ex.base_output)) << "sequence " << b;
+  }
+}
+
+// What was refused before chunked prefill of StreamingLLM sequences: two tokens in a step once
+// the window has left the sink token.
+TEST(PagedDecode, StreamingLLMTakesChunksOnceTheWindowLeftTheSinks) {
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{2, 1, 4, 4, 8, 8, 8, 8, false};
+  MultiHeadAttention<double> layer(s.heads, random_weights<double>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<double>(s.d));
+  PagedKVCache<double> cache(layer, 8, {4, 3, 0, 1});
+  const Index a = cache.add_sequence();
+  paged_decode_step(layer, cache, {a}, SequenceRows::uniform(1, 10), rng.normal<double>(10, 8));
+  EXPECT_NO_THROW(paged_decode_step(layer, cache, {a}, SequenceRows::uniform(1, 2), rng.normal<double>(2, 8)));
+  EXPECT_EQ(cache.length(a), 12);
+}
+
 
 // Masks and score modifiers at absolute positions, per head and per sequence of the call
 // (HeadIndex::batch), as the whole sequences compute them.

@@ -25,8 +25,9 @@
 /// `sink_tokens` = n and a window, the blocks of the first n positions are never released and
 /// those positions stay visible to every later token, which sees the first n keys and the last w
 /// (StreamingWindow). paged_decode_step(layer, ...) with a rotary layer gives positions within
-/// the cache, as the paper does, by rotating the sink keys further for each step; the lower-level
-/// calls take keys as appended (absolute positions) unless given such sink keys.
+/// the cache, as the paper does, by rotating the sink keys further for each query (one token or
+/// a chunk of them: chunked prefill works once the window has left the sinks too); the
+/// lower-level calls take keys as appended (absolute positions) unless given such sink keys.
 ///
 /// Every member that can fail checks first: on error (attend::invalid_argument naming the
 /// values) the cache is unchanged.
@@ -52,7 +53,7 @@ namespace attend {
 
 /// Scalars of a paged cache.
 struct PagedKVCacheOptions {
-  Index block_size = 16;     ///< B keys per block (vLLM uses 16; 16..256 are typical)
+  Index block_size = 16;     ///< B >= 1 keys per block, any size (vLLM uses 16; 16..256 are typical)
   Index window = -1;         ///< w >= 1 keys seen by each query (itself included); -1 = unbounded
   Index value_head_dim = 0;  ///< d_v; 0 = head_dim
   Index sink_tokens = 0;     ///< StreamingLLM: the first n positions stay held and visible (needs a window)
@@ -157,6 +158,8 @@ class PagedKVCache {
         block_size_(options.block_size),
         window_(options.window),
         sink_tokens_(options.sink_tokens) {
+    ATTEND_CHECK(block_size_ >= 1, "paged KV cache block_size=" + std::to_string(block_size_) +
+                                       " must be at least 1 key per block (any size works; 16..256 are typical)");
     ATTEND_CHECK(num_blocks >= 1 && block_size_ >= 1 && kv_heads >= 1 && head_dim >= 1 && value_head_dim_ >= 1,
                  "paged KV cache num_blocks=" + std::to_string(num_blocks) + ", block_size=" +
                      std::to_string(block_size_) + ", kv_heads=" + std::to_string(kv_heads) + ", head_dim=" +
@@ -547,10 +550,12 @@ class UndoablePagedAppend {
 /// \param out       (rows, H d_v); rows in no sequence are left as they are
 /// \param sinks     (H) learned sink logits, or empty (attention/sinks.hpp)
 /// \param lse       (rows, H) log-sum-exp of each query row and head (including the sink), or empty
-/// \param sink_keys null, or per sequence of the call the keys (s, H_kv d) that replace its first
-///                  s = rows positions (StreamingLLM's sink keys rotated to their positions within
-///                  the cache, as paged_decode_step(layer, ...) passes them; empty: the pool's);
-///                  a sequence with a replacement has one query.
+/// \param sink_keys null, or per sequence of the call the keys that replace its first s positions
+///                  for each of its n_b queries: (n_b s, H_kv d), query row r's s keys at rows
+///                  [r s, (r + 1) s), s <= sink_tokens (StreamingLLM's sink keys rotated to their
+///                  positions within the cache for that query, as paged_decode_step(layer, ...)
+///                  passes them; empty: the pool's). Each query row reads its own in the splits of
+///                  keys [0, s); the other splits serve every row at once.
 /// \throws attend::invalid_argument on an unknown sequence, n_b greater than the sequence's
 ///         length, rows outside q, mismatched shapes, a mask that does not fit, a windowed
 ///         sequence that released keys its queries see, or `out` or `lse` aliasing q.
@@ -588,13 +593,19 @@ void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>
   const auto replaced = [&](Index b) -> const Matrix<T>* {  // sequence b's replaced sink keys, or null
     return sink_keys != nullptr && (*sink_keys)[std::size_t(b)].size() != 0 ? &(*sink_keys)[std::size_t(b)] : nullptr;
   };
+  // Replaced sink keys of sequence b per query row: s of them, at rows [r s, (r + 1) s) for row r.
+  const auto replaced_count = [&](Index b) {
+    const Matrix<T>* keys = replaced(b);
+    return keys == nullptr ? Index(0) : keys->rows() / rows.length(b);
+  };
   for (Index b = 0; b < batch; ++b)
     if (const Matrix<T>* keys = replaced(b))
-      ATTEND_CHECK(keys->cols() == cache.kv_heads() * cache.head_dim() && keys->rows() <= cache.sink_tokens() &&
-                       rows.length(b) <= 1,
-                   "sink_keys[" + std::to_string(b) + "] " + detail::shape_of(*keys) + " must have at most sink_tokens=" +
-                       std::to_string(cache.sink_tokens()) + " rows of " + std::to_string(cache.kv_heads() * cache.head_dim()) +
-                       " columns, for a sequence with one query (it has " + std::to_string(rows.length(b)) + ")");
+      ATTEND_CHECK(keys->cols() == cache.kv_heads() * cache.head_dim() && rows.length(b) >= 1 &&
+                       keys->rows() % rows.length(b) == 0 && keys->rows() / rows.length(b) <= cache.sink_tokens(),
+                   "sink_keys[" + std::to_string(b) + "] " + detail::shape_of(*keys) + " must have n s rows of " +
+                       std::to_string(cache.kv_heads() * cache.head_dim()) + " columns, s <= sink_tokens=" +
+                       std::to_string(cache.sink_tokens()) + " keys for each of the sequence's n = " +
+                       std::to_string(rows.length(b)) + " queries");
   detail::check_no_alias(out, "output", q, "input q");
   detail::check_no_alias(lse, "log-sum-exp", q, "input q");
   detail::check_no_alias(lse, "log-sum-exp", out, "output");
@@ -661,7 +672,7 @@ void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>
       Index k1 = std::min(r.end, (k0 / B / split_blocks + 1) * split_blocks * B);
       for (Index block = k0 / B + 1; block * B < k1; ++block)
         if (table[std::size_t(block)] < 0) k1 = block * B;
-      if (const Matrix<T>* keys = replaced(b); keys != nullptr && k0 < keys->rows()) k1 = std::min(k1, keys->rows());
+      if (k0 < replaced_count(b)) k1 = std::min(k1, replaced_count(b));
       items.push_back({b, k0, k1 - k0, part_rows});
       part_rows += rows.length(b) * heads;
       k0 = k1;
@@ -684,18 +695,32 @@ void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>
         const Index seq = sequences[std::size_t(item.b)], n = rows.length(item.b);
         const std::vector<Index>& table = cache.block_table(seq);
         const detail::KVRows<S>& keys = replaced_rows[std::size_t(item.b)];
-        const auto runs = [&](Index j) {
-          const Index position = item.k0 + j, offset = position % B;
-          const Index row = table[std::size_t(position / B)] * B + offset;
-          if (position < keys.rows())  // an item ends where the replaced keys do
-            return detail::KeyRun<E>{keys.row(position), pool_values.row(row),
-                                     std::min(B - offset, keys.rows() - position)};
-          return detail::KeyRun<E>{pool_keys.row(row), pool_values.row(row), B - offset};
+        const Index replaced_keys = replaced_count(item.b);  // s: query row r's at rows [r s, (r + 1) s) of keys
+        // The runs of the item for query rows whose replaced keys start at row `first` of keys.
+        const auto runs_from = [&](Index first) {
+          return [&, first](Index j) {
+            const Index position = item.k0 + j, offset = position % B;
+            const Index row = table[std::size_t(position / B)] * B + offset;
+            if (position < replaced_keys)  // an item ends where the replaced keys do
+              return detail::KeyRun<E>{keys.row(first + position), pool_values.row(row),
+                                       std::min(B - offset, replaced_keys - position)};
+            return detail::KeyRun<E>{pool_keys.row(row), pool_values.row(row), B - offset};
+          };
         };
-        detail::decode_split_runs<C, E>(q_scaled.row(rows.begin(item.b)).data(), n, k_stride, v_stride, layout,
-                                     masks[std::size_t(item.b)], 0, item.k0, item.n, runs, scores,
-                                     part_out.middleRows(item.part, n * heads),
-                                     part_lse.segment(item.part, n * heads));
+        const Index q0 = rows.begin(item.b);
+        if (item.k0 < replaced_keys) {  // replaced sink keys: each query row reads its own
+          for (Index r = 0; r < n; ++r)
+            detail::decode_split_runs<C, E>(q_scaled.row(q0 + r).data(), 1, k_stride, v_stride, layout,
+                                            masks[std::size_t(item.b)], r, item.k0, item.n,
+                                            runs_from(r * replaced_keys), scores,
+                                            part_out.middleRows(item.part + r * heads, heads),
+                                            part_lse.segment(item.part + r * heads, heads));
+        } else {
+          detail::decode_split_runs<C, E>(q_scaled.row(q0).data(), n, k_stride, v_stride, layout,
+                                          masks[std::size_t(item.b)], 0, item.k0, item.n, runs_from(0), scores,
+                                          part_out.middleRows(item.part, n * heads),
+                                          part_lse.segment(item.part, n * heads));
+        }
       });
   // Per sequence: merge its splits in order, then the sinks, and write its rows.
   detail::parallel_for_with_scratch(
@@ -792,8 +817,11 @@ void paged_decode_step_into(PagedKVCache<S>& cache, const std::vector<Index>& se
 /// those within the cache, as the paper assigns them. The query at position i has s sink keys and
 /// the window [i - w + 1, i]; within the cache those are positions 0..s-1 and then consecutive,
 /// so window keys keep their distances i - j (their stored rotation is right) and the sink keys
-/// are rotated by delta = i - w + 1 - s more (to j + delta) for the step, once the window has
-/// left them (delta > 0). Such a sequence takes one token per step; a chunk is refused there.
+/// are rotated by delta = i - w + 1 - s more (to j + delta) for the query at i, once the window
+/// has left them (delta > 0). A chunk of n tokens (chunked prefill) works the same way: each of
+/// its queries gets its own rotated copy of the s sink keys (n s keys, read only in the splits of
+/// the sink blocks; paged_attention_into's sink_keys), the window keys and the chunk's own keys
+/// serving every query at once, so a chunk equals its tokens decoded one per step.
 ///
 /// A bf16 or half layer queries the pool as decode_step(layer, cache, x) does: in its own scalar,
 /// or in float for a pool of another format.
@@ -840,20 +868,34 @@ Matrix<T> paged_decode_step(const MultiHeadAttention<T>& layer, PagedKVCache<S>&
                      detail::number_string(rope->attention_factor()) + " would scale twice");
     sink_keys.resize(sequences.size());
     const Index sinks_held = cache.sink_tokens(), w = cache.window(), B = cache.block_size();
+    const Index width = cache.kv_heads() * cache.head_dim();
     for (Index b = 0; b < rows.size(); ++b) {
-      const Index seq = sequences[std::size_t(b)], last = cache.length(seq) + rows.length(b) - 1;
-      const Index delta = last - w + 1 - sinks_held;
-      if (rows.length(b) == 0 || delta <= 0) continue;
-      ATTEND_CHECK(rows.length(b) == 1, "sequence " + std::to_string(seq) + " takes " + std::to_string(rows.length(b)) +
-                                            " tokens, but StreamingLLM positions within the cache take one per step "
-                                            "once the window has left the sink tokens (from position " +
-                                            std::to_string(w + sinks_held) + ")");
-      Matrix<Q>& keys = sink_keys[std::size_t(b)];
-      keys.resize(sinks_held, cache.kv_heads() * cache.head_dim());
+      const Index seq = sequences[std::size_t(b)], begin = rows.begin(b), n = rows.length(b);
+      const Index length = cache.length(seq);  // the position of the step's first token
+      const auto delta = [&](Index r) { return length + r - w + 1 - sinks_held; };  // of query row r
+      if (n == 0 || delta(n - 1) <= 0) continue;  // no query's window has left the sinks: none moves
+      // The sink keys as the pool stores them (dequantized): from the pool, or, for positions of
+      // this step's chunk (a prompt longer than s + w), as the append will store them. (Every
+      // sink position is held: delta(n - 1) > 0 puts the last token at or past s + w - 1.)
+      Matrix<Q> stored(sinks_held, width);
       const std::vector<Index>& table = cache.block_table(seq);
-      for (Index t = 0; t < sinks_held; ++t)  // (dequantized from the cache's format; rotated, stored in it again)
-        keys.row(t) = cache.key_rows().read(table[std::size_t(t / B)] * B + t % B, 1).template cast<Q>();
-      rope->apply(keys, Vector<Index>::Constant(sinks_held, delta));
+      const Index held = std::min(length, sinks_held);
+      for (Index t = 0; t < held; ++t)
+        stored.row(t) = cache.key_rows().read(table[std::size_t(t / B)] * B + t % B, 1).template cast<Q>();
+      if (held < sinks_held) {
+        detail::KVRows<S> chunk(sinks_held - held, cache.kv_heads(), cache.head_dim(), "sink keys");
+        chunk.assign(0, k.middleRows(begin, sinks_held - held).template cast<Q>());
+        stored.bottomRows(sinks_held - held) = chunk.read(0, sinks_held - held).template cast<Q>();
+      }
+      // Query row r's: rotated by delta(r) more once its window has left them (stored in the
+      // pool's format again by paged_attention_into).
+      Matrix<Q>& keys = sink_keys[std::size_t(b)];
+      keys.resize(n * sinks_held, width);
+      for (Index r = 0; r < n; ++r) {
+        keys.middleRows(r * sinks_held, sinks_held) = stored;
+        if (delta(r) > 0)
+          rope->apply(keys.middleRows(r * sinks_held, sinks_held), Vector<Index>::Constant(sinks_held, delta(r)));
+      }
     }
   }
   Matrix<Q> heads_out = Matrix<Q>::Zero(x.rows(), heads * layer.value_head_dim());
