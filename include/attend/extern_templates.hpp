@@ -173,9 +173,7 @@ namespace attend::detail {
       const detail::BackwardHead<T>&, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, T,                     \
       const detail::IdentityModifier&, const BOUND&, MatrixRef<T>, MatrixRef<T>, MatrixRef<T>, const SINK&);     \
   PREFIX void detail::multi_head_backward_passes<T, BOUND, SINK>(                                                \
-      const std::vector<detail::BackwardHead<T>>&, const std::vector<BOUND>&, const SINK*,                       \
-      const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, const detail::HeadLayout&, T, const detail::TileShape&, \
-      bool, MatrixRef<T>, MatrixRef<T>, MatrixRef<T>);
+      const std::vector<detail::BackwardSequence<T, BOUND, SINK>>&, const detail::HeadLayout&, T);
 
 /// The checks and path choice of the backward for one mask, without and with bias gradients.
 #define ATTEND_PRECOMPILED_BACKWARD_DISPATCH(PREFIX, T, MASK)                     \

@@ -13,6 +13,7 @@
 #include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/sinks_reference.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -310,6 +311,40 @@ TYPED_TEST(DecodeTest, LayerDecodeWithAPolicyEqualsTheLayerForward) {
     out.middleRows(t, n) = decode_step(layer, cache, x.middleRows(t, n), policy);
   }
   EXPECT_LE((out - whole).cwiseAbs().maxCoeff(), 64 * std::numeric_limits<T>::epsilon());
+}
+
+// A layer with learned sinks decodes (token by token and in chunks, with and without a window,
+// with rotary positions) as the long-double layer with the sinks over the whole sequence, and as
+// its own forward with the same sinks.
+TYPED_TEST(DecodeTest, LayerDecodeWithSinksEqualsTheLayerForwardWithSinks) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Index len = 23;
+  const Shape s{4, 2, 8, 8, 24, 24, 24, 20, true};
+  const RotarySpec rotary{s.d, s.d, RotaryLayout::HalfSplit, 100.0};
+  MultiHeadAttention<T> layer(s.heads, random_weights<T>(s, rng), s.kv_heads);
+  layer.set_rotary(RotaryEmbedding<T>(s.d, rotary.options()));
+  Vector<T> sinks(s.heads);
+  sinks << T(1), T(-0.5), T(2.5), T(0);
+  const Matrix<T> x = rng.normal<T>(len, s.eq);
+  for (const Index window : {-1, 5}) {
+    const BoolMatrix visible = window_visibility(len, len, window < 0 ? -1 : window - 1, 0, Alignment::TopLeft);
+    const Expected<T> ex = expected_mha_with_sinks<T>(s, layer.weights(), x, x, x, visible, sinks, &rotary);
+    const Matrix<T> whole = window < 0 ? layer.forward(x, Causal(), {}, sinks).output
+                                       : layer.forward(x, Window(window - 1, 0), {}, sinks).output;
+    EXPECT_TRUE(within_tolerance<T>(whole, ex.output, ex.base_output));
+    for (const std::vector<Index>& steps : {std::vector<Index>{1}, std::vector<Index>{4, 1, 3}}) {
+      SCOPED_TRACE("window " + std::to_string(window) + ", first step of " + std::to_string(steps[0]));
+      KVCache<T> cache(layer, window < 0 ? len : window - 1 + 4, window);
+      Matrix<T> out(len, s.eout);
+      for (Index t = 0, i = 0; t < len; ++i) {
+        const Index n = std::min(steps[std::size_t(i) % steps.size()], len - t);
+        out.middleRows(t, n) = decode_step(layer, cache, x.middleRows(t, n), NoMask{}, {}, sinks);
+        t += n;
+      }
+      EXPECT_TRUE(within_tolerance<T>(out, ex.output, ex.base_output));
+    }
+  }
 }
 
 TEST(DecodeErrors, ClearMessagesAndUnchangedCache) {

@@ -14,6 +14,7 @@
 #include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/sinks_reference.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -480,6 +481,76 @@ TYPED_TEST(MultiHeadTest, BatchesReadInPlaceEqualPerSequenceCalls) {
     expect_heads_match_reference<T>(q.middleRows(b * len, len), k.middleRows(b * len, len), v.middleRows(b * len, len),
                                     heads, out.middleRows(b * len, len), expected, 1 / std::sqrt(Real(d)));
   }
+}
+
+// Learned sinks (gpt-oss) in every forward of a layer: forward (self and cross, both paths,
+// with per-head weights that then sum to less than 1), forward_batch of separate sequences and
+// forward_batch read in place, against the long-double layer with each head's sink in its
+// softmax denominator. Rotary positions and grouped-query heads included.
+TYPED_TEST(MultiHeadTest, LearnedSinksInEveryForward) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  const Shape s{4, 2, 8, 8, 32, 32, 32, 24, true};  // (E_k = E_q: self attention too)
+  const RotarySpec rotary{s.d, s.d, RotaryLayout::HalfSplit, 100.0};
+  MultiHeadAttention<T> mha(s.heads, random_weights<T>(s, rng), s.kv_heads);
+  mha.set_rotary(RotaryEmbedding<T>(s.d, rotary.options()));
+  Vector<T> sinks(s.heads);
+  sinks << T(-1), T(0.5), T(3), -std::numeric_limits<T>::infinity();  // the last: no sink
+  const Index lq = 21, lk = 29;
+  const Matrix<T> x = rng.normal<T>(lq, s.eq), memory = rng.normal<T>(lk, s.ek);
+  BoolMatrix visible = causal_visibility(lq, lk, Alignment::BottomRight);
+  visible.row(2).setConstant(false);  // a query that sees no key: zeros (the sink alone)
+  const Expected<T> ex = expected_mha_with_sinks<T>(s, mha.weights(), x, memory, memory, visible, sinks, &rotary);
+  for (const MultiHeadOptions& o : {path<T>(Algorithm::Materialized), path<T>(Algorithm::Blocked, 8, 8)}) {
+    SCOPED_TRACE(o.algorithm == Algorithm::Blocked ? "blocked" : "materialized");
+    EXPECT_TRUE(within_tolerance<T>(mha.forward(x, memory, BooleanMask(visible), o, sinks).output, ex.output,
+                                    ex.base_output));
+    EXPECT_TRUE(within_tolerance<T>(mha.forward(x, memory, memory, BooleanMask(visible), o, sinks).output, ex.output,
+                                    ex.base_output));
+  }
+  MultiHeadOptions per_head;
+  per_head.need_weights = NeedWeights::PerHead;
+  const MultiHeadResult<T> r = mha.forward(x, memory, BooleanMask(visible), per_head, sinks);
+  EXPECT_TRUE(within_tolerance<T>(r.output, ex.output, ex.base_output));
+  ASSERT_EQ(r.weights.size(), std::size_t(s.heads));
+  for (Index h = 0; h < s.heads; ++h) {
+    SCOPED_TRACE("head " + std::to_string(h));
+    EXPECT_TRUE(within_tolerance<T>(r.weights[std::size_t(h)], ex.weights[std::size_t(h)],
+                                    ex.base_weights[std::size_t(h)]));
+    for (Index i = 0; i < lq; ++i) {
+      const double sum = double(r.weights[std::size_t(h)].row(i).sum());
+      if (i == 2) {
+        EXPECT_EQ(sum, 0.0);
+      } else if (std::isfinite(sinks(h))) {
+        EXPECT_LT(sum, 1.0) << "row " << i << ": the sink takes the rest";
+      } else {
+        EXPECT_NEAR(sum, 1.0, 64 * std::numeric_limits<T>::epsilon()) << "row " << i;
+      }
+    }
+  }
+  // Self attention, and batches: separate sequences and one packed matrix.
+  const std::vector<Index> lengths{9, 1, 17};
+  std::vector<Matrix<T>> xs;
+  std::vector<Index> offsets{0};
+  for (Index len : lengths) {
+    xs.push_back(rng.normal<T>(len, s.eq));
+    offsets.push_back(offsets.back() + len);
+  }
+  Matrix<T> packed(offsets.back(), s.eq);
+  for (std::size_t b = 0; b < xs.size(); ++b) packed.middleRows(offsets[b], lengths[b]) = xs[b];
+  const AttentionOptions blocked = path<T>(Algorithm::Blocked, 4, 4);
+  const std::vector<Matrix<T>> outs = mha.forward_batch(xs, {}, Causal(), std::vector<Index>{}, blocked, sinks);
+  const MultiHeadBatchResult<T> in_place = mha.forward_batch(packed, SequenceRows::packed(offsets), Causal(), {}, sinks);
+  for (std::size_t b = 0; b < xs.size(); ++b) {
+    SCOPED_TRACE("sequence " + std::to_string(b));
+    const Index len = lengths[b];
+    const Expected<T> e = expected_mha_with_sinks<T>(s, mha.weights(), xs[b], xs[b], xs[b],
+                                                     causal_visibility(len, len, Alignment::TopLeft), sinks, &rotary);
+    EXPECT_TRUE(within_tolerance<T>(mha.forward(xs[b], Causal(), {}, sinks).output, e.output, e.base_output));
+    EXPECT_TRUE(within_tolerance<T>(outs[b], e.output, e.base_output));
+    EXPECT_TRUE(within_tolerance<T>(Matrix<T>(in_place.output.middleRows(offsets[b], len)), e.output, e.base_output));
+  }
+  expect_invalid([&] { mha.forward(x, NoMask{}, {}, Vector<T>(3)); }, {"sinks of size 3", "num_heads = 4"});
 }
 
 TEST(MultiHeadErrors, ClearMessagesNamingTheValues) {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The backward of a whole MultiHeadAttention layer: finite differences in double of every input,
 // weight and bias (self, cross, GQA, causal, rotary, both paths), zero gradients where nothing
-// is seen, float against double, thread invariance and the shape checks.
+// is seen, float against double, thread invariance, a batch read in place against training its
+// sequences one by one, and the shape checks.
 #include "support/attention_case.hpp"
 #include "support/expect.hpp"
 #include "support/random.hpp"
@@ -293,6 +294,97 @@ TEST(MultiHeadTraining, BitwiseInvariantToThreadCount) {
 #endif
 }
 
+/// A batch read in place (multi_head_layer_forward_batch): its output is bitwise forward_batch's,
+/// each sequence's input gradients are those of training it alone and the weights' their sum
+/// (to rounding: the projections run over all rows at once), rows of no sequence get nothing.
+TEST(MultiHeadTraining, BatchReadInPlaceMatchesPerSequenceTraining) {
+  ATTEND_SEEDED_RNG(rng);
+  const LayerShape s{4, 2, 8, 6, 24, 24, 24, 16, true, plain_rotary()};  // (self attention: E_q = E_k = E_v)
+  const MultiHeadAttention<double> layer = make_layer(s, random_weights<double>(s, rng));
+  const std::vector<Index> lengths{13, 0, 9, 21}, memory_lengths{17, 5, 0, 30};
+  const auto close = [](const Matrix<double>& a, const Matrix<double>& b) {
+    return a.rows() == b.rows() && a.cols() == b.cols() &&
+           (a.size() == 0 || (a - b).cwiseAbs().maxCoeff() <= 1e-12 * std::max(1.0, b.cwiseAbs().maxCoeff()));
+  };
+  const auto close_v = [&](const Vector<double>& a, const Vector<double>& b) { return close(a, b); };
+  for (const bool packed : {false, true})
+    for (const bool self : {true, false}) {
+      SCOPED_TRACE(std::string(packed ? "packed" : "padded") + (self ? " self" : " cross"));
+      const auto layout = [&](const std::vector<Index>& n, Index padded) {
+        std::vector<Index> offsets{0};
+        for (const Index l : n) offsets.push_back(offsets.back() + l);
+        return packed ? SequenceRows::packed(offsets) : SequenceRows::padded(padded, n);
+      };
+      const SequenceRows rows = layout(lengths, 21), memory_rows = self ? rows : layout(memory_lengths, 30);
+      const Matrix<double> x = rng.normal<double>(rows.rows_used() + 2, 24);  // (2 rows of no sequence)
+      const Matrix<double> memory = self ? x : rng.normal<double>(memory_rows.rows_used(), 24);
+      const Matrix<double> d_out = rng.normal<double>(x.rows(), 16);
+      const AttentionOptions options = blocked_path(8, 8);
+      const MultiHeadTrainingForward<double> f =
+          self ? multi_head_layer_forward_batch(layer, x, rows, Causal(), options)
+               : multi_head_layer_forward_batch(layer, x, rows, memory, memory_rows, KeyPadding(memory_lengths), options);
+      const MultiHeadBatchResult<double> inference =
+          self ? layer.forward_batch(x, rows, Causal(), MultiHeadOptions{options})
+               : layer.forward_batch(x, rows, memory, memory_rows, KeyPadding(memory_lengths), MultiHeadOptions{options});
+      EXPECT_TRUE(identical(f.output, inference.output));
+      const MultiHeadLayerGradients<double> g =
+          self ? multi_head_layer_backward(layer, f.context, d_out, Causal(), options)
+               : multi_head_layer_backward(layer, f.context, d_out, KeyPadding(memory_lengths), options);
+      const Matrix<double> d_x = self ? g.d_input() : g.d_query, d_memory = self ? d_x : g.d_memory();
+      MultiHeadWeights<double> sum{Matrix<double>::Zero(s.heads * s.d, 24), Matrix<double>::Zero(s.kv_heads * s.d, 24),
+                                   Matrix<double>::Zero(s.kv_heads * s.dv, 24), Matrix<double>::Zero(16, s.heads * s.dv),
+                                   Vector<double>::Zero(s.heads * s.d), Vector<double>::Zero(s.kv_heads * s.d),
+                                   Vector<double>::Zero(s.kv_heads * s.dv), Vector<double>::Zero(16)};
+      std::vector<bool> used(std::size_t(x.rows()), false), memory_used(std::size_t(memory.rows()), false);
+      for (Index b = 0; b < rows.size(); ++b) {
+        SCOPED_TRACE("sequence " + std::to_string(b));
+        const Index r0 = rows.begin(b), n = rows.length(b), m0 = memory_rows.begin(b), m = memory_rows.length(b);
+        std::fill(used.begin() + r0, used.begin() + r0 + n, true);
+        std::fill(memory_used.begin() + m0, memory_used.begin() + m0 + m, true);
+        const Matrix<double> xb = x.middleRows(r0, n), mb = memory.middleRows(m0, m), db = d_out.middleRows(r0, n);
+        const MultiHeadTrainingForward<double> fb =
+            self ? multi_head_layer_forward(layer, xb, Causal(), options)
+                 : multi_head_layer_forward(layer, xb, mb, KeyPadding(memory_lengths[std::size_t(b)]), options);
+        const MultiHeadLayerGradients<double> gb =
+            self ? multi_head_layer_backward(layer, fb.context, db, Causal(), options)
+                 : multi_head_layer_backward(layer, fb.context, db, KeyPadding(memory_lengths[std::size_t(b)]), options);
+        EXPECT_TRUE(close(f.output.middleRows(r0, n), fb.output)) << "output";
+        if (self) {
+          EXPECT_TRUE(close(d_x.middleRows(r0, n), gb.d_input())) << "d_input";
+        } else {
+          EXPECT_TRUE(close(d_x.middleRows(r0, n), gb.d_query)) << "d_query";
+          EXPECT_TRUE(close(d_memory.middleRows(m0, m), gb.d_memory())) << "d_memory";
+        }
+        sum.q_proj_weight += gb.weights.q_proj_weight;
+        sum.k_proj_weight += gb.weights.k_proj_weight;
+        sum.v_proj_weight += gb.weights.v_proj_weight;
+        sum.out_proj_weight += gb.weights.out_proj_weight;
+        sum.q_proj_bias += gb.weights.q_proj_bias;
+        sum.k_proj_bias += gb.weights.k_proj_bias;
+        sum.v_proj_bias += gb.weights.v_proj_bias;
+        sum.out_proj_bias += gb.weights.out_proj_bias;
+      }
+      EXPECT_TRUE(close(g.weights.q_proj_weight, sum.q_proj_weight)) << "q_proj_weight";
+      EXPECT_TRUE(close(g.weights.k_proj_weight, sum.k_proj_weight)) << "k_proj_weight";
+      EXPECT_TRUE(close(g.weights.v_proj_weight, sum.v_proj_weight)) << "v_proj_weight";
+      EXPECT_TRUE(close(g.weights.out_proj_weight, sum.out_proj_weight)) << "out_proj_weight";
+      EXPECT_TRUE(close_v(g.weights.q_proj_bias, sum.q_proj_bias)) << "q_proj_bias";
+      EXPECT_TRUE(close_v(g.weights.k_proj_bias, sum.k_proj_bias)) << "k_proj_bias";
+      EXPECT_TRUE(close_v(g.weights.v_proj_bias, sum.v_proj_bias)) << "v_proj_bias";
+      EXPECT_TRUE(close_v(g.weights.out_proj_bias, sum.out_proj_bias)) << "out_proj_bias";
+      for (Index r = 0; r < x.rows(); ++r) {
+        if (!used[std::size_t(r)]) {
+          EXPECT_TRUE(d_x.row(r).isZero(0)) << "row " << r << " is in no sequence";
+        }
+      }
+      for (Index r = 0; r < memory.rows(); ++r) {
+        if (!memory_used[std::size_t(r)]) {
+          EXPECT_TRUE(d_memory.row(r).isZero(0)) << "memory row " << r << " is in no sequence";
+        }
+      }
+    }
+}
+
 TEST(MultiHeadTraining, BadShapesThrowNamingThem) {
   ATTEND_SEEDED_RNG(rng);
   const LayerShape s{2, 2, 3, 3, 6, 6, 6, 5, false, std::nullopt};
@@ -305,6 +397,12 @@ TEST(MultiHeadTraining, BadShapesThrowNamingThem) {
   expect_invalid([&] { multi_head_layer_backward(layer, truncated, Matrix<double>(4, 5)); },
                  {"saved log-sum-exp (4 x 1)"});
   expect_invalid([&] { multi_head_layer_forward(layer, rng.normal<double>(4, 7)); }, {"q_proj"});
+  const Matrix<double> x = rng.normal<double>(6, 6);
+  expect_invalid([&] { multi_head_layer_forward_batch(layer, x, SequenceRows::uniform(2, 4)); },
+                 {"8 query rows", "(6 x 6)"});
+  expect_invalid(
+      [&] { multi_head_layer_forward_batch(layer, x, SequenceRows::uniform(2, 3), x, SequenceRows::uniform(3, 2)); },
+      {"2 query sequences and 3 memory sequences"});
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 // the caller's parallel region), on repeated runs, and for strided, offset and column-major
 // views of their inputs and outputs: the key pass and the query pass own their outputs, with
 // no atomics and sums in a fixed order. The shapes split the work: several key and query tiles
-// per head, several heads.
+// per head, several heads; the varlen multi-head entries over packed sequences.
 #include "support/attention_case.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
@@ -134,6 +134,23 @@ entries(const Data<T>& data) {
                       AttentionGradients<T> g = multi_head_attention_backward(q, k, v, 4, f, d_out, Causal(), options);
                       return Outputs<T>{{f.output, f.lse, g.dq, g.dk, g.dv}};
                     }});
+    // Packed sequences read in place (an empty one among them), their key and query tiles in one
+    // parallel loop per pass, and a T5 table gradient summed over the sequences.
+    list.push_back(
+        {"multi-head varlen GQA, " + describe(options), [options, &data](Views q, Views k, Views v, Views d_out) {
+           const SequenceRows q_rows = SequenceRows::packed(std::vector<Index>{0, 70, 70, 160});
+           const SequenceRows k_rows = SequenceRows::packed(std::vector<Index>{0, 130, 200, 300});
+           const auto mask = Causal(Alignment::BottomRight) & KeyPadding(std::vector<Index>{100, 50, 90}) &
+                             RelativePositionBias(data.table, true, 64);
+           const MultiHeadLseResult<T> f = multi_head_attention_with_lse(q, k, v, 4, q_rows, k_rows, mask, options);
+           Vector<T> d_table;
+           BiasGradients<T> request;
+           request.d_table = &d_table;
+           request.table_buckets = {32, true, 64, Alignment::TopLeft};
+           AttentionGradients<T> g =
+               multi_head_attention_backward(q, k, v, 4, q_rows, k_rows, f, d_out, mask, options, request);
+           return Outputs<T>{{f.output, f.lse, g.dq, g.dk, g.dv, Matrix<T>(d_table)}};
+         }});
   }
   return list;
 }

@@ -12,7 +12,9 @@
 /// recomputation is the gradient checkpointing. The backward takes the same mask and options
 /// as its forward; `Algorithm::Auto` picks the same path. Defined results: a query that saw no
 /// key (fully masked, or Lk = 0) has zero gradients and contributes nothing; NaN propagates to
-/// the gradients it touches. Results are bitwise identical for any thread count.
+/// the gradients it touches. Results are bitwise identical for any thread count. The multi-head
+/// forms also take a batch of sequences read in place (SequenceRows, as the varlen
+/// multi_head_attention_into): each sequence's gradients are bitwise those of a call on it alone.
 #pragma once
 
 #include "../biases.hpp"
@@ -21,6 +23,7 @@
 #include "../masks.hpp"
 #include "../options.hpp"
 #include "../scores.hpp"
+#include "../sequences.hpp"
 #include "../types.hpp"
 #include "backward_blocked.hpp"
 #include "backward_materialized.hpp"
@@ -510,10 +513,32 @@ struct MultiHeadLseResult {
   Matrix<T> lse;     ///< (Lq, H), column h for head h
 };
 
+/// Multi-head attention of a batch of sequences read in place (the varlen form) with each
+/// head's log-sum-exp: multi_head_attention_into(q, k, v, num_heads, query_rows, key_rows, out,
+/// mask, options, lse) into a new output (rows, H d_v) and log-sum-exp (rows, H). Rows of no
+/// sequence hold zeros and -inf. Sequence b's rows are bitwise those of a call on it alone
+/// (with a mask that binds the same for it).
+/// \throws attend::invalid_argument as multi_head_attention_into.
+template <class DQ, class DK, class DV, class Mask = NoMask>
+MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
+    const SequenceRows& query_rows, const SequenceRows& key_rows, const MaskBase<Mask>& mask = NoMask{},
+    const AttentionOptions& options = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV>);
+  using T = typename DQ::Scalar;
+  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
+                                         " must have the same number of rows (keys)");
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  MultiHeadLseResult<T> result{Matrix<T>(q.rows(), layout.heads * layout.value_dim), Matrix<T>(q.rows(), layout.heads)};
+  multi_head_attention_into(q, k, v, num_heads, query_rows, key_rows, result.output, mask, options, result.lse);
+  return result;
+}
+
 /// Multi-head attention of projected inputs (as multi_head_attention) with each head's
 /// log-sum-exp: q (Lq, H d), k (Lk, H_kv d), v (Lk, H_kv d_v); query head h reads kv head
-/// h / (H / H_kv), and the mask is bound per head (HeadIndex{0, h, 1, H}). Heads run in
-/// parallel, each on the single-head engine.
+/// h / (H / H_kv), and the mask is bound per head (HeadIndex{0, h, 1, H}). The forward of
+/// multi_head_attention_into with its `lse` argument: the same heads in parallel, the same
+/// output bits.
 /// \throws attend::invalid_argument when the widths do not split into heads.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eigen::MatrixBase<DQ>& q,
@@ -521,94 +546,223 @@ MultiHeadLseResult<typename DQ::Scalar> multi_head_attention_with_lse(const Eige
                                                                       const Eigen::MatrixBase<DV>& v, Index num_heads,
                                                                       const MaskBase<Mask>& mask = NoMask{},
                                                                       const AttentionOptions& options = {}) {
-  static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
-  const detail::ThreadScope threads(options.num_threads);
-  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
-                                         " must have the same number of rows (keys)");
-  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
-  const Index num_queries = q.rows(), num_keys = k.rows();
-  MultiHeadLseResult<T> result{Matrix<T>(num_queries, layout.heads * layout.value_dim),
-                               Matrix<T>(num_queries, layout.heads)};
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  const T scale = detail::resolve_scale<T>(options, layout.key_dim);
-  detail::resolve_tiles(options);
-  const auto head_index = [&](Index h) { return HeadIndex{0, h, 1, layout.heads}; };
-  for (Index h = 0; h < layout.heads; ++h)  // every head's mask validated before the parallel loop
-    detail::bind_mask(mask.derived(), head_index(h), num_queries, num_keys);
-  if (num_queries == 0) return result;
-  if (num_keys == 0) {  // no key to see: zeros, lse -inf (and no column block of an empty matrix)
-    result.output.setZero();
-    result.lse.setConstant(-std::numeric_limits<T>::infinity());
-    return result;
-  }
-  const auto head = [&](Index h) {
-    const Index g = layout.kv_head_of(h);
-    Vector<T> lse(num_queries);
-    detail::attention_into<T>(
-        q_ref.middleCols(h * layout.key_dim, layout.key_dim), k_ref.middleCols(g * layout.key_dim, layout.key_dim),
-        v_ref.middleCols(g * layout.value_dim, layout.value_dim), detail::ScaledDot<T>{scale}, mask.derived(), options,
-        result.output.middleCols(h * layout.value_dim, layout.value_dim), lse, head_index(h));
-    result.lse.col(h) = lse;
-  };
-  if (layout.heads == 1)
-    head(0);
-  else
-    detail::parallel_for_with_scratch(
-        layout.heads, [] { return 0; }, [&](Index h, int&) { head(h); });
-  return result;
+  return multi_head_attention_with_lse(q, k, v, num_heads, SequenceRows::uniform(1, q.rows()),
+                                       SequenceRows::uniform(1, k.rows()), mask, options);  // one sequence
 }
 
 namespace detail {
 
-/// The two passes of a multi-head backward over bound masks[h] and sinks[h] of every head h
-/// (GQA: kv head g serves query heads g group .. (g + 1) group - 1).
+/// One sequence of a multi-head backward that sees something (Lq, Lk > 0): head h's views,
+/// bound mask and bias-gradient sink, the K and V its heads read, its gradients, and the path
+/// and tiles its lengths select (those of a call on it alone).
 template <class T, class BoundMask, class Sink>
-void multi_head_backward_passes(const std::vector<BackwardHead<T>>& heads, const std::vector<BoundMask>& masks,
-                                const Sink* sinks, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v,
-                                const HeadLayout& layout, T scale, const TileShape& tiles, bool blocked,
-                                MatrixRef<T> dq, MatrixRef<T> dk, MatrixRef<T> dv) {
-  const Index num_queries = heads[0].q.rows(), num_keys = k.rows(), d = layout.key_dim, dv_width = layout.value_dim;
-  const Index group = layout.heads / layout.kv_heads;
-  const auto k_of = [&](Index g) { return ConstMatrixRef<T>(k.middleCols(g * d, d)); };
-  const auto v_of = [&](Index g) { return ConstMatrixRef<T>(v.middleCols(g * dv_width, dv_width)); };
-  if (!blocked) {
-    // The readable path, head by head; a kv head's gradients sum its query heads' in order.
-    dk.setZero();
-    dv.setZero();
-    Matrix<T> dk_head(num_keys, d), dv_head(num_keys, dv_width);
-    for (Index h = 0; h < layout.heads; ++h) {
-      const Index g = h / group;
-      materialized_backward<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, IdentityModifier{},
-                               masks[std::size_t(h)], dq.middleCols(h * d, d), dk_head, dv_head, sinks[h]);
-      dk.middleCols(g * d, d) += dk_head;
-      dv.middleCols(g * dv_width, dv_width) += dv_head;
-    }
-    return;
-  }
+struct BackwardSequence {
+  std::vector<BackwardHead<T>> heads;  // H
+  std::vector<BoundMask> masks;        // H
+  const Sink* sinks;                   // H
+  ConstMatrixRef<T> k;                 // (Lk, H_kv d)
+  ConstMatrixRef<T> v;                 // (Lk, H_kv d_v)
+  MatrixRef<T> dq;                     // (Lq, H d)
+  MatrixRef<T> dk;                     // (Lk, H_kv d)
+  MatrixRef<T> dv;                     // (Lk, H_kv d_v)
+  TileShape tiles;
+  bool blocked;
+};
+
+/// The gradients of every sequence, each computed as a call on it alone would (GQA: kv head g
+/// serves query heads g group .. (g + 1) group - 1, summed in head order). Three parallel loops
+/// over the sequences together: (sequence, kv head) items of the materialized path, then the
+/// blocked path's key pass over (sequence, kv head, key tile) items and its query pass over
+/// (sequence, head, query tile) items, so that even one head splits across threads. Every item
+/// owns the rows it writes: no atomics, and the bits do not depend on the threads.
+template <class T, class BoundMask, class Sink>
+void multi_head_backward_passes(const std::vector<BackwardSequence<T, BoundMask, Sink>>& sequences,
+                                const HeadLayout& layout, T scale) {
+  const Index d = layout.key_dim, dv_width = layout.value_dim, group = layout.heads / layout.kv_heads;
   constexpr bool slope = needs_slope<IdentityModifier, BoundMask>;
-  const Index key_tiles = (num_keys + tiles.keys - 1) / tiles.keys;
-  const Index query_tiles = (num_queries + tiles.queries - 1) / tiles.queries;
+  const auto key_tiles = [](const BackwardSequence<T, BoundMask, Sink>& seq) {
+    return (seq.k.rows() + seq.tiles.keys - 1) / seq.tiles.keys;
+  };
+  const auto query_tiles = [](const BackwardSequence<T, BoundMask, Sink>& seq) {
+    return (seq.heads[0].q.rows() + seq.tiles.queries - 1) / seq.tiles.queries;
+  };
+  std::vector<std::pair<std::size_t, Index>> dense;  // (sequence, kv head) on the materialized path
+  std::vector<Index> key_end, query_end;             // per sequence, one past its last item of each pass
+  TileShape largest{1, 1};                           // the scratch fits every sequence's tiles
+  Index key_items = 0, query_items = 0;
+  for (std::size_t b = 0; b < sequences.size(); ++b) {
+    const BackwardSequence<T, BoundMask, Sink>& seq = sequences[b];
+    if (seq.blocked) {
+      key_items += layout.kv_heads * key_tiles(seq);
+      query_items += layout.heads * query_tiles(seq);
+      largest = {std::max(largest.queries, seq.tiles.queries), std::max(largest.keys, seq.tiles.keys)};
+    } else {
+      for (Index g = 0; g < layout.kv_heads; ++g) dense.emplace_back(b, g);
+    }
+    key_end.push_back(key_items);
+    query_end.push_back(query_items);
+  }
+  const auto k_of = [&](const BackwardSequence<T, BoundMask, Sink>& seq, Index g) {
+    return ConstMatrixRef<T>(seq.k.middleCols(g * d, d));
+  };
+  const auto v_of = [&](const BackwardSequence<T, BoundMask, Sink>& seq, Index g) {
+    return ConstMatrixRef<T>(seq.v.middleCols(g * dv_width, dv_width));
+  };
+  // Item `item` of a pass: its sequence and its index among that sequence's items.
+  const auto locate = [](const std::vector<Index>& end, Index item) {
+    const std::size_t b = std::size_t(std::upper_bound(end.begin(), end.end(), item) - end.begin());
+    return std::pair<std::size_t, Index>{b, item - (b == 0 ? 0 : end[b - 1])};
+  };
+  // The readable path, a kv head's query heads in order; its dK and dV sum theirs.
   parallel_for_with_scratch(
-      layout.kv_heads * key_tiles, [&] { return KeyPassScratch<T>(tiles, d, dv_width, slope); },
+      Index(dense.size()), [] { return 0; },
+      [&](Index item, int&) {
+        const auto [b, g] = dense[std::size_t(item)];
+        const BackwardSequence<T, BoundMask, Sink>& seq = sequences[b];
+        MatrixRef<T> dq = seq.dq, all_dk = seq.dk, all_dv = seq.dv;  // writable copies of the views
+        MatrixRef<T> dk = all_dk.middleCols(g * d, d), dv = all_dv.middleCols(g * dv_width, dv_width);
+        dk.setZero();
+        dv.setZero();
+        Matrix<T> dk_head(seq.k.rows(), d), dv_head(seq.k.rows(), dv_width);
+        for (Index h = g * group; h < (g + 1) * group; ++h) {
+          materialized_backward<T>(seq.heads[std::size_t(h)], k_of(seq, g), v_of(seq, g), scale, IdentityModifier{},
+                                   seq.masks[std::size_t(h)], dq.middleCols(h * d, d), dk_head, dv_head,
+                                   seq.sinks[h]);
+          dk += dk_head;
+          dv += dv_head;
+        }
+      });
+  parallel_for_with_scratch(
+      key_items, [&] { return KeyPassScratch<T>(largest, d, dv_width, slope); },
       [&](Index item, KeyPassScratch<T>& scratch) {
-        const Index g = item / key_tiles, tile = item % key_tiles, k0 = tile * tiles.keys;
-        backward_key_tile<T>(&heads[std::size_t(g * group)], &masks[std::size_t(g * group)], sinks + g * group, group,
-                             k_of(g), v_of(g), scale, IdentityModifier{}, tiles, k0,
-                             std::min(tiles.keys, num_keys - k0), dk.middleCols(g * d, d),
+        const auto [b, local] = locate(key_end, item);
+        const BackwardSequence<T, BoundMask, Sink>& seq = sequences[b];
+        const Index tiles = key_tiles(seq), g = local / tiles, tile = local % tiles, k0 = tile * seq.tiles.keys;
+        MatrixRef<T> dk = seq.dk, dv = seq.dv;
+        backward_key_tile<T>(&seq.heads[std::size_t(g * group)], &seq.masks[std::size_t(g * group)],
+                             seq.sinks + g * group, group, k_of(seq, g), v_of(seq, g), scale, IdentityModifier{},
+                             seq.tiles, k0, std::min(seq.tiles.keys, seq.k.rows() - k0), dk.middleCols(g * d, d),
                              dv.middleCols(g * dv_width, dv_width), scratch, tile);
       });
   parallel_for_with_scratch(
-      layout.heads * query_tiles, [&] { return QueryPassScratch<T>(tiles, d, dv_width, slope); },
+      query_items, [&] { return QueryPassScratch<T>(largest, d, dv_width, slope); },
       [&](Index item, QueryPassScratch<T>& scratch) {
-        const Index h = item / query_tiles, q0 = (item % query_tiles) * tiles.queries, g = h / group;
-        backward_query_tile<T>(heads[std::size_t(h)], k_of(g), v_of(g), scale, IdentityModifier{},
-                               masks[std::size_t(h)], tiles, q0, std::min(tiles.queries, num_queries - q0),
+        const auto [b, local] = locate(query_end, item);
+        const BackwardSequence<T, BoundMask, Sink>& seq = sequences[b];
+        const Index tiles = query_tiles(seq), h = local / tiles, q0 = (local % tiles) * seq.tiles.queries;
+        const BackwardHead<T>& head = seq.heads[std::size_t(h)];
+        MatrixRef<T> dq = seq.dq;
+        backward_query_tile<T>(head, k_of(seq, h / group), v_of(seq, h / group), scale, IdentityModifier{},
+                               seq.masks[std::size_t(h)], seq.tiles, q0, std::min(seq.tiles.queries, head.q.rows() - q0),
                                dq.middleCols(h * d, d), scratch);
       });
 }
 
 }  // namespace detail
+
+/// Writes the gradients of the varlen multi_head_attention_into(q, k, v, num_heads, query_rows,
+/// key_rows, out, mask, options, lse) at d_out (rows, H d_v) into dq (rows, H d), dk (rows_k,
+/// H_kv d) and dv (rows_k, H_kv d_v), given that forward's output (rows, H d_v) and log-sum-exp
+/// (rows, H) (multi_head_attention_with_lse with the same SequenceRows). The mask binds as the
+/// forward's, for head h of sequence b with HeadIndex{b, h, B, H} and that sequence's lengths.
+/// Sequence b's rows of dq, dk, dv are bitwise those of multi_head_attention_backward_into on
+/// its rows alone (with a mask that binds the same for it); rows of no sequence are zero. The
+/// sequences' key and query tiles run in parallel together.
+/// `bias_gradients`: with B = 1 as multi_head_attention_backward_into; with several sequences,
+/// d_table and d_table_per_head sum the sequences' gradients in order, and d_bias and
+/// d_bias_per_head (one matrix for sequences of different lengths) are rejected.
+/// \throws attend::invalid_argument on mismatched shapes, layouts that disagree on B or reach
+///         past the matrices, aliasing outputs, or a bias matrix gradient of several sequences.
+template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
+void multi_head_attention_backward_into(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
+    const SequenceRows& query_rows, const SequenceRows& key_rows, const Eigen::MatrixBase<DO>& out,
+    const Eigen::MatrixBase<DL>& lse, const Eigen::MatrixBase<DD>& d_out, MatrixRef<typename DQ::Scalar> dq,
+    MatrixRef<typename DQ::Scalar> dk, MatrixRef<typename DQ::Scalar> dv, const MaskBase<Mask>& mask = NoMask{},
+    const AttentionOptions& options = {}, const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
+  using T = typename DQ::Scalar;
+  const detail::ThreadScope threads(options.num_threads);
+  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
+                                         " must have the same number of rows (keys)");
+  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
+  const Index d = layout.key_dim, dv_width = layout.value_dim, batch = query_rows.size();
+  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out), lse_ref(lse);
+  detail::check_shape(lse_ref, q.rows(), layout.heads, "forward log-sum-exp (Lq x H)");
+  detail::check_backward<T>(q_ref, k_ref, v_ref, out_ref, q.rows(), d_out_ref, dq, dk, dv, layout.heads * dv_width);
+  detail::check_no_alias(dq, "dq", lse_ref, "forward log-sum-exp");
+  detail::check_no_alias(dk, "dk", lse_ref, "forward log-sum-exp");
+  detail::check_no_alias(dv, "dv", lse_ref, "forward log-sum-exp");
+  ATTEND_CHECK(key_rows.size() == batch,
+               std::to_string(batch) + " query sequences and " + std::to_string(key_rows.size()) + " key sequences");
+  ATTEND_CHECK(query_rows.rows_used() <= q.rows() && key_rows.rows_used() <= k.rows(),
+               "the sequences use " + std::to_string(query_rows.rows_used()) + " query rows and " +
+                   std::to_string(key_rows.rows_used()) + " key rows of q " + detail::shape_of(q) + " and k " +
+                   detail::shape_of(k));
+  ATTEND_CHECK(batch == 1 || !(bias_gradients.d_bias || bias_gradients.d_bias_per_head),
+               "bias matrix gradients (BiasGradients::d_bias, d_bias_per_head) of a batch of " +
+                   std::to_string(batch) + " sequences: one (Lq, Lk) matrix does not fit sequences of their own "
+                   "lengths; call the backward per sequence for them");
+  const T scale = detail::resolve_scale<T>(options, d);
+  detail::resolve_tiles(options);  // validates the tile sizes, whatever the lengths
+  using BoundMask = decltype(detail::bind_mask(mask.derived(), HeadIndex{}, 0, 0));
+  detail::check_bias_gradients_without_modifier<BoundMask>(bias_gradients.requested());
+  std::vector<std::vector<BoundMask>> masks(static_cast<std::size_t>(batch));  // every (sequence, head) validated first
+  for (Index b = 0; b < batch; ++b)
+    for (Index h = 0; h < layout.heads; ++h)
+      masks[std::size_t(b)].push_back(detail::bind_mask(mask.derived(), HeadIndex{b, h, batch, layout.heads},
+                                                        query_rows.length(b), key_rows.length(b)));
+  // Bias-gradient sinks per sequence; with several sequences each sums into its own tables.
+  std::vector<std::optional<detail::BiasGradientSinks<T>>> sinks(std::size_t(bias_gradients.requested() ? batch : 0));
+  std::vector<Vector<T>> tables(std::size_t(batch != 1 && bias_gradients.d_table ? batch : 0));
+  std::vector<Matrix<T>> tables_per_head(std::size_t(batch != 1 && bias_gradients.d_table_per_head ? batch : 0));
+  for (std::size_t b = 0; b < sinks.size(); ++b) {
+    const Index lq = query_rows.length(Index(b)), lk = key_rows.length(Index(b));
+    const detail::TileShape tiles = detail::resolve_backward_tiles(options, lq, lk);
+    const Index tasks =
+        detail::use_blocked(options, lq, lk) ? std::max<Index>((lk + tiles.keys - 1) / tiles.keys, 1) : 1;
+    BiasGradients<T> request = bias_gradients;
+    if (!tables.empty()) request.d_table = &tables[b];
+    if (!tables_per_head.empty()) request.d_table_per_head = &tables_per_head[b];
+    sinks[b].emplace(request, layout.heads, lq, lk, tasks);
+  }
+  dq.setZero();  // rows of no sequence or of one that sees nothing; the others are overwritten
+  dk.setZero();
+  dv.setZero();
+  const auto run = [&](const auto& sinks_of) {
+    using Sink = std::remove_cv_t<std::remove_pointer_t<decltype(sinks_of(std::size_t(0)))>>;
+    std::vector<detail::BackwardSequence<T, BoundMask, Sink>> sequences;
+    for (std::size_t b = 0; b < std::size_t(batch); ++b) {
+      const Index q0 = query_rows.begin(Index(b)), lq = query_rows.length(Index(b));
+      const Index k0 = key_rows.begin(Index(b)), lk = key_rows.length(Index(b));
+      if (lq == 0 || lk == 0) continue;  // nothing seen: zero gradients (and no block of an empty matrix)
+      std::vector<detail::BackwardHead<T>> heads;
+      for (Index h = 0; h < layout.heads; ++h)
+        heads.push_back({q_ref.block(q0, h * d, lq, d), out_ref.block(q0, h * dv_width, lq, dv_width),
+                         d_out_ref.block(q0, h * dv_width, lq, dv_width), lse_ref.col(h).segment(q0, lq)});
+      sequences.push_back({std::move(heads), std::move(masks[b]), sinks_of(b), k_ref.middleRows(k0, lk),
+                           v_ref.middleRows(k0, lk), dq.middleRows(q0, lq), dk.middleRows(k0, lk),
+                           dv.middleRows(k0, lk), detail::resolve_backward_tiles(options, lq, lk),
+                           detail::use_blocked(options, lq, lk)});
+    }
+    detail::multi_head_backward_passes<T>(sequences, layout, scale);
+  };
+  if (sinks.empty()) {
+    const std::vector<detail::NoBiasGradient> none(std::size_t(layout.heads));
+    run([&](std::size_t) { return none.data(); });
+  } else {
+    run([&](std::size_t b) { return sinks[b]->sinks(); });
+    for (std::optional<detail::BiasGradientSinks<T>>& s : sinks) s->finish();
+  }
+  if (batch != 1 && bias_gradients.d_table) {  // (zero for no sequence)
+    bias_gradients.d_table->setZero(bias_gradients.table_buckets.num_buckets);
+    for (const Vector<T>& table : tables) *bias_gradients.d_table += table;
+  }
+  if (batch != 1 && bias_gradients.d_table_per_head) {
+    bias_gradients.d_table_per_head->setZero(bias_gradients.table_buckets.num_buckets, layout.heads);
+    for (const Matrix<T>& table : tables_per_head) *bias_gradients.d_table_per_head += table;
+  }
+}
 
 /// Writes the gradients of multi_head_attention(q, k, v, num_heads, mask, options) at d_out
 /// (Lq, H d_v) into dq (Lq, H d), dk (Lk, H_kv d), dv (Lk, H_kv d_v), given the forward's
@@ -618,7 +772,8 @@ void multi_head_backward_passes(const std::vector<BackwardHead<T>>& heads, const
 /// the gradients of its learnable biases: a per-head T5 table (num_buckets, H) or stacked
 /// AdditiveMask (H Lq, Lk) per head, or summed over the heads for a table or mask they share
 /// (see BiasGradients). The key pass runs over (kv head, key tile) items and the query pass over
-/// (head, query tile) items, in parallel, so even one head splits across threads.
+/// (head, query tile) items, in parallel, so even one head splits across threads. The varlen
+/// form of one sequence of every row.
 /// \throws attend::invalid_argument on mismatched shapes or aliasing outputs.
 template <class DQ, class DK, class DV, class DO, class DL, class DD, class Mask = NoMask>
 void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
@@ -628,52 +783,9 @@ void multi_head_attention_backward_into(const Eigen::MatrixBase<DQ>& q, const Ei
                                         MatrixRef<typename DQ::Scalar> dk, MatrixRef<typename DQ::Scalar> dv,
                                         const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
                                         const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
-  static_assert(detail::supported_scalars<DQ, DK, DV, DO, DL, DD>);
-  using T = typename DQ::Scalar;
-  const detail::ThreadScope threads(options.num_threads);
-  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
-                                         " must have the same number of rows (keys)");
-  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
-  const Index num_queries = q.rows(), num_keys = k.rows(), d = layout.key_dim, dv_width = layout.value_dim;
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v), out_ref(out), d_out_ref(d_out), lse_ref(lse);
-  detail::check_shape(lse_ref, num_queries, layout.heads, "forward log-sum-exp (Lq x H)");
-  detail::check_backward<T>(q_ref, k_ref, v_ref, out_ref, num_queries, d_out_ref, dq, dk, dv, layout.heads * dv_width);
-  detail::check_no_alias(dq, "dq", lse_ref, "forward log-sum-exp");
-  detail::check_no_alias(dk, "dk", lse_ref, "forward log-sum-exp");
-  detail::check_no_alias(dv, "dv", lse_ref, "forward log-sum-exp");
-  const T scale = detail::resolve_scale<T>(options, d);
-  const detail::TileShape tiles = detail::resolve_backward_tiles(options, num_queries, num_keys);
-  const bool blocked = detail::use_blocked(options, num_queries, num_keys);
-  const auto bind = [&](Index h) {
-    return detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, layout.heads}, num_queries, num_keys);
-  };
-  using BoundMask = decltype(bind(0));
-  std::vector<BoundMask> masks;  // head h's policy (ALiBi slopes, T5 columns, stacked masks), all validated
-  for (Index h = 0; h < layout.heads; ++h) masks.push_back(bind(h));
-  detail::check_bias_gradients_without_modifier<BoundMask>(bias_gradients.requested());
-  const Index tasks = blocked ? std::max<Index>((num_keys + tiles.keys - 1) / tiles.keys, 1) : 1;
-  std::optional<detail::BiasGradientSinks<T>> sinks;
-  if (bias_gradients.requested()) sinks.emplace(bias_gradients, layout.heads, num_queries, num_keys, tasks);
-  if (num_queries == 0 || num_keys == 0) {  // nothing seen (and no column block of an empty matrix)
-    dq.setZero();
-    dk.setZero();
-    dv.setZero();
-    if (sinks) sinks->finish();
-    return;
-  }
-  std::vector<detail::BackwardHead<T>> heads;
-  for (Index h = 0; h < layout.heads; ++h)
-    heads.push_back({q_ref.middleCols(h * d, d), out_ref.middleCols(h * dv_width, dv_width),
-                     d_out_ref.middleCols(h * dv_width, dv_width), lse_ref.col(h)});
-  if (sinks) {
-    detail::multi_head_backward_passes<T>(heads, masks, sinks->sinks(), k_ref, v_ref, layout, scale, tiles, blocked, dq,
-                                          dk, dv);
-    sinks->finish();
-  } else {
-    const std::vector<detail::NoBiasGradient> none(std::size_t(layout.heads));
-    detail::multi_head_backward_passes<T>(heads, masks, none.data(), k_ref, v_ref, layout, scale, tiles, blocked, dq,
-                                          dk, dv);
-  }
+  multi_head_attention_backward_into(q, k, v, num_heads, SequenceRows::uniform(1, q.rows()),
+                                     SequenceRows::uniform(1, k.rows()), out, lse, d_out, dq, dk, dv, mask, options,
+                                     bias_gradients);
 }
 
 /// Returns the gradients of multi_head_attention at d_out, given its multi_head_attention_with_lse
@@ -686,9 +798,27 @@ AttentionGradients<typename DQ::Scalar> multi_head_attention_backward(
     const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
   static_assert(detail::supported_scalars<DQ, DK, DV, DD>);
   using T = typename DQ::Scalar;
-  AttentionGradients<T> g{Matrix<T>(q.rows(), q.cols()), Matrix<T>(k.rows(), k.cols()), Matrix<T>(v.rows(), v.cols())};
+  AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
   multi_head_attention_backward_into(q, k, v, num_heads, forward.output, forward.lse, d_out, g.dq, g.dk, g.dv, mask,
                                      options, bias_gradients);
+  return g;
+}
+
+/// Returns the gradients of the varlen multi-head attention at d_out (rows, H d_v), given its
+/// multi_head_attention_with_lse result with the same SequenceRows. See the varlen
+/// multi_head_attention_backward_into.
+template <class DQ, class DK, class DV, class DD, class Mask = NoMask>
+AttentionGradients<typename DQ::Scalar> multi_head_attention_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
+    const SequenceRows& query_rows, const SequenceRows& key_rows,
+    const MultiHeadLseResult<typename DQ::Scalar>& forward, const Eigen::MatrixBase<DD>& d_out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const BiasGradients<typename DQ::Scalar>& bias_gradients = {}) {
+  static_assert(detail::supported_scalars<DQ, DK, DV, DD>);
+  using T = typename DQ::Scalar;
+  AttentionGradients<T> g = detail::gradients_like<T>(q, k, v);
+  multi_head_attention_backward_into(q, k, v, num_heads, query_rows, key_rows, forward.output, forward.lse, d_out,
+                                     g.dq, g.dk, g.dv, mask, options, bias_gradients);
   return g;
 }
 

@@ -325,10 +325,8 @@ void decode_step_into(KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, const E
       masks.push_back(detail::bind_mask(absolute, HeadIndex{0, h, 1, num_heads}, 1, size));
     detail::cache_decode_into(cache, q, layout, masks, options, sinks, out);
   } else if constexpr (std::is_same_v<S, T> && !detail::is_reduced_precision<S>) {  // a full-precision chunk: the multi-head engine
-    if (sinks.size() == 0)
-      multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out, visible, options);
-    else
-      multi_head_attention_with_sinks_into(q, cache.keys(), cache.values(), num_heads, out, visible, sinks, options);
+    multi_head_attention_into(q, cache.keys(), cache.values(), num_heads, out, visible, options,
+                              detail::no_matrix<T>(), sinks);
   } else {  // a chunk over a reduced or 8-bit cache: the decode kernel, reading it in its format
     std::vector<decltype(detail::bind_mask(visible, HeadIndex{}, n, size))> masks;
     for (Index h = 0; h < num_heads; ++h)

@@ -38,9 +38,12 @@
 #include "../types.hpp"
 #include "../positional/rotary.hpp"
 #include "../sequences.hpp"
+#include "../detail/sinks.hpp"
 #include "materialized.hpp"
 #include "scaled_dot_product.hpp"
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -113,6 +116,12 @@ inline HeadLayout infer_head_layout(Index q_cols, Index k_cols, Index v_cols, In
   return {heads, kv_heads, d, v_cols / kv_heads};
 }
 
+/// An empty matrix view: "this optional output is not wanted".
+template <class T>
+MatrixRef<T> no_matrix() {
+  return MatrixRef<T>(Eigen::Map<Matrix<T>>(nullptr, 0, 0));
+}
+
 /// One sequence of a multi-head call: views of its projected inputs and its output, stored as S.
 template <class S>
 struct SequenceViews {
@@ -121,9 +130,12 @@ struct SequenceViews {
   ConstMatrixRef<S> v;                                       // (Lk, H_kv d_v)
   MatrixRef<S> out;                                          // (Lq, H d_v), head h in columns [h d_v, (h+1) d_v)
   std::vector<Matrix<accumulator_t<S>>>* weights = nullptr;  // when set: H per-head (Lq, Lk) weights
+  MatrixRef<accumulator_t<S>> lse = no_matrix<accumulator_t<S>>();  // (Lq, H) head h's log-sum-exp in
+                                                                     // column h, or no columns: not wanted
 };
 
-/// Contiguous copies of one head's K and V, reused from head to head by a thread.
+/// A thread's scratch for the heads it computes: contiguous copies of one head's K and V, and
+/// the head's log-sum-exp before it goes to its (strided) column.
 template <class S>
 struct HeadCopies {
   /// Whether the blocked path should read a head of `k` from copies: its rows are strided and
@@ -133,12 +145,15 @@ struct HeadCopies {
            use_blocked(options, num_queries, k.rows());
   }
 
-  Matrix<S> keys;    // (Lk, d)
-  Matrix<S> values;  // (Lk, d_v)
+  Matrix<S> keys;                  // (Lk, d)
+  Matrix<S> values;                // (Lk, d_v)
+  Vector<accumulator_t<S>> lse;    // (Lq) when the log-sum-exp is wanted
 };
 
 /// Attention of every (sequence, head) pair; mask_of(s) is the mask policy of sequence s, bound
-/// for head h of sequence s as HeadIndex{s, h, S, H}. Everything that can throw is checked
+/// for head h of sequence s as HeadIndex{s, h, S, H}. A sequence whose `lse` view has H columns
+/// also gets each head's log-sum-exp (-inf for a query that sees no key): the forward of a
+/// training step, whose outputs are bitwise those without it. Everything that can throw is checked
 /// before the parallel loop. The loop runs over
 /// (sequence, head); each head runs the single-head engine, whose own query-tile loop is then a
 /// nested OpenMP region and runs serially in its thread (OpenMP's default). A lone head keeps
@@ -146,11 +161,14 @@ struct HeadCopies {
 /// depend on the thread count. Inputs and outputs are stored as S, computed in T = accumulator_t<S>.
 template <class S, class MaskOf>
 void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, const HeadLayout& layout,
-                                const MaskOf& mask_of, const AttentionOptions& options) {
+                                const MaskOf& mask_of, const AttentionOptions& options,
+                                const Eigen::Ref<const Vector<S>>& sinks = Vector<S>()) {
   using T = accumulator_t<S>;
   const ThreadScope threads(options.num_threads);
   const T scale = resolve_scale<T>(options, layout.key_dim);
   resolve_tiles(options);
+  check_sinks(sinks.size(), layout.heads);
+  const bool sunk = sinks.size() != 0;
   const auto head_index = [&](Index s, Index h) { return HeadIndex{s, h, Index(sequences.size()), layout.heads}; };
   for (std::size_t s = 0; s < sequences.size(); ++s) {
     const SequenceViews<S>& seq = sequences[s];
@@ -159,6 +177,13 @@ void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, 
     check_shape(seq.v, seq.k.rows(), layout.kv_heads * layout.value_dim, "value");
     check_shape(seq.out, seq.q.rows(), layout.heads * layout.value_dim, "output");
     check_outputs_do_not_alias<S, S, T>(seq.q, seq.k, seq.v, seq.out, no_vector<T>());
+    if (seq.lse.cols() != 0) {
+      check_shape(seq.lse, seq.q.rows(), layout.heads, "log-sum-exp (Lq x H)");
+      check_no_alias(seq.lse, "log-sum-exp", seq.q, "input q");
+      check_no_alias(seq.lse, "log-sum-exp", seq.k, "input k");
+      check_no_alias(seq.lse, "log-sum-exp", seq.v, "input v");
+      check_no_alias(seq.lse, "log-sum-exp", seq.out, "output");
+    }
     for (Index h = 0; h < layout.heads; ++h)
       bind_mask(mask_of(Index(s)).derived(), head_index(Index(s), h), seq.q.rows(), seq.k.rows());
     if (seq.weights) seq.weights->assign(std::size_t(layout.heads), Matrix<T>(seq.q.rows(), seq.k.rows()));
@@ -174,34 +199,50 @@ void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, 
     const Index h = item % layout.heads, g = layout.kv_head_of(h);
     MatrixRef<S> all_out = seq.out;                                                 // a writable copy of the view
     MatrixRef<S> out = all_out.middleCols(h * layout.value_dim, layout.value_dim);  // (Lq, d_v)
-    if (seq.k.rows() == 0) {  // no key to see
+    MatrixRef<T> all_lse = seq.lse;  // (Lq, H) or empty
+    const bool want_lse = all_lse.cols() != 0;
+    const T sink = sunk ? T(sinks(h)) : -std::numeric_limits<T>::infinity();  // -inf: no sink
+    if (seq.k.rows() == 0) {  // no key to see: the sink alone (zeros, lse = sink; NaN stays NaN)
       out.setZero();
+      if (std::isnan(sink)) out.setConstant(S(sink));
+      if (want_lse) all_lse.col(h).setConstant(sink);
       return;
     }
+    if (want_lse || sunk) copies.lse.resize(seq.q.rows());  // (sinks merge with the log-sum-exp)
+    const VectorRef<T> lse = want_lse || sunk ? VectorRef<T>(copies.lse) : no_vector<T>();
     const ConstMatrixRef<S> q = seq.q.middleCols(h * layout.key_dim, layout.key_dim);    // (Lq, d)
     const ConstMatrixRef<S> k = seq.k.middleCols(g * layout.key_dim, layout.key_dim);    // (Lk, d)
     const ConstMatrixRef<S> v = seq.v.middleCols(g * layout.value_dim, layout.value_dim);  // (Lk, d_v)
     const auto& mask = mask_of(item / layout.heads);
     const HeadIndex at = head_index(item / layout.heads, h);
-    if (seq.weights) {
+    // The path's (out, lse), merged with the head's sink before out is rounded to S.
+    const auto attend = [&](const ConstMatrixRef<S>& keys, const ConstMatrixRef<S>& values) {
+      if (sunk)
+        attention_with_sink_into<S>(q, keys, values, ScaledDot<T>{scale}, mask.derived(), options, out, lse, sink, at);
+      else
+        attention_into<S>(q, keys, values, ScaledDot<T>{scale}, mask.derived(), options, out, lse, at);
+    };
+    if (seq.weights) {  // a sink scales each row of weights as its output: they sum to < 1
       const auto bound = bind_mask(mask.derived(), at, q.rows(), k.rows());
+      MatrixRef<T> weights = (*seq.weights)[std::size_t(h)];
       if constexpr (std::is_same_v<S, T>) {
-        materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, bound, out, no_vector<T>(),
-                                  (*seq.weights)[std::size_t(h)]);
+        materialized_attention<T>(q, k, v, ScaledDot<T>{scale}, bound, out, lse, weights);
+        if (sunk) merge_sink_into<T>(out, lse, sink, &weights);
       } else {  // on float copies of the head
         Matrix<T> out_full(q.rows(), v.cols());
         materialized_attention<T>(q.template cast<T>(), k.template cast<T>(), v.template cast<T>(), ScaledDot<T>{scale},
-                                  bound, out_full, no_vector<T>(), (*seq.weights)[std::size_t(h)]);
+                                  bound, out_full, lse, weights);
+        if (sunk) merge_sink_into<T>(out_full, lse, sink, &weights);
         out = out_full.template cast<S>();
       }
     } else if (copies.worth_it(k, q.rows(), options)) {
       copies.keys = k;
       copies.values = v;
-      attention_into<S>(q, copies.keys, copies.values, ScaledDot<T>{scale}, mask.derived(), options, out,
-                        no_vector<T>(), at);
+      attend(copies.keys, copies.values);
     } else {
-      attention_into<S>(q, k, v, ScaledDot<T>{scale}, mask.derived(), options, out, no_vector<T>(), at);
+      attend(k, v);
     }
+    if (want_lse) all_lse.col(h) = copies.lse;
   };
   const Index items = Index(sequences.size()) * layout.heads;
   if (items == 1) {
@@ -224,13 +265,20 @@ void multi_head_attention_batch(const std::vector<SequenceViews<S>>& sequences, 
 /// \param q   (rows, H d), k (rows_k, H_kv d), v (rows_k, H_kv d_v); projected inputs
 /// \param query_rows, key_rows where the B sequences lie (packed or padded; sequences.hpp)
 /// \param out (rows, H d_v), not sharing memory with q, k or v
+/// \param lse (rows, H) or empty: when given, column h gets head h's log-sum-exp (float for
+///            bf16 and half inputs; -inf for a query that sees no key and in rows of no
+///            sequence), what multi_head_attention_backward_into needs; `out` is bitwise the same
+/// \param sinks (H) learned sink logits, head h's for head h of every sequence (attention/sinks.hpp;
+///            the log-sum-exp then includes them), or empty: none
 /// \throws attend::invalid_argument when the layouts disagree on B or reach past the matrices,
 ///         and as multi_head_attention_into.
 template <class DQ, class DK, class DV, class Mask = NoMask>
-void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                               const Eigen::MatrixBase<DV>& v, Index num_heads, const SequenceRows& query_rows,
-                               const SequenceRows& key_rows, MatrixRef<typename DQ::Scalar> out,
-                               const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+void multi_head_attention_into(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
+    const SequenceRows& query_rows, const SequenceRows& key_rows, MatrixRef<typename DQ::Scalar> out,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    MatrixRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_matrix<accumulator_t<typename DQ::Scalar>>(),
+    const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using S = typename DQ::Scalar;
   using T = accumulator_t<S>;
@@ -244,17 +292,28 @@ void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
                "the sequences use " + std::to_string(query_rows.rows_used()) + " query rows and " +
                    std::to_string(key_rows.rows_used()) + " key rows of q " + detail::shape_of(q) + " and k " +
                    detail::shape_of(k));
+  detail::check_sinks(sinks.size(), layout.heads);
   const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
   detail::check_outputs_do_not_alias<S, S, T>(q_ref, k_ref, v_ref, out, detail::no_vector<T>());
+  const bool want_lse = lse.size() != 0 || lse.cols() != 0;
+  if (want_lse) {
+    detail::check_shape(lse, q.rows(), layout.heads, "log-sum-exp (rows x H)");
+    detail::check_no_alias(lse, "log-sum-exp", q_ref, "input q");
+    detail::check_no_alias(lse, "log-sum-exp", k_ref, "input k");
+    detail::check_no_alias(lse, "log-sum-exp", v_ref, "input v");
+    detail::check_no_alias(lse, "log-sum-exp", out, "output");
+  }
   std::vector<detail::SequenceViews<S>> sequences;
   for (Index b = 0; b < query_rows.size(); ++b) {
     const Index q0 = query_rows.begin(b), lq = query_rows.length(b), k0 = key_rows.begin(b), lk = key_rows.length(b);
     sequences.push_back({q_ref.middleRows(q0, lq), k_ref.middleRows(k0, lk), v_ref.middleRows(k0, lk),
-                         out.middleRows(q0, lq)});
+                         out.middleRows(q0, lq), nullptr,
+                         want_lse ? MatrixRef<T>(lse.middleRows(q0, lq)) : detail::no_matrix<T>()});
   }
   out.setZero();  // the rows of no sequence; the others are overwritten
+  if (want_lse) lse.setConstant(-std::numeric_limits<T>::infinity());
   detail::multi_head_attention_batch<S>(
-      sequences, layout, [&](Index) -> const Mask& { return mask.derived(); }, options);
+      sequences, layout, [&](Index) -> const Mask& { return mask.derived(); }, options, sinks);
 }
 
 /// Writes multi-head attention of already projected inputs into `out` (no projections):
@@ -267,26 +326,33 @@ void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
 /// \param num_heads H
 /// \param out (Lq, H d_v), not sharing memory with q, k or v
 /// \param mask any policy, bound for each head (HeadIndex{0, h, 1, H})
-/// \throws attend::invalid_argument when the widths do not split into heads (naming them), or
-///         when `out` aliases an input.
+/// \param lse (Lq, H) or empty: each head's log-sum-exp in its column, for the backward
+/// \param sinks (H) learned sink logits (attention/sinks.hpp), or empty: head h's softmax has one
+///            more logit sinks(h) in its denominator, carrying no value (gpt-oss), on either path
+/// \throws attend::invalid_argument when the widths do not split into heads (naming them), when
+///         `out` or `lse` aliases an input, or when sinks are neither empty nor H.
 template <class DQ, class DK, class DV, class Mask = NoMask>
-void multi_head_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                               const Eigen::MatrixBase<DV>& v, Index num_heads, MatrixRef<typename DQ::Scalar> out,
-                               const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+void multi_head_attention_into(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
+    MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    MatrixRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_matrix<accumulator_t<typename DQ::Scalar>>(),
+    const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   multi_head_attention_into(q, k, v, num_heads, SequenceRows::uniform(1, q.rows()), SequenceRows::uniform(1, k.rows()),
-                            out, mask, options);  // one sequence of every row
+                            out, mask, options, lse, sinks);  // one sequence of every row
 }
 
-/// Returns multi-head attention of projected inputs, shape (Lq, H d_v). See multi_head_attention_into.
+/// Returns multi-head attention of projected inputs, shape (Lq, H d_v), with learned sinks when
+/// `sinks` holds H logits. See multi_head_attention_into.
 template <class DQ, class DK, class DV, class Mask = NoMask>
-Matrix<typename DQ::Scalar> multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                                                 const Eigen::MatrixBase<DV>& v, Index num_heads,
-                                                 const MaskBase<Mask>& mask = NoMask{},
-                                                 const AttentionOptions& options = {}) {
+Matrix<typename DQ::Scalar> multi_head_attention(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v, Index num_heads,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
   Matrix<typename DQ::Scalar> out(q.rows(), layout.heads * layout.value_dim);
-  multi_head_attention_into(q, k, v, num_heads, out, mask, options);
+  multi_head_attention_into(q, k, v, num_heads, out, mask, options,
+                            detail::no_matrix<accumulator_t<typename DQ::Scalar>>(), sinks);
   return out;
 }
 
@@ -426,10 +492,15 @@ class MultiHeadAttention {
   }
 
   /// Attention of `query` (Lq, E_q) over `key` (Lk, E_k) and `value` (Lk, E_v); output (Lq, E_out).
+  /// `sinks` (H), when given, are learned sink logits (gpt-oss; attention/sinks.hpp): head h's
+  /// softmax has one more logit sinks(h) in its denominator that carries no value, on either
+  /// path; weights returned by need_weights then sum to less than 1 per row (the rest is the
+  /// sink's). Every forward, forward_batch and decode step of a layer takes them last.
   template <class DQ, class DK, class DV, class Mask = NoMask>
   MultiHeadResult<T> forward(const Eigen::MatrixBase<DQ>& query, const Eigen::MatrixBase<DK>& key,
                              const Eigen::MatrixBase<DV>& value, const MaskBase<Mask>& mask = NoMask{},
-                             const MultiHeadOptions& options = {}) const {
+                             const MultiHeadOptions& options = {},
+                             const Eigen::Ref<const Vector<T>>& sinks = Vector<T>()) const {
     static_assert(detail::supported_scalars<T, DQ, DK, DV>);
     ATTEND_CHECK(key.rows() == value.rows(), "key " + detail::shape_of(key) + " and value " +
                                                  detail::shape_of(value) + " must have the same number of rows");
@@ -441,7 +512,7 @@ class MultiHeadAttention {
     const bool want = options.need_weights != NeedWeights::None;
     const std::vector<detail::SequenceViews<T>> sequences{{q, k, v, heads, want ? &per_head : nullptr}};
     detail::multi_head_attention_batch<T>(
-        sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options);
+        sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options, sinks);
     result.output = project_output(heads);
     if (want) result.weights = collect_weights(std::move(per_head), options);
     return result;
@@ -450,17 +521,19 @@ class MultiHeadAttention {
   /// Self attention: forward(x, x, x).
   template <class DX, class Mask = NoMask>
   MultiHeadResult<T> forward(const Eigen::MatrixBase<DX>& x, const MaskBase<Mask>& mask = NoMask{},
-                             const MultiHeadOptions& options = {}) const {
+                             const MultiHeadOptions& options = {},
+                             const Eigen::Ref<const Vector<T>>& sinks = Vector<T>()) const {
     static_assert(detail::supported_scalars<T, DX>);
-    return forward(x, x, x, mask, options);
+    return forward(x, x, x, mask, options, sinks);
   }
 
   /// Cross attention of x (Lq, E_q) over memory (Lk, E_k = E_v): forward(x, memory, memory).
   template <class DX, class DM, class Mask = NoMask>
   MultiHeadResult<T> forward(const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DM>& memory,
-                             const MaskBase<Mask>& mask = NoMask{}, const MultiHeadOptions& options = {}) const {
+                             const MaskBase<Mask>& mask = NoMask{}, const MultiHeadOptions& options = {},
+                             const Eigen::Ref<const Vector<T>>& sinks = Vector<T>()) const {
     static_assert(detail::supported_scalars<T, DX, DM>);
-    return forward(x, memory, memory, mask, options);
+    return forward(x, memory, memory, mask, options, sinks);
   }
 
   /// A batch of sequences of different lengths, threaded over (sequence, head). Sequence s
@@ -468,11 +541,13 @@ class MultiHeadAttention {
   /// `memories` is empty. `mask` is bound for each sequence s (HeadIndex::batch = s) and head;
   /// `key_valid_lengths` (any integer type), when given, adds KeyPadding(key_valid_lengths)
   /// (PyTorch key_padding_mask with trailing True entries). Returns the (Lq_s, E_out) outputs.
-  /// The forward_batch overload with SequenceRows reads one padded or packed matrix in place.
+  /// `sinks` as in forward. The forward_batch overload with SequenceRows reads one padded or
+  /// packed matrix in place.
   template <class Mask = NoMask, class Lengths = std::vector<Index>>
   std::vector<Matrix<T>> forward_batch(const std::vector<Matrix<T>>& queries, const std::vector<Matrix<T>>& memories,
                                        const MaskBase<Mask>& mask = NoMask{}, const Lengths& key_valid_lengths = {},
-                                       const AttentionOptions& options = {}) const {
+                                       const AttentionOptions& options = {},
+                                       const Eigen::Ref<const Vector<T>>& sinks = Vector<T>()) const {
     const std::size_t n = queries.size();
     ATTEND_CHECK(memories.empty() || memories.size() == n,
                  std::to_string(memories.size()) + " memories for " + std::to_string(n) +
@@ -499,7 +574,7 @@ class MultiHeadAttention {
     }
     const auto padded = mask.derived() & KeyPadding(valid);
     detail::multi_head_attention_batch<T>(
-        sequences, layout_, [&](Index) -> const auto& { return padded; }, options);
+        sequences, layout_, [&](Index) -> const auto& { return padded; }, options, sinks);
     std::vector<Matrix<T>> outputs(n);
     for (std::size_t s = 0; s < n; ++s) outputs[s] = project_output(heads[s]);
     return outputs;
@@ -512,12 +587,13 @@ class MultiHeadAttention {
   /// bound for each (sequence, head) with that sequence's lengths, so per-sequence policies
   /// (KeyPadding(lengths), KeyPaddingMask, (B H Lq, Lk) stacked masks for equal lengths) apply.
   /// Returns output rows as the queries' (zero where no sequence is) and, when
-  /// options.need_weights asks, each sequence's weights as forward returns them.
+  /// options.need_weights asks, each sequence's weights as forward returns them. `sinks` as in
+  /// forward.
   template <class DX, class DM, class Mask = NoMask>
   MultiHeadBatchResult<T> forward_batch(const Eigen::MatrixBase<DX>& queries, const SequenceRows& query_rows,
                                         const Eigen::MatrixBase<DM>& memories, const SequenceRows& memory_rows,
-                                        const MaskBase<Mask>& mask = NoMask{},
-                                        const MultiHeadOptions& options = {}) const {
+                                        const MaskBase<Mask>& mask = NoMask{}, const MultiHeadOptions& options = {},
+                                        const Eigen::Ref<const Vector<T>>& sinks = Vector<T>()) const {
     static_assert(detail::supported_scalars<T, DX, DM>);
     const Index batch = query_rows.size();
     ATTEND_CHECK(memory_rows.size() == batch, std::to_string(batch) + " query sequences and " +
@@ -547,7 +623,7 @@ class MultiHeadAttention {
                            want ? &per_head[std::size_t(b)] : nullptr});
     }
     detail::multi_head_attention_batch<T>(
-        sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options);
+        sequences, layout_, [&](Index) -> const Mask& { return mask.derived(); }, options, sinks);
     MultiHeadBatchResult<T> result{project_output(heads), {}};
     for (Index r = 0; r < result.output.rows(); ++r)
       if (!used[std::size_t(r)]) result.output.row(r).setZero();
@@ -556,12 +632,12 @@ class MultiHeadAttention {
     return result;
   }
 
-  /// Self attention of a batch read in place: forward_batch(x, rows, x, rows, mask, options).
+  /// Self attention of a batch read in place: forward_batch(x, rows, x, rows, mask, options, sinks).
   template <class DX, class Mask = NoMask>
   MultiHeadBatchResult<T> forward_batch(const Eigen::MatrixBase<DX>& x, const SequenceRows& rows,
-                                        const MaskBase<Mask>& mask = NoMask{},
-                                        const MultiHeadOptions& options = {}) const {
-    return forward_batch(x, rows, x, rows, mask, options);
+                                        const MaskBase<Mask>& mask = NoMask{}, const MultiHeadOptions& options = {},
+                                        const Eigen::Ref<const Vector<T>>& sinks = Vector<T>()) const {
+    return forward_batch(x, rows, x, rows, mask, options, sinks);
   }
 
  private:

@@ -13,6 +13,7 @@
 #include "../options.hpp"
 #include "../scores.hpp"
 #include "../types.hpp"
+#include "../detail/sinks.hpp"
 #include "blocked.hpp"
 #include "materialized.hpp"
 
@@ -70,6 +71,33 @@ void attention_into(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef
   }
 }
 
+/// attention_into with a learned sink (attention/sinks.hpp): the path's result and log-sum-exp,
+/// then each row merged with the partial (0, sink) in T, before the output is rounded to O.
+/// `lse` (Lq, or empty) receives the merged log-sum-exp. Every entry point that takes sinks runs
+/// this per head (or, the batched call, its per-tile equivalent).
+template <class S, class Score, class Mask, class O = S>
+void attention_with_sink_into(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef<identity_t<S>>& k,
+                              const ConstMatrixRef<identity_t<S>>& v, const Score& score, const Mask& mask,
+                              const AttentionOptions& options, MatrixRef<identity_t<O>> out,
+                              VectorRef<accumulator_t<S>> lse, accumulator_t<S> sink, const HeadIndex& at = {}) {
+  using T = accumulator_t<S>;
+  if (lse.size() == 0 && q.rows() != 0) {  // the merge needs the log-sum-exp
+    Vector<T> own(q.rows());
+    return attention_with_sink_into<S, Score, Mask, O>(q, k, v, score, mask, options, out, own, sink, at);
+  }
+  if constexpr (std::is_same_v<O, T>) {
+    attention_into<S, Score, Mask, O>(q, k, v, score, mask, options, out, lse, at);
+    merge_sink_into<T>(out, lse, sink);
+  } else {  // merged in T, rounded once
+    check_shape(out, q.rows(), v.cols(), "output");
+    check_outputs_do_not_alias<S, O, T>(q, k, v, out, lse);
+    Matrix<T> full(out.rows(), out.cols());
+    attention_into<S, Score, Mask, T>(q, k, v, score, mask, options, full, lse, at);
+    merge_sink_into<T>(full, lse, sink);
+    out = full.template cast<O>();
+  }
+}
+
 }  // namespace detail
 
 /// Writes softmax(scale * Q K^T + mask) V into `out` (Lq, Dv), and each row's log-sum-exp into
@@ -84,8 +112,13 @@ void attention_into(const ConstMatrixRef<identity_t<S>>& q, const ConstMatrixRef
 /// \param mask mask policy (default: none)
 /// \param options scale (default 1/sqrt(Dk)), algorithm, tile sizes
 /// \param lse  (Lq) or empty; float for bf16 and half inputs
+/// \param sinks empty, or one learned sink logit s (attention/sinks.hpp; the one head of a
+///         multi-head call's sinks(h), e.g. `sinks.segment(h, 1)`): an extra logit in every row's
+///         softmax denominator that carries no value, so out_i = sum_j e^(x_ij - lse_i) v_j with
+///         lse_i = log(e^s + sum_j e^(x_ij)), on either path. A row that sees no key keeps a zero
+///         output and gets lse = s.
 /// \throws attend::invalid_argument on mismatched shapes, a mask of the wrong shape, a bad window,
-///         a bad tile size, or `out` or `lse` aliasing an input.
+///         a bad tile size, more than one sink, or `out` or `lse` aliasing an input.
 ///
 /// Inputs of Eigen::bfloat16 or Eigen::half are read in place and computed in float (scores,
 /// softmax, P V, log-sum-exp); the output is rounded to the inputs' type once, or written in
@@ -94,14 +127,20 @@ template <class DQ, class DK, class DV, class Mask = NoMask>
 void scaled_dot_product_attention_into(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
     MatrixRef<typename DQ::Scalar> out, const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-    VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>()) {
+    VectorRef<accumulator_t<typename DQ::Scalar>> lse = detail::no_vector<accumulator_t<typename DQ::Scalar>>(),
+    const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using S = typename DQ::Scalar;
   using T = accumulator_t<S>;
   detail::check_qkv(q, k, v);
+  detail::check_sinks(sinks.size(), 1);
   const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
-  detail::attention_into<S>(q_ref, k_ref, v_ref, detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())},
-                            mask.derived(), options, out, lse);  // (the instantiation extern_templates.hpp names)
+  const detail::ScaledDot<T> score{detail::resolve_scale<T>(options, q.cols())};
+  if (sinks.size() != 0)
+    detail::attention_with_sink_into<S>(q_ref, k_ref, v_ref, score, mask.derived(), options, out, lse, T(sinks(0)));
+  else
+    detail::attention_into<S>(q_ref, k_ref, v_ref, score, mask.derived(), options, out,
+                              lse);  // (the instantiation extern_templates.hpp names)
 }
 
 /// bf16 or half inputs with a float output (and log-sum-exp): the output is not rounded.
@@ -110,58 +149,72 @@ template <class DQ, class DK, class DV, class Mask = NoMask,
 void scaled_dot_product_attention_into(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                        const Eigen::MatrixBase<DV>& v, MatrixRef<float> out,
                                        const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
-                                       VectorRef<float> lse = detail::no_vector<float>()) {
+                                       VectorRef<float> lse = detail::no_vector<float>(),
+                                       const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks =
+                                           Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using S = typename DQ::Scalar;
   detail::check_qkv(q, k, v);
+  detail::check_sinks(sinks.size(), 1);
   const ConstMatrixRef<S> q_ref(q), k_ref(k), v_ref(v);
-  detail::attention_into<S, detail::ScaledDot<float>, Mask, float>(
-      q_ref, k_ref, v_ref, detail::ScaledDot<float>{detail::resolve_scale<float>(options, q.cols())}, mask.derived(),
-      options, out, lse);
+  const detail::ScaledDot<float> score{detail::resolve_scale<float>(options, q.cols())};
+  if (sinks.size() != 0)
+    detail::attention_with_sink_into<S, detail::ScaledDot<float>, Mask, float>(q_ref, k_ref, v_ref, score,
+                                                                               mask.derived(), options, out, lse,
+                                                                               float(sinks(0)));
+  else
+    detail::attention_into<S, detail::ScaledDot<float>, Mask, float>(q_ref, k_ref, v_ref, score, mask.derived(),
+                                                                      options, out, lse);
 }
 
-/// Returns softmax(scale * Q K^T + mask) V, shape (Lq, Dv). See scaled_dot_product_attention_into.
+/// Returns softmax(scale * Q K^T + mask) V, shape (Lq, Dv), with a learned sink when `sinks`
+/// holds one. See scaled_dot_product_attention_into.
 template <class DQ, class DK, class DV, class Mask = NoMask>
-Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q,
-                                                         const Eigen::MatrixBase<DK>& k,
-                                                         const Eigen::MatrixBase<DV>& v,
-                                                         const MaskBase<Mask>& mask = NoMask{},
-                                                         const AttentionOptions& options = {}) {
+Matrix<typename DQ::Scalar> scaled_dot_product_attention(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   detail::check_qkv(q, k, v);
   Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
-  scaled_dot_product_attention_into(q, k, v, out, mask, options);
+  scaled_dot_product_attention_into(q, k, v, out, mask, options,
+                                    detail::no_vector<accumulator_t<typename DQ::Scalar>>(), sinks);
   return out;
 }
 
-/// Returns the output with each row's log-sum-exp, through the path `options` selects.
+/// Returns the output with each row's log-sum-exp (the sink's term included when `sinks` holds
+/// one), through the path `options` selects.
 template <class DQ, class DK, class DV, class Mask = NoMask>
-AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_lse(const Eigen::MatrixBase<DQ>& q,
-                                                                           const Eigen::MatrixBase<DK>& k,
-                                                                           const Eigen::MatrixBase<DV>& v,
-                                                                           const MaskBase<Mask>& mask = NoMask{},
-                                                                           const AttentionOptions& options = {}) {
+AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_lse(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   detail::check_qkv(q, k, v);
   AttentionResult<typename DQ::Scalar> result{Matrix<typename DQ::Scalar>(q.rows(), v.cols()),
                                               Vector<accumulator_t<typename DQ::Scalar>>(q.rows()), {}};
-  scaled_dot_product_attention_into(q, k, v, result.output, mask, options, result.lse);
+  scaled_dot_product_attention_into(q, k, v, result.output, mask, options, result.lse, sinks);
   return result;
 }
 
 /// Returns the output, the (Lq, Lk) weights and the log-sum-exp, through the materialized path
-/// (the weights are the score matrix it forms anyway).
+/// (the weights are the score matrix it forms anyway). With a sink (`sinks` holds one logit s),
+/// the weights are e^(x_ij - lse_i) with the sink's term in lse_i: each row sums to
+/// 1 - e^(s - lse_i) < 1, the rest going to the sink.
 template <class DQ, class DK, class DV, class Mask = NoMask>
 AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_weights(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {}) {
+    const MaskBase<Mask>& mask = NoMask{}, const AttentionOptions& options = {},
+    const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks = Vector<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
   using S = typename DQ::Scalar;
   using T = accumulator_t<S>;
   detail::check_qkv(q, k, v);
+  detail::check_sinks(sinks.size(), 1);
   if constexpr (detail::is_reduced_precision<S>) {  // on float copies, the output rounded once
     AttentionResult<T> full = scaled_dot_product_attention_with_weights(
-        q.template cast<T>(), k.template cast<T>(), v.template cast<T>(), mask, options);
+        q.template cast<T>(), k.template cast<T>(), v.template cast<T>(), mask, options,
+        Vector<T>(sinks.template cast<T>()));
     return {full.output.template cast<S>(), std::move(full.lse), std::move(full.weights)};
   } else {
     const detail::ThreadScope threads(options.num_threads);
@@ -171,6 +224,10 @@ AttentionResult<typename DQ::Scalar> scaled_dot_product_attention_with_weights(
     detail::materialized_attention<T>(q_ref, k_ref, v_ref,
                                       detail::ScaledDot<T>{detail::resolve_scale<T>(options, q.cols())}, bound,
                                       result.output, result.lse, result.weights);
+    if (sinks.size() != 0) {
+      MatrixRef<T> weights(result.weights);
+      detail::merge_sink_into<T>(result.output, result.lse, T(sinks(0)), &weights);
+    }
     return result;
   }
 }

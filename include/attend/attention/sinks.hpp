@@ -10,62 +10,34 @@
 /// rest going to the sink. This is the log-sum-exp merge (split_kv.hpp) of the attention's result
 /// (o, lse) with one more partial, output 0 and log-sum-exp s_h:
 ///   lse' = log(e^lse + e^(s_h)),   o' = e^(lse - lse') o,
-/// so every path adds it after its own softmax, in one pass over the output, and a split-KV
-/// decode merges it once after its splits. A row that sees no key keeps a zero output and gets
-/// lse = s_h; a sink of -inf changes nothing.
+/// so every path adds it after its own softmax, in one pass over the output (detail::
+/// merge_sink_into, detail/sinks.hpp), and a split-KV decode merges it once after its splits. A
+/// row that sees no key keeps a zero output and gets lse = s_h; a sink of -inf changes nothing.
+/// Weights that a call returns (need_weights, scaled_dot_product_attention_with_weights) are
+/// e^(x_ij - lse_i) with the sink in lse_i: each row sums to 1 - e^(s_h - lse_i) < 1.
+///
+/// Every entry point takes sinks (H logits, in q's scalar, or empty: none) right after its
+/// options: scaled_dot_product_attention(_with_lse, _with_weights) (one logit),
+/// multi_head_attention, batched_attention(_into), MultiHeadAttention::forward and forward_batch,
+/// decode_step(_into), decode_attention_into, paged_attention_into (then its lse) and
+/// paged_decode_step(_into); scaled_dot_product_attention_into and multi_head_attention_into
+/// (with or without SequenceRows) take them after their log-sum-exp output. Below:
+/// add_attention_sinks_into, for a result computed elsewhere, and the older spelling
+/// multi_head_attention_with_sinks_into, which is multi_head_attention_into with sinks and a
+/// log-sum-exp.
 #pragma once
 
 #include "../detail/checks.hpp"
-#include "../detail/parallel.hpp"
+#include "../detail/sinks.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
-#include "../scores.hpp"
 #include "../types.hpp"
 #include "multi_head.hpp"
 #include "scaled_dot_product.hpp"
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
 #include <string>
 
 namespace attend {
-namespace detail {
-
-/// An empty matrix view: "this optional output is not wanted".
-template <class T>
-MatrixRef<T> no_matrix() {
-  return MatrixRef<T>(Eigen::Map<Matrix<T>>(nullptr, 0, 0));
-}
-
-/// Merges the partial of a sink, output 0 and log-sum-exp `sink`, into (out, lse), row by row
-/// (see the file comment), as merge_partial_into would with a zero partial. Rows where both are
-/// -inf stay zero with lse -inf; a NaN sink makes the row NaN.
-/// \param out (L, d_v), lse (L)
-template <class T>
-void merge_sink_into(MatrixRef<T> out, VectorRef<T> lse, T sink) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  for (Index i = 0; i < out.rows(); ++i) {
-    const T a = lse(i);
-    const T m = std::isnan(sink) ? sink : std::max(a, sink);
-    if (m == kNegInf) {  // neither the keys nor the sink
-      out.row(i).setZero();
-      continue;
-    }
-    const T wa = std::exp(a - m), wb = std::exp(sink - m), sum = wa + wb;
-    out.row(i) *= wa / sum;
-    lse(i) = m + std::log(sum);
-  }
-}
-
-/// Checks a sink vector against H heads: empty (no sinks) or H logits.
-inline void check_sinks(Index sinks, Index heads) {
-  ATTEND_CHECK(sinks == 0 || sinks == heads, "sinks of size " + std::to_string(sinks) +
-                                                 " must be empty or have num_heads = " + std::to_string(heads) +
-                                                 " entries");
-}
-
-}  // namespace detail
 
 /// Adds learned sinks to the result of any attention path (see the file comment): each head h
 /// of `out` and its column of `lse` are merged with the partial (0, sinks(h)).
@@ -96,6 +68,7 @@ void add_attention_sinks_into(MatrixRef<T> out, MatrixRef<T> lse, const Eigen::R
 /// attends over kv head g = h / (H / H_kv) of k (Lk, H_kv d) and v (Lk, H_kv d_v) with `mask`
 /// (bound per head as HeadIndex{0, h, 1, H}) through the path `options` selects, materialized or
 /// blocked, and its result is merged with the sink (0, sinks(h)). Heads run in parallel.
+/// The same as multi_head_attention_into(q, k, v, num_heads, out, mask, options, lse, sinks).
 ///
 /// \param out   (Lq, H d_v), not sharing memory with q, k, v or lse
 /// \param sinks (H) one logit per head; empty: none
@@ -109,41 +82,16 @@ void multi_head_attention_with_sinks_into(
     const Eigen::Ref<const Vector<typename DQ::Scalar>>& sinks, const AttentionOptions& options = {},
     MatrixRef<typename DQ::Scalar> lse = detail::no_matrix<typename DQ::Scalar>()) {
   static_assert(detail::supported_scalars<DQ, DK, DV>);
-  using T = typename DQ::Scalar;
-  const detail::ThreadScope threads(options.num_threads);
-  const detail::HeadLayout layout = detail::infer_head_layout(q.cols(), k.cols(), v.cols(), num_heads);
-  const Index heads = layout.heads, d = layout.key_dim, dv = layout.value_dim;
-  ATTEND_CHECK(k.rows() == v.rows(), "k " + detail::shape_of(k) + " and v " + detail::shape_of(v) +
-                                         " must have the same number of rows (keys)");
-  detail::check_shape(out, q.rows(), heads * dv, "output");
-  detail::check_sinks(sinks.size(), heads);
-  ATTEND_CHECK(lse.size() == 0 || (lse.rows() == q.rows() && lse.cols() == heads),
-               "log-sum-exp " + detail::shape_of(lse) + " must be empty or (" + std::to_string(q.rows()) + " x " +
-                   std::to_string(heads) + ")");
-  const ConstMatrixRef<T> q_ref(q), k_ref(k), v_ref(v);
-  detail::check_outputs_do_not_alias<T>(q_ref, k_ref, v_ref, out, detail::no_vector<T>());
-  detail::check_no_alias(lse, "log-sum-exp", q_ref, "input q");
-  detail::check_no_alias(lse, "log-sum-exp", k_ref, "input k");
-  detail::check_no_alias(lse, "log-sum-exp", v_ref, "input v");
-  detail::check_no_alias(lse, "log-sum-exp", out, "output");
-  for (Index h = 0; h < heads; ++h)  // every head's mask fits, before anything is written
-    detail::bind_mask(mask.derived(), HeadIndex{0, h, 1, heads}, q.rows(), k.rows());
-  const detail::ScaledDot<T> score{detail::resolve_scale<T>(options, d)};
-  detail::parallel_for_with_scratch(
-      heads, [&] { return Vector<T>(q.rows()); },
-      [&](Index h, Vector<T>& head_lse) {
-        const Index g = layout.kv_head_of(h);
-        MatrixRef<T> all_out = out;
-        MatrixRef<T> head_out = all_out.middleCols(h * dv, dv);  // (Lq, d_v)
-        detail::attention_into<T>(q_ref.middleCols(h * d, d), k_ref.middleCols(g * d, d),
-                                  v_ref.middleCols(g * dv, dv), score, mask.derived(), options, head_out, head_lse,
-                                  HeadIndex{0, h, 1, heads});
-        if (sinks.size() != 0) detail::merge_sink_into<T>(head_out, head_lse, sinks(h));
-        if (lse.size() != 0) {
-          MatrixRef<T> all_lse = lse;
-          all_lse.col(h) = head_lse;
-        }
-      });
+  using S = typename DQ::Scalar;
+  using T = accumulator_t<S>;
+  if constexpr (std::is_same_v<S, T>) {
+    multi_head_attention_into(q, k, v, num_heads, out, mask, options, lse, sinks);
+  } else {  // the log-sum-exp is computed in float, and stored as asked
+    Matrix<T> lse_full(lse.rows(), lse.cols());
+    multi_head_attention_into(q, k, v, num_heads, out, mask, options,
+                              lse.size() != 0 ? MatrixRef<T>(lse_full) : detail::no_matrix<T>(), sinks);
+    lse = lse_full.template cast<S>();
+  }
 }
 
 }  // namespace attend
