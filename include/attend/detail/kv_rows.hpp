@@ -200,7 +200,10 @@ class KVRows {
   void assign(Index r, const Eigen::MatrixBase<D>& x) {
     if constexpr (kQuantized) {
       const Index nb = q8_blocks(dim_);
-      Vector<float> values(dim_);
+      std::vector<float> buffer(static_cast<std::size_t>(dim_));
+      // A map cannot resize: assigning to a Vector here made GCC 12 see a free before a use
+      // (-Wuse-after-free, a false positive that broke -Wall -Werror builds without -march).
+      Eigen::Map<Vector<float>> values(buffer.data(), dim_);
       for (Index i = 0; i < x.rows(); ++i)
         for (Index g = 0; g < heads_; ++g) {
           values = x.row(i).segment(g * dim_, dim_).transpose().template cast<float>();
