@@ -10,6 +10,7 @@
 #include "parallel.hpp"
 
 #include <algorithm>
+#include <cstddef>
 #include <string>
 #include <type_traits>
 
@@ -60,7 +61,7 @@ void dot_block(T* y, Index y_stride, const T* x, Index x_stride, const S* w, Ind
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   constexpr Index W = kLanes<T>;
-  P sums[R][F][U];
+  P sums[std::size_t(R)][std::size_t(F)][std::size_t(U)];
   ATTEND_UNROLL
   for (int r = 0; r < R; ++r) {
     ATTEND_UNROLL
@@ -70,7 +71,7 @@ void dot_block(T* y, Index y_stride, const T* x, Index x_stride, const S* w, Ind
     }
   }
   const auto step = [&](Index c, int u) {
-    P wf[F];
+    P wf[std::size_t(F)];
     ATTEND_UNROLL
     for (int f = 0; f < F; ++f) wf[f] = load_as<T>(w + f * w_stride + c);
     ATTEND_UNROLL
