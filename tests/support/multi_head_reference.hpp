@@ -108,10 +108,14 @@ struct Expected {
 };
 
 /// The layer of weights `w` (and rotary positions `rotary`, when given) on query (Lq, E_q) over
-/// key (Lk, E_k) and value (Lk, E_v) with the visibility `visible` (Lq, Lk).
-template <class T>
-Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query, const Matrix<T>& key,
-                         const Matrix<T>& value, const BoolMatrix& visible, const RotarySpec* rotary = nullptr) {
+/// key (Lk, E_k) and value (Lk, E_v), each head h attended by
+///   head(h, q_h, k_g, v_g, qt_h, kt_g, vt_g)
+/// on its long-double projections (q, k, v) and their T counterparts (qt, kt, vt), g its kv head;
+/// it returns a struct with output, weights, base_output and base_weights.
+template <class T, class Head>
+Expected<T> expected_mha_per_head(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query,
+                                  const Matrix<T>& key, const Matrix<T>& value, const RotarySpec* rotary,
+                                  const Head& head) {
   RealMatrix q = project<Real>(query, w.q_proj_weight, w.q_proj_bias);
   RealMatrix k = project<Real>(key, w.k_proj_weight, w.k_proj_bias);
   const RealMatrix v = project<Real>(value, w.v_proj_weight, w.v_proj_bias);
@@ -129,18 +133,34 @@ Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Mat
   Expected<T> e;
   for (Index h = 0; h < s.heads; ++h) {
     const Index g = h / (s.heads / s.kv_heads);
-    const Reference ref = reference_attention(q.middleCols(h * s.d, s.d), k.middleCols(g * s.d, s.d),
-                                              v.middleCols(g * s.dv, s.dv), 1 / std::sqrt(Real(s.d)), visible);
-    const Baseline<T> base = baseline_attention<T>(qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d),
-                                                   vt.middleCols(g * s.dv, s.dv), T(1) / std::sqrt(T(s.d)), visible);
-    heads.middleCols(h * s.dv, s.dv) = ref.output;
-    base_heads.middleCols(h * s.dv, s.dv) = base.output;
-    e.weights.push_back(ref.weights);
-    e.base_weights.push_back(base.weights);
+    const auto one = head(h, q.middleCols(h * s.d, s.d), k.middleCols(g * s.d, s.d), v.middleCols(g * s.dv, s.dv),
+                          qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d), vt.middleCols(g * s.dv, s.dv));
+    heads.middleCols(h * s.dv, s.dv) = one.output;
+    base_heads.middleCols(h * s.dv, s.dv) = one.base_output;
+    e.weights.push_back(one.weights);
+    e.base_weights.push_back(one.base_weights);
   }
   e.output = project<Real>(heads, w.out_proj_weight, w.out_proj_bias);
   e.base_output = project<T>(base_heads, w.out_proj_weight, w.out_proj_bias);
   return e;
+}
+
+/// The layer with plain attention per head under the visibility `visible` (Lq, Lk).
+template <class T>
+Expected<T> expected_mha(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query, const Matrix<T>& key,
+                         const Matrix<T>& value, const BoolMatrix& visible, const RotarySpec* rotary = nullptr) {
+  struct Head {
+    RealMatrix output, weights;
+    Matrix<T> base_output, base_weights;
+  };
+  const Real scale = 1 / std::sqrt(Real(s.d));
+  return expected_mha_per_head<T>(s, w, query, key, value, rotary,
+                                  [&](Index, const RealMatrix& q, const RealMatrix& k, const RealMatrix& v,
+                                      const Matrix<T>& qt, const Matrix<T>& kt, const Matrix<T>& vt) {
+                                    const Reference ref = reference_attention(q, k, v, scale, visible);
+                                    const Baseline<T> base = baseline_attention<T>(qt, kt, vt, T(scale), visible);
+                                    return Head{ref.output, ref.weights, base.output, base.weights};
+                                  });
 }
 
 }  // namespace attend::test

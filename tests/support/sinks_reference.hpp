@@ -89,35 +89,12 @@ template <class T>
 Expected<T> expected_mha_with_sinks(const Shape& s, const MultiHeadWeights<T>& w, const Matrix<T>& query,
                                     const Matrix<T>& key, const Matrix<T>& value, const BoolMatrix& visible,
                                     const Vector<T>& sinks, const RotarySpec* rotary = nullptr) {
-  RealMatrix q = project<Real>(query, w.q_proj_weight, w.q_proj_bias);
-  RealMatrix k = project<Real>(key, w.k_proj_weight, w.k_proj_bias);
-  const RealMatrix v = project<Real>(value, w.v_proj_weight, w.v_proj_bias);
-  Matrix<T> qt = project<T>(query, w.q_proj_weight, w.q_proj_bias);
-  Matrix<T> kt = project<T>(key, w.k_proj_weight, w.k_proj_bias);
-  const Matrix<T> vt = project<T>(value, w.v_proj_weight, w.v_proj_bias);
-  if (rotary) {
-    rotate(q, *rotary);
-    rotate(k, *rotary);
-    rotate(qt, *rotary);
-    rotate(kt, *rotary);
-  }
-  RealMatrix heads(query.rows(), s.heads * s.dv);
-  Matrix<T> base_heads(query.rows(), s.heads * s.dv);
-  Expected<T> e;
-  for (Index h = 0; h < s.heads; ++h) {
-    const Index g = h / (s.heads / s.kv_heads);
-    const SinkExpected<T> head =
-        sink_attention<T>(q.middleCols(h * s.d, s.d), k.middleCols(g * s.d, s.d), v.middleCols(g * s.dv, s.dv),
-                          qt.middleCols(h * s.d, s.d), kt.middleCols(g * s.d, s.d), vt.middleCols(g * s.dv, s.dv),
-                          1 / std::sqrt(Real(s.d)), Real(sinks(h)), visible);
-    heads.middleCols(h * s.dv, s.dv) = head.output;
-    base_heads.middleCols(h * s.dv, s.dv) = head.base_output;
-    e.weights.push_back(head.weights);
-    e.base_weights.push_back(head.base_weights);
-  }
-  e.output = project<Real>(heads, w.out_proj_weight, w.out_proj_bias);
-  e.base_output = project<T>(base_heads, w.out_proj_weight, w.out_proj_bias);
-  return e;
+  const Real scale = 1 / std::sqrt(Real(s.d));
+  return expected_mha_per_head<T>(s, w, query, key, value, rotary,
+                                  [&](Index h, const RealMatrix& q, const RealMatrix& k, const RealMatrix& v,
+                                      const Matrix<T>& qt, const Matrix<T>& kt, const Matrix<T>& vt) {
+                                    return sink_attention<T>(q, k, v, qt, kt, vt, scale, Real(sinks(h)), visible);
+                                  });
 }
 
 }  // namespace attend::test
