@@ -6,6 +6,7 @@
 #include <attend/attend.hpp>
 
 #include <cstdio>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -75,7 +76,8 @@ int exercise() {
 }
 
 /// A float layer decoding from caches in every reduced format S (bf16, half, q8_0), contiguous
-/// and paged: their conversions on append are where GCC 12 once warned inside Eigen.
+/// and paged (their conversions on append are where GCC 12 once warned inside Eigen), and for
+/// bf16 and half a layer in S (its projections round through attend's packet stores).
 template <class S>
 int exercise_cache_format() {
   using attend::Index;
@@ -96,6 +98,15 @@ int exercise_cache_format() {
   for (Index t = 0; t < 3; ++t)
     out.row(t) = attend::decode_step(layer, cache, x.row(t)) +
                  attend::paged_decode_step(layer, paged, sequences, attend::SequenceRows::packed(std::vector<Index>{0, 1}), x.row(t));
+  if constexpr (!std::is_same_v<S, attend::Q8_0>) {
+    attend::MultiHeadWeights<S> reduced;
+    reduced.q_proj_weight = weights.q_proj_weight.template cast<S>();
+    reduced.k_proj_weight = weights.k_proj_weight.template cast<S>();
+    reduced.v_proj_weight = weights.v_proj_weight.template cast<S>();
+    reduced.out_proj_weight = weights.out_proj_weight.template cast<S>();
+    const attend::MultiHeadAttention<S> reduced_layer(kHeads, reduced, kKvHeads);
+    out += reduced_layer.forward(x.template cast<S>()).output.template cast<float>();
+  }
   return out.allFinite() ? 0 : 1;
 }
 

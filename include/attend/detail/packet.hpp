@@ -12,6 +12,10 @@
 #include <limits>
 #include <type_traits>
 
+#if defined(__F16C__)
+#include <immintrin.h>  // _cvtsh_ss and the packet conversions, also where Eigen does not vectorize
+#endif
+
 // A packet type (__m512, ...) as a template argument makes GCC warn that its alignment
 // attribute is ignored; Eigen silences the same warning in its own headers.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -106,7 +110,10 @@ void store_as(S* p, const P& x) {
     simd::pstoreu(p, x);
 #if defined(__F16C__) && defined(EIGEN_VECTORIZE_AVX512)
   } else if constexpr (std::is_same_v<S, Eigen::half> && std::is_same_v<T, float>) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    // (The masked form: unoptimized GCC expands the unmasked one into a -1 mask, which a user's
+    // -Wsign-conversion reports.)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_mask_cvtps_ph(_mm256_setzero_si256(), __mmask16(0xFFFF), x, _MM_FROUND_TO_NEAREST_INT));
 #elif defined(__F16C__) && defined(EIGEN_VECTORIZE_AVX)
   } else if constexpr (std::is_same_v<S, Eigen::half> && std::is_same_v<T, float>) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
