@@ -81,8 +81,8 @@ TYPED_TEST(BackwardTest, EveryMaskAroundTileSizesMatchesTheReference) {
 TYPED_TEST(BackwardTest, DefaultTileEdgesMatchTheReference) {
   using T = TypeParam;
   ATTEND_SEEDED_RNG(rng);
-  // Around the backward's default 64 x 128 tiles and the forward's 64 x 256.
-  const std::vector<std::pair<Index, Index>> shapes{{63, 127}, {65, 129}, {128, 257}, {1, 300}};
+  // Around the backward's default 96 x 192 tiles (kBackwardDefaultTiles) and the forward's 64 x 256.
+  const std::vector<std::pair<Index, Index>> shapes{{95, 191}, {97, 193}, {192, 385}, {63, 257}, {1, 300}};
   for (const auto& [lq, lk] : shapes)
     for (const MaskSpec spec : {MaskSpec{MaskKind::None}, MaskSpec{MaskKind::Causal, Alignment::BottomRight},
                                 MaskSpec{MaskKind::WindowRandom, Alignment::TopLeft}}) {
@@ -91,6 +91,30 @@ TYPED_TEST(BackwardTest, DefaultTileEdgesMatchTheReference) {
       with_mask<T>(spec, lq, lk, rng, [&](const auto& mask, const MaskCase& c) {
         check_backward_case<T>(q, k, v, d_out, mask, c, {blocked_path()});
       });
+    }
+}
+
+TYPED_TEST(BackwardTest, RowDotsRoundAsTheScoreKernelsDotProducts) {
+  using T = TypeParam;
+  ATTEND_SEEDED_RNG(rng);
+  // D_i = <dO_i, O_i> must round as the score kernel's dP_ij = <dO_i, v_j> (so that a row that
+  // sees one key gets dS = 0 exactly): on every row count and width around the packet size, with
+  // strided rows, row_dots gives bitwise the diagonal of the score kernel's A B^T.
+  for (const Index rows : {1, 15, 16, 17, 40})
+    for (const Index n : {1, 7, 16, 17, 64, 130}) {
+      SCOPED_TRACE("rows=" + std::to_string(rows) + " n=" + std::to_string(n));
+      const Matrix<T> wide_a = rng.normal<T>(2 * rows, n + 3), wide_b = rng.normal<T>(rows, n + 5);
+      const Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> a(wide_a.data(), rows, n,
+                                                                  Eigen::OuterStride<>(2 * wide_a.outerStride()));
+      const auto b = wide_b.leftCols(n);
+      Vector<T> d(rows);
+      detail::row_dots(a.data(), a.outerStride(), b.data(), b.outerStride(), rows, n, d.data());
+      const Index lanes = detail::round_up_to_lanes<T>(rows);
+      Matrix<T> bt(n, lanes), st(rows, lanes);
+      detail::pack_scaled_queries<T>(b, T(1), bt);
+      detail::score_tile<T>(a, bt.data(), bt.outerStride(), lanes, st.data(), st.outerStride(),
+                            [&](Index, Index) { return KeyRange{0, rows}; });
+      for (Index i = 0; i < rows; ++i) EXPECT_EQ(d(i), st(i, i)) << "row " << i;
     }
 }
 
