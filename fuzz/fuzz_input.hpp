@@ -32,7 +32,7 @@ enum class Entry {
   LocalWindow,
   Additive,
   Batched,
-  Decode,
+  Decode,       // decode_step over a KVCache, or (paged) paged_attention_into over a PagedKVCache
   MultiHead,    // MultiHeadAttention::forward with projections, GQA, rotary, weights; decode_step(layer)
   Merge,        // merge_partial_into / merge_partials of split-KV partials
   DecodeSplit,  // decode_attention_into: one query row, keys in splits of block_k
@@ -95,6 +95,7 @@ struct Config {
   int need_weights = 0;        // MultiHead: NeedWeights
   Index e_k = 0, e_v = 0, e_out = 0;  // MultiHead: key, value and output widths
   int biases = 0;                     // MultiHead: bit b set = projection b (q, k, v, out) has a bias
+  bool paged = false;                 // Decode: a PagedKVCache with a forked sequence (run_paged)
 };
 
 template <class E>
@@ -216,6 +217,8 @@ inline Config draw_config(FuzzedDataProvider& in) {
     c.e_out = in.ConsumeIntegralInRange<Index>(0, 12);
     c.biases = in.ConsumeIntegralInRange<int>(0, 15);
   }
+  // Added with the paged entry (seeds written before it read false here).
+  if (c.entry == Entry::Decode) c.paged = in.ConsumeBool();
   return c;
 }
 

@@ -613,6 +613,129 @@ void run_decode(const Config& c, ValueSource<T>& src) {
   }
 }
 
+/// Paged decoding (the Decode entry with `paged` set): a PagedKVCache of `block_k` keys a block
+/// (the default for 0; a negative size must throw) holds sequence A, which appends the chunks'
+/// tokens, and B, forked from A after its first chunk (sharing its blocks, copy on write),
+/// truncated back by `left` positions, then appending tokens of its own. After each chunk both
+/// decode their new tokens in one paged_attention_into call, checked head by head against
+/// attention over the sequence's history (bottom-right causal), each sequence's rows against a
+/// call with it alone (bitwise, as documented), and the output block's guards. The pool holds
+/// ample blocks, or when `valid` < 0 only A's first chunk: an append that finds the pool short
+/// must throw and leave both sequences' lengths and the free blocks as they were. At the end,
+/// freeing both sequences returns every block to the pool.
+template <class T>
+void run_paged(const Config& c, ValueSource<T>& src) {
+  const Index kv_heads = c.batch, group = std::max<Index>(c.heads, 1), d = c.dk;
+  const Index heads = kv_heads * group + (c.perturb == Perturb::KeyDim ? 1 : 0);
+  const Index dv = c.dv == 0 ? d : c.dv;
+  const Index block = c.block_k == 0 ? PagedKVCacheOptions{}.block_size : c.block_k;
+  Index total = 0;
+  for (const Index n : c.chunks) total += n;
+  const bool tight = c.valid < 0;
+  const Index first = c.chunks.empty() ? 0 : c.chunks[0];
+  const Index pool = block < 1 ? 1 : tight ? std::max<Index>((first + block - 1) / block, 1)
+                                           : 2 * ((total + block - 1) / block) + 2;
+  const bool cache_invalid = kv_heads < 1 || d < 1 || block < 1;
+  std::optional<PagedKVCache<T>> cache;
+  expect(cache_invalid, "PagedKVCache", [&] {
+    PagedKVCacheOptions o;
+    o.block_size = block;
+    o.value_head_dim = c.dv;
+    cache.emplace(pool, kv_heads, d, o);
+  });
+  if (!cache) return;
+  // (A decode step reads no query tiles: like decode_attention_into it ignores block_q.)
+  const bool step_invalid = heads % kv_heads != 0 || scale_invalid<T>(c);
+  struct History {
+    Index id = -1;
+    Matrix<T> keys, values;  // every position the sequence holds, in order
+  };
+  std::vector<History> live;
+  live.push_back({cache->add_sequence(), Matrix<T>(0, kv_heads * d), Matrix<T>(0, kv_heads * dv)});
+  const auto append = [&](History& h, const Matrix<T>& k_new, const Matrix<T>& v_new, const std::string& what) {
+    std::vector<Index> lengths;
+    for (const History& x : live) lengths.push_back(cache->length(x.id));
+    const Index free_before = cache->free_blocks();
+    try {
+      cache->append(h.id, k_new, v_new);
+    } catch (const invalid_argument&) {
+      if (!tight) fail(what + ": append threw with an ample pool");
+      for (std::size_t i = 0; i < live.size(); ++i)
+        if (cache->length(live[i].id) != lengths[i]) fail(what + ": a failed append changed a sequence's length");
+      if (cache->free_blocks() != free_before) fail(what + ": a failed append changed the free blocks");
+      return false;
+    }
+    const Index before = h.keys.rows();
+    h.keys.conservativeResize(before + k_new.rows(), Eigen::NoChange);
+    h.values.conservativeResize(before + v_new.rows(), Eigen::NoChange);
+    h.keys.bottomRows(k_new.rows()) = k_new;
+    h.values.bottomRows(v_new.rows()) = v_new;
+    return true;
+  };
+  for (std::size_t s = 0; s < c.chunks.size(); ++s) {
+    const Index n = c.chunks[s];
+    const std::string what = "paged decode " + std::to_string(s) + " (" + std::to_string(n) + " tokens, block " +
+                             std::to_string(block) + ", " + std::to_string(live.size()) + " sequences)";
+    if (s == 1) {  // B: a fork of A, rolled back by `left` positions
+      History b = live[0];
+      b.id = cache->fork(live[0].id);
+      const Index keep = std::max<Index>(b.keys.rows() - std::max<Index>(c.left, 0), 0);
+      cache->truncate(b.id, keep);
+      b.keys.conservativeResize(keep, Eigen::NoChange);
+      b.values.conservativeResize(keep, Eigen::NoChange);
+      live.push_back(b);
+    }
+    std::vector<Matrix<T>> queries;
+    for (History& h : live) {
+      const Matrix<T> k_new = src.matrix(n, kv_heads * d), v_new = src.matrix(n, kv_heads * dv, true);
+      if (!append(h, k_new, v_new, what)) return;
+      queries.push_back(src.matrix(n, heads * d));
+    }
+    std::vector<Index> ids, offsets{0};
+    for (const History& h : live) {
+      ids.push_back(h.id);
+      offsets.push_back(offsets.back() + n);
+    }
+    Matrix<T> q(offsets.back(), heads * d);
+    for (std::size_t b = 0; b < live.size(); ++b) q.middleRows(offsets[b], n) = queries[b];
+    const AttentionOptions o = options_of(c, Algorithm::Auto);
+    expect(step_invalid, what, [&] {
+      GuardedOutput<T> out(q.rows(), heads * dv);
+      const Matrix<T> result = thread_invariant(c, what, [&] {
+        paged_attention_into(*cache, ids, SequenceRows::packed(offsets), q, heads, out.ref(), o);
+        return out.value();
+      });
+      out.check_guards(what);
+      for (std::size_t b = 0; b < live.size(); ++b) {
+        const History& h = live[b];
+        const std::string which = what + " sequence " + std::to_string(b);
+        Matrix<T> alone(n, heads * dv);
+        paged_attention_into(*cache, std::vector<Index>{h.id}, SequenceRows::packed(std::vector<Index>{0, n}),
+                             queries[b], heads, alone, o);
+        if (!same_bits(alone, Matrix<T>(result.middleRows(offsets[b], n))))
+          fail(which + ": its rows differ from a call with it alone");
+        const Index length = h.keys.rows();
+        BoolMatrix visible(n, length);
+        for (Index r = 0; r < n; ++r)
+          for (Index j = 0; j < length; ++j) visible(r, j) = j <= length - n + r;
+        for (Index head = 0; head < heads; ++head) {
+          const Index g = head / (heads / kv_heads);
+          const Matrix<T> qh = block_of(queries[b], 0, head * d, n, d), kh = block_of(h.keys, 0, g * d, length, d),
+                          vh = block_of(h.values, 0, g * dv, length, dv);
+          const Problem p = make_problem<T>(dot_scores<T>(qh, kh, default_scale<T>(c, d)), visible, nullptr,
+                                            all_finite(vh), qh, kh);
+          check_problem<T>(which + " head " + std::to_string(head), p, vh,
+                           block_of(result, offsets[b], head * dv, n, dv));
+        }
+      }
+    });
+  }
+  for (const History& h : live) cache->free_sequence(h.id);
+  if (cache->free_blocks() != cache->num_blocks())
+    fail("paged decode: " + std::to_string(cache->num_blocks() - cache->free_blocks()) +
+         " blocks stay taken after every sequence was freed");
+}
+
 /// a + b, saturated to Index's range (positions near INT64_MAX without overflow in the harness).
 inline Index saturated_add(Index a, Index b) {
   constexpr Index hi = std::numeric_limits<Index>::max(), lo = std::numeric_limits<Index>::min();
@@ -1048,7 +1171,7 @@ void run(const Config& c, FuzzedDataProvider& in) {
   set_threads(c.threads, c.eigen_threads);
   switch (c.entry) {
     case Entry::Batched: return run_batched<T>(c, src);
-    case Entry::Decode: return run_decode<T>(c, src);
+    case Entry::Decode: return c.paged ? run_paged<T>(c, src) : run_decode<T>(c, src);
     case Entry::MultiHead: return run_multi_head<T>(c, src);
     case Entry::Merge: return run_merge<T>(c, src);
     case Entry::DecodeSplit: return run_decode_split<T>(c, src);

@@ -116,6 +116,8 @@ def encode(cfg):
         for key in ("e_k", "e_v", "e_out"):
             rng(0, 12, cfg.get(key, 5))
         rng(0, 15, cfg.get("biases", 15))
+    if entry == "decode":
+        rng(0, 1, cfg.get("paged", 0))
     return bytes(out)
 
 
@@ -209,6 +211,16 @@ def configs():
     yield dict(si, base=2, name="sinusoidal-bad-base")
     yield dict(si, perturb=1, name="sinusoidal-bad-width")
     yield dict(si, perturb=2, name="sinusoidal-bad-length")
+    # Paged decoding: a forked, truncated sequence beside its parent (run_paged).
+    pg = dict(base, entry="decode", paged=1, dk=8, dv=5, heads=2, batch=2, chunks=[5, 3, 1, 4], bk=4, left=2,
+              threads=2)
+    yield dict(pg, name="paged-fork")
+    yield dict(pg, block_k=0, chunks=[9, 9, 9, 2], name="paged-default-block")
+    yield dict(pg, bk=1, left=70, name="paged-block-1-truncate-all")
+    yield dict(pg, valid=-1, name="paged-pool-too-small")
+    yield dict(pg, double=1, bk=3, heads=1, batch=3, threads=4, name="paged-double-mqa")
+    yield dict(pg, block_k=1, name="paged-bad-block")
+    yield dict(pg, chunks=[0, 2, 0, 1], name="paged-empty-chunks")
 
 
 def main():
