@@ -69,7 +69,7 @@ void row_dots(const T* a, Index a_stride, const T* b, Index b_stride, Index rows
       simd::ptranspose(y);
       for (Index c = 0; c < W; ++c) sum = simd::pmadd(x.packet[c], y.packet[c], sum);
     }
-    alignas(P) T lanes[W];
+    alignas(P) T lanes[std::size_t(W)];
     simd::pstore(lanes, sum);
     for (Index r = 0; r < block_rows; ++r) {
       const T* a_row = a + (i0 + r) * a_stride;
