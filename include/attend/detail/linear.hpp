@@ -58,7 +58,7 @@ P sum_of_packets(const P* p) {
 /// (sum_of_lanes), then the tail columns in order: its bits depend on depth and U alone, not on
 /// R, F or where the block sits.
 template <int R, int F, int U, class T, class S>
-void dot_block(T* y, Index y_stride, const T* x, Index x_stride, const S* w, Index w_stride, Index depth) {
+void projection_block(T* y, Index y_stride, const T* x, Index x_stride, const S* w, Index w_stride, Index depth) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   constexpr Index W = kLanes<T>;
@@ -99,7 +99,7 @@ void dot_block(T* y, Index y_stride, const T* x, Index x_stride, const S* w, Ind
 /// y = x W^T (y is (rows, out_features), x (rows, in_features) in T, W (out_features,
 /// in_features) in S) for a decode step's few rows: in parallel over fixed blocks of
 /// kProjectionFeatures rows of W, each read once from memory, in S, and widened in registers
-/// (dot_block; the rows of x past the first block re-read it from the cache). The bits do not
+/// (projection_block; the rows of x past the first block re-read it from the cache). The bits do not
 /// depend on threads, nor on the position of a row among x's rows; they differ between one
 /// row and several (U = kSingleRowUnroll or 1 accumulators per sum), as Eigen's GEMV and GEMM
 /// did. Any number of rows works; beyond kFewProjectionRows a GEMM is faster.
@@ -112,14 +112,14 @@ void few_rows_product(MatrixRef<T> y, const ConstMatrixRef<T>& x, const Matrix<S
         const Index f_end = std::min(features, (block + 1) * kProjectionFeatures);
         if (rows == 1) {
           for (Index f = block * kProjectionFeatures; f < f_end; ++f)
-            dot_block<1, 1, kSingleRowUnroll>(y.data() + f, 0, x.data(), 0, weight.data() + f * depth, 0, depth);
+            projection_block<1, 1, kSingleRowUnroll>(y.data() + f, 0, x.data(), 0, weight.data() + f * depth, 0, depth);
           return;
         }
         for (Index f = block * kProjectionFeatures; f < f_end; f += kFewFeaturesBlock)
           with_static_size<kFewFeaturesBlock>(std::min<Index>(kFewFeaturesBlock, f_end - f), [&](auto block_features) {
             for (Index r = 0; r < rows; r += kFewRowsBlock)
               with_static_size<kFewRowsBlock>(std::min<Index>(kFewRowsBlock, rows - r), [&](auto block_rows) {
-                dot_block<decltype(block_rows)::value, decltype(block_features)::value, 1>(
+                projection_block<decltype(block_rows)::value, decltype(block_features)::value, 1>(
                     y.data() + r * y.outerStride() + f, y.outerStride(), x.data() + r * x.outerStride(),
                     x.outerStride(), weight.data() + f * depth, depth, depth);
               });
