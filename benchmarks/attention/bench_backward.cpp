@@ -8,7 +8,8 @@
 // backward's. Counters: the backward's GFLOP/s and % of the FMA peak measured in the run, with
 // FlashAttention's convention that a backward is 2.5 forwards (5 GEMMs of L^2 d against 2;
 // half of it causal); the forward's GFLOP/s; their ratio `bwd_over_fwd` (the goal is >= 0.75 at
-// L >= 2048); and the backward's scratch bytes of all threads, which do not depend on L.
+// L >= 2048); and the backward's scratch bytes of all threads, which do not depend on L (the key
+// pass also keeps D = rowsum(dO o O) of the heads it works on: one float per query, left out).
 // `Backward16k` runs L = 16384 (d = 128, causal) to show that.
 //   benchmarks/attention_bench_backward --benchmark_filter='Backward/.*/2$' --benchmark_repetitions=3
 #include "support/counters.hpp"

@@ -8,7 +8,8 @@
 ///    accumulates dQ = scale dS K for its queries.
 /// Both recompute, tile by tile, S = scale Q K^T (masked, modified), P = exp(S - lse),
 /// dP = dO V^T, D_i = <dO_i, O_i> and dS = P * (dP - D); no (Lq, Lk) matrix is formed and the
-/// scratch per thread does not depend on the lengths. The products are the forward's
+/// scratch per thread does not depend on the lengths, but for D (one value per query, kept by
+/// the key pass; see KeyPassScratch). The products are the forward's
 /// register-blocked kernels (tile_kernels.hpp) on tiles packed the forward's way (packing.hpp).
 #pragma once
 
@@ -84,8 +85,13 @@ inline constexpr bool needs_slope = Modifier::active || has_score_slope<BoundMas
 ///   g       (Bq, lanes_k)  ds/dz of the score modifier (when it has one)
 ///   dk, dv  (Bk, Dk), (Bk, Dv) accumulators
 ///   ones    (max(Bq, Bk)) the value kernel's rescale factors
-///   stat    (Bq) D_i of the query tile
 ///   seen    (Bq) the keys each query row may see
+///   stats   (sum of the heads' Lq) D_i of every query of the heads of `stats_of`
+/// A key task reads every query tile of its heads, and D_i = <dO_i, O_i> does not depend on the
+/// key tile: the scratch keeps it for the heads of its last task (a pointer to their
+/// BackwardHead array, which stays put for the pass; the scratch lives for one pass), so that a
+/// thread computes each head's D once rather than once per key tile. It is the only part of the
+/// scratch whose size depends on the lengths: one value per query (bytes() leaves it out).
 template <class T>
 struct KeyPassScratch {
   KeyPassScratch(TileShape tiles, Index key_dim, Index value_dim, bool modifier)
@@ -98,21 +104,38 @@ struct KeyPassScratch {
         dk(tiles.keys, key_dim),
         dv(tiles.keys, value_dim),
         ones(Vector<T>::Ones(std::max(tiles.queries, tiles.keys))),
-        stat(tiles.queries),
         seen(std::size_t(tiles.queries)) {}
 
   static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
     const Index lanes = round_up_to_lanes<T>(tiles.keys);
     return Index(sizeof(T)) *
                ((key_dim + value_dim) * lanes + tiles.queries * key_dim + (modifier ? 3 : 2) * tiles.queries * lanes +
-                tiles.keys * (key_dim + value_dim) + std::max(tiles.queries, tiles.keys) + tiles.queries) +
+                tiles.keys * (key_dim + value_dim) + std::max(tiles.queries, tiles.keys)) +
            Index(sizeof(KeyRange)) * tiles.queries;
   }
 
   Matrix<T> kt, vt, sq, s, dp, g, dk, dv;
   Vector<T> ones;
-  Vector<T> stat;              // (Bq) D_i of the current query tile
   std::vector<KeyRange> seen;  // (Bq) keys each row of a partial tile may see, relative to the tile
+  Vector<T> stats;             // D_i of the queries of heads stats_of[0 .. stats_heads), head by head
+  const BackwardHead<T>* stats_of = nullptr;
+  Index stats_heads = 0;
+
+  /// D of every query of heads[0 .. num_heads), head h's from offset sum_{g < h} Lq_g: computed
+  /// on the first call of a pass with these heads, kept for the next ones.
+  const T* statistics(const BackwardHead<T>* heads, Index num_heads) {
+    if (stats_of != heads || stats_heads != num_heads) {
+      Index total = 0;
+      for (Index h = 0; h < num_heads; ++h) total += heads[h].q.rows();
+      stats.resize(total);
+      for (Index h = 0, offset = 0; h < num_heads; offset += heads[h].q.rows(), ++h)
+        row_dots(heads[h].d_out.data(), heads[h].d_out.outerStride(), heads[h].out.data(), heads[h].out.outerStride(),
+                 heads[h].q.rows(), heads[h].out.cols(), stats.data() + offset);
+      stats_of = heads;
+      stats_heads = num_heads;
+    }
+    return stats.data();
+  }
 };
 
 /// Per-thread scratch of the query pass. lanes = Bq rounded up to packets.
@@ -156,14 +179,14 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, con
                        KeyPassScratch<T>& scratch, Index task) {
   constexpr bool slope = needs_slope<Modifier, BoundMask>;
   const Index k1 = k0 + cols, stride = scratch.s.outerStride(), lanes = round_up_to_lanes<T>(cols);
-  const Index value_dim = v.cols();
   auto dk_acc = scratch.dk.topRows(cols);  // (cols, Dk)
   auto dv_acc = scratch.dv.topRows(cols);  // (cols, Dv)
   dk_acc.setZero();
   dv_acc.setZero();
   pack_scaled_queries<T>(k.middleRows(k0, cols), T(1), scratch.kt);
   pack_scaled_queries<T>(v.middleRows(k0, cols), T(1), scratch.vt);
-  for (Index h = 0; h < num_heads; ++h) {
+  const T* stats = scratch.statistics(heads, num_heads);  // D of every query, head by head
+  for (Index h = 0, offset = 0; h < num_heads; offset += heads[h].q.rows(), ++h) {  // offset: head h's D
     const BackwardHead<T>& head = heads[h];
     const BoundMask& mask = masks[h];
     const Index num_queries = head.q.rows();
@@ -206,9 +229,7 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, con
       // dP (rows, cols) = dO V^T.
       const ConstMatrixRef<T> d_out = head.d_out.middleRows(q0, rows);
       score_tile<T>(d_out, scratch.vt.data(), scratch.vt.outerStride(), lanes, scratch.dp.data(), stride, rows_seeing);
-      T* d = scratch.stat.data();
-      row_dots(head.d_out.row(q0).data(), head.d_out.outerStride(), head.out.row(q0).data(), head.out.outerStride(),
-               rows, value_dim, d);
+      const T* d = stats + offset + q0;
       for (Index i = 0; i < rows; ++i)
         weights_and_score_gradient_row(scratch.s.row(i).data(), scratch.dp.row(i).data(), lanes,
                                        weight_shift(head.lse(q0 + i)), d[i]);
