@@ -62,8 +62,8 @@ void check_single_head(Rng& rng, const Mask& mask, const std::string& name, Inde
     const AttentionOptions options = blocked_path();
     const auto run = [&] {
       if (cap > 0) {
-        Matrix<T> out(lq, dv);
-        Vector<T> lse(lq);
+        Matrix<T> out(q.rows(), dv);
+        Vector<T> lse(q.rows());
         soft_capped_attention_into(q, k, v, cap, out, mask, options, lse);
         const AttentionGradients<T> g = soft_capped_attention_backward(q, k, v, cap, out, lse, d_out, mask, options);
         return std::vector<Matrix<T>>{g.dq, g.dk, g.dv};
