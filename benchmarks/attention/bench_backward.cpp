@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The attention backward (attention/backward.hpp) against its forward in the same run: H = 8
 // heads of one sequence, fp32, L in {1024, ..., 8192}, d in {64, 128}, no mask and causal,
-// 2 threads (and 1 on request).
+// 2 threads (and 1 on request). With 8 heads and at most 8 threads the backward runs its one pass
+// (one task per head; backward_blocked.hpp); with more threads than heads, the two passes.
 //
 // Each iteration runs the forward (multi_head_attention_with_lse) and then the backward
 // (multi_head_attention_backward_into), timed separately; the benchmark's time is the
@@ -64,8 +65,9 @@ void BM_Backward(benchmark::State& state) {
   const double forward_flops = double(kHeads) * attend::bench::attention_flops(length, length, dim, IsCausal);
   const double iterations = double(state.iterations());
   const attend::detail::TileShape tiles = attend::detail::resolve_backward_tiles(options, length, length);
+  // The larger of the two passes' scratch and the one pass's (the key pass's and a dS^T tile).
   const double scratch_per_thread =
-      double(std::max(attend::detail::KeyPassScratch<T>::bytes(tiles, dim, dim, false),
+      double(std::max(attend::detail::KeyPassScratch<T>::bytes(tiles, dim, dim, false, true),
                       attend::detail::QueryPassScratch<T>::bytes(tiles, dim, dim, false)));
   attend::bench::report<T>(state, 2.5 * forward_flops, threads, scratch_per_thread * threads);
   state.counters["fwd_GFLOPS"] = forward_flops * iterations / forward_seconds * 1e-9;

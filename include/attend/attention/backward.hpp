@@ -573,7 +573,9 @@ struct BackwardSequence {
 /// serves query heads g group .. (g + 1) group - 1, summed in head order). Three parallel loops
 /// over the sequences together: (sequence, kv head) items of the materialized path, then the
 /// blocked path's key pass over (sequence, kv head, key tile) items and its query pass over
-/// (sequence, head, query tile) items, so that even one head splits across threads. Every item
+/// (sequence, head, query tile) items, so that even one head splits across threads -- or, when
+/// the blocked sequences have at least as many kv heads as the team has threads, the one pass
+/// over (sequence, kv head) items (backward_group_one_pass, bitwise the same). Every item
 /// owns the rows it writes: no atomics, and the bits do not depend on the threads.
 template <class T, class BoundMask, class Sink>
 void multi_head_backward_passes(const std::vector<BackwardSequence<T, BoundMask, Sink>>& sequences,
@@ -632,6 +634,28 @@ void multi_head_backward_passes(const std::vector<BackwardSequence<T, BoundMask,
           dv += dv_head;
         }
       });
+  // One pass when the blocked sequences' kv groups give every thread a task: (sequence, kv head)
+  // items, each its group's dQ, dK and dV, bitwise the two passes' (backward_group_one_pass).
+  std::vector<std::size_t> blocked;  // the blocked sequences
+  for (std::size_t b = 0; b < sequences.size(); ++b)
+    if (sequences[b].blocked) blocked.push_back(b);
+  if (!blocked.empty() && use_one_pass(Index(blocked.size()) * layout.kv_heads)) {
+    parallel_for_with_scratch(
+        Index(blocked.size()) * layout.kv_heads, [&] { return KeyPassScratch<T>(largest, d, dv_width, slope, true); },
+        [&](Index item, KeyPassScratch<T>& scratch) {
+          const BackwardSequence<T, BoundMask, Sink>& seq = sequences[blocked[std::size_t(item / layout.kv_heads)]];
+          const Index g = item % layout.kv_heads;
+          MatrixRef<T> all_dq = seq.dq, dk = seq.dk, dv = seq.dv;  // writable copies of the views
+          std::vector<MatrixRef<T>> dq;                           // (Lq, d) of the group's heads
+          dq.reserve(std::size_t(group));
+          for (Index h = g * group; h < (g + 1) * group; ++h) dq.emplace_back(all_dq.middleCols(h * d, d));
+          backward_group_one_pass<T>(&seq.heads[std::size_t(g * group)], &seq.masks[std::size_t(g * group)],
+                                     seq.sinks + g * group, group, k_of(seq, g), v_of(seq, g), scale,
+                                     IdentityModifier{}, seq.tiles, dq.data(), dk.middleCols(g * d, d),
+                                     dv.middleCols(g * dv_width, dv_width), scratch);
+        });
+    return;
+  }
   parallel_for_with_scratch(
       key_items, [&] { return KeyPassScratch<T>(largest, d, dv_width, slope); },
       [&](Index item, KeyPassScratch<T>& scratch) {

@@ -5,7 +5,13 @@
 ///  - the key pass: each task owns a tile of keys, loops over the query tiles that see it and
 ///    accumulates dV = P^T dO and dK = scale dS^T Q for its keys;
 ///  - the query pass: each task owns a tile of queries, loops over the key tiles it sees and
-///    accumulates dQ = scale dS K for its queries.
+///    accumulates dQ = scale dS K for its queries;
+/// or, when there are at least as many heads (kv groups) as threads, in one pass:
+///  - the one pass: each task owns a kv group (its query heads and its kv head), walks its key
+///    tiles in ascending order doing the key pass's work and adds, for each query tile a key tile
+///    meets, dQ_tile += dS_tile K_tile with the query pass's kernel, its dS tile transposed; the
+///    key tiles ascend and the value kernel's chains run over the keys in order, so that each
+///    element of dQ is the query pass's chain of multiply-adds and bitwise its result.
 /// Both recompute, tile by tile, S = scale Q K^T (masked, modified), P = exp(S - lse),
 /// dP = dO V^T, D_i = <dO_i, O_i> and dS = P * (dP - D); no (Lq, Lk) matrix is formed and the
 /// scratch per thread does not depend on the lengths, but for D (one value per query, kept by
@@ -78,6 +84,39 @@ struct NoBiasGradient {
 template <class Modifier, class BoundMask>
 inline constexpr bool needs_slope = Modifier::active || has_score_slope<BoundMask>::value;
 
+/// Which schedule the blocked backward runs: Auto picks OnePass when the tasks of the one pass
+/// (kv groups) are at least the team's threads, else TwoPass. The gradients are bitwise the same
+/// under both; forcing one is for tests (backward_schedule_override()).
+enum class BackwardSchedule { Auto, OnePass, TwoPass };
+
+/// The schedule the blocked backward entries use, Auto unless a test forced one. Not thread
+/// safe: set it only while no backward runs.
+inline BackwardSchedule& backward_schedule_override() {
+  static BackwardSchedule schedule = BackwardSchedule::Auto;
+  return schedule;
+}
+
+/// Whether `tasks` kv groups run in one pass (see BackwardSchedule).
+inline bool use_one_pass(Index tasks) {
+  switch (backward_schedule_override()) {
+    case BackwardSchedule::OnePass: return true;
+    case BackwardSchedule::TwoPass: return false;
+    case BackwardSchedule::Auto: break;
+  }
+  return tasks >= Index(team_size());
+}
+
+/// Keys of [k0, k0 + cols) that queries [q0 + i0, q0 + min(i1, rows)) of a tile of kind `kind` may
+/// see, relative to k0: the value kernel's key ranges for dQ (both the query pass and the one pass).
+template <class BoundMask>
+KeyRange keys_seen_by(const BoundMask& mask, TileKind kind, Index q0, Index rows, Index k0, Index cols, Index i0,
+                      Index i1) {
+  if (kind == TileKind::Full) return KeyRange{0, cols};
+  if (std::min(i1, rows) <= i0) return KeyRange{0, 0};
+  const KeyRange seen = mask.keys(q0 + i0, q0 + std::min(i1, rows));
+  return KeyRange{std::clamp(seen.begin - k0, Index(0), cols), std::clamp(seen.end - k0, Index(0), cols)};
+}
+
 /// Per-thread scratch of the key pass. lanes_k = Bk rounded up to packets.
 ///   kt, vt  (Dk, lanes_k), (Dv, lanes_k)  the key tile's K^T and V^T
 ///   sq      (Bq, Dk)    scale * Q of the current query tile
@@ -86,6 +125,8 @@ inline constexpr bool needs_slope = Modifier::active || has_score_slope<BoundMas
 ///   dk, dv  (Bk, Dk), (Bk, Dv) accumulators
 ///   ones    (max(Bq, Bk)) the value kernel's rescale factors
 ///   seen    (Bq) the keys each query row may see
+///   dst     (Bk, lanes_q) dS^T, the one pass's weights of dQ += dS K (lanes_q = Bq rounded up to
+///           packets; empty for the key pass)
 ///   stats   (sum of the heads' Lq) D_i of every query of the heads of `stats_of`
 /// A key task reads every query tile of its heads, and D_i = <dO_i, O_i> does not depend on the
 /// key tile: the scratch keeps it for the heads of its last task (a pointer to their
@@ -94,7 +135,7 @@ inline constexpr bool needs_slope = Modifier::active || has_score_slope<BoundMas
 /// scratch whose size depends on the lengths: one value per query (bytes() leaves it out).
 template <class T>
 struct KeyPassScratch {
-  KeyPassScratch(TileShape tiles, Index key_dim, Index value_dim, bool modifier)
+  KeyPassScratch(TileShape tiles, Index key_dim, Index value_dim, bool modifier, bool one_pass = false)
       : kt(key_dim, round_up_to_lanes<T>(tiles.keys)),
         vt(value_dim, round_up_to_lanes<T>(tiles.keys)),
         sq(tiles.queries, key_dim),
@@ -104,19 +145,22 @@ struct KeyPassScratch {
         dk(tiles.keys, key_dim),
         dv(tiles.keys, value_dim),
         ones(Vector<T>::Ones(std::max(tiles.queries, tiles.keys))),
-        seen(std::size_t(tiles.queries)) {}
+        seen(std::size_t(tiles.queries)),
+        dst(one_pass ? tiles.keys : 0, round_up_to_lanes<T>(tiles.queries)) {}
 
-  static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier) {
+  static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier, bool one_pass = false) {
     const Index lanes = round_up_to_lanes<T>(tiles.keys);
     return Index(sizeof(T)) *
                ((key_dim + value_dim) * lanes + tiles.queries * key_dim + (modifier ? 3 : 2) * tiles.queries * lanes +
-                tiles.keys * (key_dim + value_dim) + std::max(tiles.queries, tiles.keys)) +
+                tiles.keys * (key_dim + value_dim) + std::max(tiles.queries, tiles.keys) +
+                (one_pass ? tiles.keys * round_up_to_lanes<T>(tiles.queries) : 0)) +
            Index(sizeof(KeyRange)) * tiles.queries;
   }
 
   Matrix<T> kt, vt, sq, s, dp, g, dk, dv;
   Vector<T> ones;
   std::vector<KeyRange> seen;  // (Bq) keys each row of a partial tile may see, relative to the tile
+  Matrix<T> dst;               // (Bk, lanes_q) dS^T of the one pass
   Vector<T> stats;             // D_i of the queries of heads stats_of[0 .. stats_heads), head by head
   const BackwardHead<T>* stats_of = nullptr;
   Index stats_heads = 0;
@@ -172,11 +216,15 @@ struct QueryPassScratch {
 /// The key pass for one tile of keys [k0, k0 + cols) of a kv head read by `num_heads` query
 /// heads (GQA: their contributions are summed, head by head, in order), head h under the bound
 /// mask masks[h], its dS tiles to sinks[h]: writes dK and dV of those keys.
+/// With `dq_acc` (the one pass; null for the key pass) it also adds, for every query tile
+/// [q0, q0 + rows) of head h it visits, dq_acc[h] (Lq, Dk) rows q0.. += dS K_tile (dS of the
+/// tile, rows x cols, transposed into scratch.dst as the value kernel's weights; unscaled: the
+/// caller multiplies by scale once after the last key tile, as the query pass does).
 template <class T, class Modifier, class BoundMask, class Sink>
 void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, const Sink* sinks, Index num_heads,
                        const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale, const Modifier& modifier,
                        TileShape tiles, Index k0, Index cols, MatrixRef<T> dk, MatrixRef<T> dv,
-                       KeyPassScratch<T>& scratch, Index task) {
+                       KeyPassScratch<T>& scratch, Index task, MatrixRef<T>* dq_acc = nullptr) {
   constexpr bool slope = needs_slope<Modifier, BoundMask>;
   const Index k1 = k0 + cols, stride = scratch.s.outerStride(), lanes = round_up_to_lanes<T>(cols);
   auto dk_acc = scratch.dk.topRows(cols);  // (cols, Dk)
@@ -240,6 +288,14 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, con
       if constexpr (slope) chain_score_slope(ds, g, scratch.s.topLeftCorner(rows, cols));
       // dK += dS^T (scale Q).
       value_tile<T>(scratch.dp.data(), stride, sq_ref, scratch.ones.data(), dk_acc, rows_seeing);
+      if (dq_acc) {
+        // dQ (rows, Dk) += dS K_tile: the query pass's product on dS^T (cols, rows).
+        scratch.dst.topLeftCorner(cols, rows) = ds.transpose();
+        value_tile<T>(scratch.dst.data(), scratch.dst.outerStride(), k.middleRows(k0, cols), scratch.ones.data(),
+                      dq_acc[h].middleRows(q0, rows), [&](Index i0, Index i1) {
+                        return keys_seen_by(mask, kind, q0, rows, k0, cols, i0, i1);
+                      });
+      }
     }
   }
   dk.middleRows(k0, cols) = dk_acc;
@@ -270,10 +326,7 @@ void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k
     const TileKind kind = mask.classify(q0, q1, k0, k1);
     if (kind == TileKind::Empty) continue;
     const auto seen_by = [&](Index i0, Index i1) {  // as in blocked_query_tile
-      if (kind == TileKind::Full) return KeyRange{0, cols};
-      if (std::min(i1, rows) <= i0) return KeyRange{0, 0};
-      const KeyRange seen = mask.keys(q0 + i0, q0 + std::min(i1, rows));
-      return KeyRange{std::clamp(seen.begin - k0, Index(0), cols), std::clamp(seen.end - k0, Index(0), cols)};
+      return keys_seen_by(mask, kind, q0, rows, k0, cols, i0, i1);
     };
     const ConstMatrixRef<T> k_tile = k.middleRows(k0, cols), v_tile = v.middleRows(k0, cols);
     // S^T (cols, lanes), exactly the forward's.
@@ -298,14 +351,38 @@ void backward_query_tile(const BackwardHead<T>& head, const ConstMatrixRef<T>& k
   dq.middleRows(q0, rows) = scale * dq_acc;
 }
 
-/// The gradients of a group of query heads that read one kv head, or of one head (num_heads = 1):
-/// the key pass over the tiles of keys, then the query pass over every head's query tiles.
-/// Used for one head; multi-head callers run the two passes' items themselves.
+/// The one pass over a kv group: query heads heads[0 .. num_heads) read k (Lk, Dk) and v (Lk, Dv);
+/// writes dq[h] (Lq_h, Dk) of every head and dk (Lk, Dk), dv (Lk, Dv) of the kv head. For the key
+/// tiles in ascending order, backward_key_tile with dQ: dK and dV of the tile as the key pass
+/// computes them, and dq[h] += dS K_tile over the query tiles that see the tile; then
+/// dq[h] = scale dq[h], the query pass's dQ = scale (dS K) bit for bit (each element one chain of
+/// multiply-adds over the keys in ascending order, from zero). Memory: the key pass's scratch and
+/// the transposed dS tile (Bk, Bq); dq itself is the accumulator.
+template <class T, class Modifier, class BoundMask, class Sink>
+void backward_group_one_pass(const BackwardHead<T>* heads, const BoundMask* masks, const Sink* sinks, Index num_heads,
+                             const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale,
+                             const Modifier& modifier, TileShape tiles, MatrixRef<T>* dq, MatrixRef<T> dk,
+                             MatrixRef<T> dv, KeyPassScratch<T>& scratch) {
+  for (Index h = 0; h < num_heads; ++h) dq[h].setZero();
+  for (Index tile = 0, k0 = 0; k0 < k.rows(); ++tile, k0 += tiles.keys)
+    backward_key_tile<T>(heads, masks, sinks, num_heads, k, v, scale, modifier, tiles, k0,
+                         std::min(tiles.keys, k.rows() - k0), dk, dv, scratch, tile, dq);
+  for (Index h = 0; h < num_heads; ++h) dq[h] = scale * dq[h];
+}
+
+/// The gradients of one head: the one pass when it has the threads to itself (see
+/// use_one_pass), else the key pass over the tiles of keys, then the query pass over the tiles
+/// of queries, each in parallel. Multi-head callers run the passes' items themselves.
 template <class T, class Modifier, class BoundMask, class Sink>
 void blocked_backward(const BackwardHead<T>& head, const ConstMatrixRef<T>& k, const ConstMatrixRef<T>& v, T scale,
                       const Modifier& modifier, const BoundMask& mask, TileShape tiles, MatrixRef<T> dq,
                       MatrixRef<T> dk, MatrixRef<T> dv, const Sink& sink) {
   const Index key_dim = k.cols(), value_dim = v.cols();
+  if (use_one_pass(1)) {
+    KeyPassScratch<T> scratch(tiles, key_dim, value_dim, needs_slope<Modifier, BoundMask>, true);
+    backward_group_one_pass<T>(&head, &mask, &sink, 1, k, v, scale, modifier, tiles, &dq, dk, dv, scratch);
+    return;
+  }
   const Index key_tiles = (k.rows() + tiles.keys - 1) / tiles.keys;
   parallel_for_with_scratch(
       key_tiles, [&] { return KeyPassScratch<T>(tiles, key_dim, value_dim, needs_slope<Modifier, BoundMask>); },
