@@ -9,10 +9,8 @@
 // backward's. Counters: the backward's GFLOP/s and % of the FMA peak measured in the run, with
 // FlashAttention's convention that a backward is 2.5 forwards (5 GEMMs of L^2 d against 2;
 // half of it causal); the forward's GFLOP/s; their ratio `bwd_over_fwd` (the goal is >= 0.75 at
-// L >= 2048); the backward's tile scratch of all threads (`scratch_bytes`), which does not depend
-// on L; and `d_bytes`, the one part that does: each thread keeps D = rowsum(dO o O) of the heads
-// of its task, one float per query (as FlashAttention-2 keeps D beside the log-sum-exp).
-// `Backward16k` runs L = 16384 (d = 128, causal) to show both.
+// L >= 2048); and the backward's scratch bytes of all threads, which do not depend on L.
+// `Backward16k` runs L = 16384 (d = 128, causal) to show that.
 //   benchmarks/attention_bench_backward --benchmark_filter='Backward/.*/2$' --benchmark_repetitions=3
 #include "support/counters.hpp"
 
@@ -71,7 +69,6 @@ void BM_Backward(benchmark::State& state) {
       double(std::max(attend::detail::KeyPassScratch<T>::bytes(tiles, dim, dim, false, true),
                       attend::detail::QueryPassScratch<T>::bytes(tiles, dim, dim, false)));
   attend::bench::report<T>(state, 2.5 * forward_flops, threads, scratch_per_thread * threads);
-  state.counters["d_bytes"] = double(threads) * double(length) * double(sizeof(T));  // one head per task here
   state.counters["fwd_GFLOPS"] = forward_flops * iterations / forward_seconds * 1e-9;
   state.counters["bwd_over_fwd"] = 2.5 * forward_seconds / backward_seconds;
 }

@@ -14,8 +14,7 @@
 ///    element of dQ is the query pass's chain of multiply-adds and bitwise its result.
 /// Both recompute, tile by tile, S = scale Q K^T (masked, modified), P = exp(S - lse),
 /// dP = dO V^T, D_i = <dO_i, O_i> and dS = P * (dP - D); no (Lq, Lk) matrix is formed and the
-/// scratch per thread does not depend on the lengths, but for D (one value per query, kept by
-/// the key pass; see KeyPassScratch). The products are the forward's
+/// scratch per thread does not depend on the lengths. The products are the forward's
 /// register-blocked kernels (tile_kernels.hpp) on tiles packed the forward's way (packing.hpp).
 #pragma once
 
@@ -127,12 +126,8 @@ KeyRange keys_seen_by(const BoundMask& mask, TileKind kind, Index q0, Index rows
 ///   seen    (Bq) the keys each query row may see
 ///   dst     (Bk, lanes_q) dS^T, the one pass's weights of dQ += dS K (lanes_q = Bq rounded up to
 ///           packets; empty for the key pass)
-///   stats   (sum of the heads' Lq) D_i of every query of the heads of `stats_of`
-/// A key task reads every query tile of its heads, and D_i = <dO_i, O_i> does not depend on the
-/// key tile: the scratch keeps it for the heads of its last task (a pointer to their
-/// BackwardHead array, which stays put for the pass; the scratch lives for one pass), so that a
-/// thread computes each head's D once rather than once per key tile. It is the only part of the
-/// scratch whose size depends on the lengths: one value per query (bytes() leaves it out).
+///   stat    (Bq) D_i = <dO_i, O_i> of the query tile, recomputed per tile (O(d) a row, a
+///           1/Bk share of one product) so that no scratch depends on the lengths
 template <class T>
 struct KeyPassScratch {
   KeyPassScratch(TileShape tiles, Index key_dim, Index value_dim, bool modifier, bool one_pass = false)
@@ -146,13 +141,14 @@ struct KeyPassScratch {
         dv(tiles.keys, value_dim),
         ones(Vector<T>::Ones(std::max(tiles.queries, tiles.keys))),
         seen(std::size_t(tiles.queries)),
-        dst(one_pass ? tiles.keys : 0, round_up_to_lanes<T>(tiles.queries)) {}
+        dst(one_pass ? tiles.keys : 0, round_up_to_lanes<T>(tiles.queries)),
+        stat(tiles.queries) {}
 
   static Index bytes(TileShape tiles, Index key_dim, Index value_dim, bool modifier, bool one_pass = false) {
     const Index lanes = round_up_to_lanes<T>(tiles.keys);
     return Index(sizeof(T)) *
                ((key_dim + value_dim) * lanes + tiles.queries * key_dim + (modifier ? 3 : 2) * tiles.queries * lanes +
-                tiles.keys * (key_dim + value_dim) + std::max(tiles.queries, tiles.keys) +
+                tiles.keys * (key_dim + value_dim) + std::max(tiles.queries, tiles.keys) + tiles.queries +
                 (one_pass ? tiles.keys * round_up_to_lanes<T>(tiles.queries) : 0)) +
            Index(sizeof(KeyRange)) * tiles.queries;
   }
@@ -161,25 +157,7 @@ struct KeyPassScratch {
   Vector<T> ones;
   std::vector<KeyRange> seen;  // (Bq) keys each row of a partial tile may see, relative to the tile
   Matrix<T> dst;               // (Bk, lanes_q) dS^T of the one pass
-  Vector<T> stats;             // D_i of the queries of heads stats_of[0 .. stats_heads), head by head
-  const BackwardHead<T>* stats_of = nullptr;
-  Index stats_heads = 0;
-
-  /// D of every query of heads[0 .. num_heads), head h's from offset sum_{g < h} Lq_g: computed
-  /// on the first call of a pass with these heads, kept for the next ones.
-  const T* statistics(const BackwardHead<T>* heads, Index num_heads) {
-    if (stats_of != heads || stats_heads != num_heads) {
-      Index total = 0;
-      for (Index h = 0; h < num_heads; ++h) total += heads[h].q.rows();
-      stats.resize(total);
-      for (Index h = 0, offset = 0; h < num_heads; offset += heads[h].q.rows(), ++h)
-        row_dots(heads[h].d_out.data(), heads[h].d_out.outerStride(), heads[h].out.data(), heads[h].out.outerStride(),
-                 heads[h].q.rows(), heads[h].out.cols(), stats.data() + offset);
-      stats_of = heads;
-      stats_heads = num_heads;
-    }
-    return stats.data();
-  }
+  Vector<T> stat;              // (Bq) D_i of the current query tile
 };
 
 /// Per-thread scratch of the query pass. lanes = Bq rounded up to packets.
@@ -233,8 +211,7 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, con
   dv_acc.setZero();
   pack_scaled_queries<T>(k.middleRows(k0, cols), T(1), scratch.kt);
   pack_scaled_queries<T>(v.middleRows(k0, cols), T(1), scratch.vt);
-  const T* stats = scratch.statistics(heads, num_heads);  // D of every query, head by head
-  for (Index h = 0, offset = 0; h < num_heads; offset += heads[h].q.rows(), ++h) {  // offset: head h's D
+  for (Index h = 0; h < num_heads; ++h) {
     const BackwardHead<T>& head = heads[h];
     const BoundMask& mask = masks[h];
     const Index num_queries = head.q.rows();
@@ -277,7 +254,9 @@ void backward_key_tile(const BackwardHead<T>* heads, const BoundMask* masks, con
       // dP (rows, cols) = dO V^T.
       const ConstMatrixRef<T> d_out = head.d_out.middleRows(q0, rows);
       score_tile<T>(d_out, scratch.vt.data(), scratch.vt.outerStride(), lanes, scratch.dp.data(), stride, rows_seeing);
-      const T* d = stats + offset + q0;
+      T* d = scratch.stat.data();
+      row_dots(head.d_out.row(q0).data(), head.d_out.outerStride(), head.out.row(q0).data(), head.out.outerStride(),
+               rows, head.out.cols(), d);
       for (Index i = 0; i < rows; ++i)
         weights_and_score_gradient_row(scratch.s.row(i).data(), scratch.dp.row(i).data(), lanes,
                                        weight_shift(head.lse(q0 + i)), d[i]);
