@@ -18,7 +18,7 @@ int exercise() {
   using attend::Vector;
   constexpr Index kLength = 70, kDim = 8, kHeads = 2, kKvHeads = 1;
   const Matrix<T> q = Matrix<T>::Random(kLength, kDim), k = Matrix<T>::Random(kLength, kDim),
-                  v = Matrix<T>::Random(kLength, kDim);
+                  v = Matrix<T>::Random(kLength, kDim), d_out = Matrix<T>::Random(kLength, kDim);
   attend::AttentionOptions blocked;
   blocked.algorithm = attend::Algorithm::Blocked;
   blocked.block_q = 16;
@@ -60,6 +60,23 @@ int exercise() {
   attend::MultiHeadAttention<T> layer(kHeads, weights, kKvHeads);
   layer.set_rotary(rope);
   out += layer.forward(x, attend::Causal()).output;
+  const attend::MultiHeadTrainingForward<T> trained = attend::multi_head_layer_forward(layer, x, attend::Causal());
+  out += attend::multi_head_layer_backward(layer, trained.context, d_out, attend::Causal()).d_input();
+
+  // Training: the backward of a masked call on both paths, of multi-head attention (GQA, with
+  // a one-pass and a two-pass schedule alike) and of the whole layer.
+  for (const attend::Algorithm algorithm : {attend::Algorithm::Blocked, attend::Algorithm::Materialized}) {
+    attend::AttentionOptions path = blocked;
+    path.algorithm = algorithm;
+    const attend::AttentionResult<T> fwd =
+        attend::scaled_dot_product_attention_with_lse(q, k, v, attend::Causal() & attend::Window(8, 0), path);
+    out += attend::scaled_dot_product_attention_backward(q, k, v, fwd, d_out, attend::Causal() & attend::Window(8, 0),
+                                                         path)
+               .dq;
+  }
+  const Matrix<T> k_group = k.leftCols(kDim / kHeads), v_group = v.leftCols(kDim / kHeads);
+  const attend::MultiHeadLseResult<T> heads = attend::multi_head_attention_with_lse(q, k_group, v_group, kHeads);
+  out += attend::multi_head_attention_backward(q, k_group, v_group, kHeads, heads, d_out).dq;
 
   // Decoding: the layer over a KV cache, already projected rows, split-KV merges.
   attend::KVCache<T> cache(layer, kLength + 1);
