@@ -616,24 +616,21 @@ void multi_head_backward_passes(const std::vector<BackwardSequence<T, BoundMask,
     return std::pair<std::size_t, Index>{b, item - (b == 0 ? 0 : end[b - 1])};
   };
   // The readable path, a kv head's query heads in order; its dK and dV sum theirs.
-  parallel_for_with_scratch(
-      Index(dense.size()), [] { return 0; },
-      [&](Index item, int&) {
-        const auto [b, g] = dense[std::size_t(item)];
-        const BackwardSequence<T, BoundMask, Sink>& seq = sequences[b];
-        MatrixRef<T> dq = seq.dq, all_dk = seq.dk, all_dv = seq.dv;  // writable copies of the views
-        MatrixRef<T> dk = all_dk.middleCols(g * d, d), dv = all_dv.middleCols(g * dv_width, dv_width);
-        dk.setZero();
-        dv.setZero();
-        Matrix<T> dk_head(seq.k.rows(), d), dv_head(seq.k.rows(), dv_width);
-        for (Index h = g * group; h < (g + 1) * group; ++h) {
-          materialized_backward<T>(seq.heads[std::size_t(h)], k_of(seq, g), v_of(seq, g), scale, IdentityModifier{},
-                                   seq.masks[std::size_t(h)], dq.middleCols(h * d, d), dk_head, dv_head,
-                                   seq.sinks[h]);
-          dk += dk_head;
-          dv += dv_head;
-        }
-      });
+  parallel_for(Index(dense.size()), [&](Index item) {
+    const auto [b, g] = dense[std::size_t(item)];
+    const BackwardSequence<T, BoundMask, Sink>& seq = sequences[b];
+    MatrixRef<T> dq = seq.dq, all_dk = seq.dk, all_dv = seq.dv;  // writable copies of the views
+    MatrixRef<T> dk = all_dk.middleCols(g * d, d), dv = all_dv.middleCols(g * dv_width, dv_width);
+    dk.setZero();
+    dv.setZero();
+    Matrix<T> dk_head(seq.k.rows(), d), dv_head(seq.k.rows(), dv_width);
+    for (Index h = g * group; h < (g + 1) * group; ++h) {
+      materialized_backward<T>(seq.heads[std::size_t(h)], k_of(seq, g), v_of(seq, g), scale, IdentityModifier{},
+                               seq.masks[std::size_t(h)], dq.middleCols(h * d, d), dk_head, dv_head, seq.sinks[h]);
+      dk += dk_head;
+      dv += dv_head;
+    }
+  });
   // One pass when the blocked sequences' kv groups give every thread a task: (sequence, kv head)
   // items, each its group's dQ, dK and dV, bitwise the two passes' (backward_group_one_pass).
   std::vector<std::size_t> blocked;  // the blocked sequences

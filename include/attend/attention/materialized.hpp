@@ -39,20 +39,18 @@ void materialized_attention(const ConstMatrixRef<T>& q, const ConstMatrixRef<T>&
   weights.leftCols(keys.begin).setZero();
   weights.rightCols(num_keys - keys.end).setZero();
   const auto k_seen = k.middleRows(keys.begin, count), v_seen = v.middleRows(keys.begin, count);
-  parallel_for_with_scratch(
-      (num_queries + kMaterializedRows - 1) / kMaterializedRows, [] { return 0; },
-      [&](Index block, int&) {
-        const Index q0 = block * kMaterializedRows, rows = std::min(kMaterializedRows, num_queries - q0);
-        auto s = weights.block(q0, keys.begin, rows, count);  // (rows, count)
-        score(q.middleRows(q0, rows), k_seen, s);
-        switch (mask.classify(q0, q0 + rows, keys.begin, keys.end)) {
-          case TileKind::Empty: s.setConstant(-std::numeric_limits<T>::infinity()); break;
-          case TileKind::Partial: apply_mask(mask, s, q0, keys.begin); break;
-          case TileKind::Full: break;
-        }
-        softmax_rows_inplace<T>(s, lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse);
-        serial_product(out.middleRows(q0, rows), s, v_seen);
-      });
+  parallel_for((num_queries + kMaterializedRows - 1) / kMaterializedRows, [&](Index block) {
+    const Index q0 = block * kMaterializedRows, rows = std::min(kMaterializedRows, num_queries - q0);
+    auto s = weights.block(q0, keys.begin, rows, count);  // (rows, count)
+    score(q.middleRows(q0, rows), k_seen, s);
+    switch (mask.classify(q0, q0 + rows, keys.begin, keys.end)) {
+      case TileKind::Empty: s.setConstant(-std::numeric_limits<T>::infinity()); break;
+      case TileKind::Partial: apply_mask(mask, s, q0, keys.begin); break;
+      case TileKind::Full: break;
+    }
+    softmax_rows_inplace<T>(s, lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse);
+    serial_product(out.middleRows(q0, rows), s, v_seen);
+  });
 }
 
 }  // namespace attend::detail

@@ -723,33 +723,31 @@ void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>
         }
       });
   // Per sequence: merge its splits in order, then the sinks, and write its rows.
-  detail::parallel_for_with_scratch(
-      batch, [] { return 0; },
-      [&](Index b, int&) {
-        const Index n = rows.length(b), begin = rows.begin(b), count = n * heads;
-        const Index i0 = first_item[std::size_t(b)], i1 = first_item[std::size_t(b) + 1];
-        constexpr C kNegInf = -std::numeric_limits<C>::infinity();
-        Matrix<C> merged(count, dv);  // (n H, d_v): no split is no key seen, zeros and lse -inf
-        Vector<C> merged_lse(count);
-        if (i0 == i1) {
-          merged.setZero();
-          merged_lse.setConstant(kNegInf);
-        } else {
-          merged = part_out.middleRows(items[std::size_t(i0)].part, count);
-          merged_lse = part_lse.segment(items[std::size_t(i0)].part, count);
-        }
-        for (Index i = i0 + 1; i < i1; ++i)
-          merge_partial_into<C>(merged, merged_lse, part_out.middleRows(items[std::size_t(i)].part, count),
-                                part_lse.segment(items[std::size_t(i)].part, count));
-        for (Index r = 0; r < n; ++r)
-          for (Index h = 0; h < heads; ++h) {
-            const Index row = r * heads + h;
-            if (sinks.size() != 0)
-              detail::merge_sink_into<C>(merged.middleRows(row, 1), merged_lse.segment(row, 1), C(sinks(h)));
-            out.row(begin + r).segment(h * dv, dv) = merged.row(row).template cast<T>();
-            if (lse.size() != 0) lse(begin + r, h) = T(merged_lse(row));
-          }
-      });
+  detail::parallel_for(batch, [&](Index b) {
+    const Index n = rows.length(b), begin = rows.begin(b), count = n * heads;
+    const Index i0 = first_item[std::size_t(b)], i1 = first_item[std::size_t(b) + 1];
+    constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+    Matrix<C> merged(count, dv);  // (n H, d_v): no split is no key seen, zeros and lse -inf
+    Vector<C> merged_lse(count);
+    if (i0 == i1) {
+      merged.setZero();
+      merged_lse.setConstant(kNegInf);
+    } else {
+      merged = part_out.middleRows(items[std::size_t(i0)].part, count);
+      merged_lse = part_lse.segment(items[std::size_t(i0)].part, count);
+    }
+    for (Index i = i0 + 1; i < i1; ++i)
+      merge_partial_into<C>(merged, merged_lse, part_out.middleRows(items[std::size_t(i)].part, count),
+                            part_lse.segment(items[std::size_t(i)].part, count));
+    for (Index r = 0; r < n; ++r)
+      for (Index h = 0; h < heads; ++h) {
+        const Index row = r * heads + h;
+        if (sinks.size() != 0)
+          detail::merge_sink_into<C>(merged.middleRows(row, 1), merged_lse.segment(row, 1), C(sinks(h)));
+        out.row(begin + r).segment(h * dv, dv) = merged.row(row).template cast<T>();
+        if (lse.size() != 0) lse(begin + r, h) = T(merged_lse(row));
+      }
+  });
 }
 
 /// Batched decoding without a mask beyond the cache's causality and window. See the overload

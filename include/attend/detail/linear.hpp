@@ -107,8 +107,8 @@ template <class T, class S>
 void few_rows_product(MatrixRef<T> y, const ConstMatrixRef<T>& x, const Matrix<S>& weight) {
   const Index rows = x.rows(), features = weight.rows(), depth = weight.cols();
   if (rows == 0) return;
-  parallel_for_with_scratch(
-      (features + kProjectionFeatures - 1) / kProjectionFeatures, [] { return 0; }, [&](Index block, int&) {
+  parallel_for(
+      (features + kProjectionFeatures - 1) / kProjectionFeatures, [&](Index block) {
         const Index f_end = std::min(features, (block + 1) * kProjectionFeatures);
         if (rows == 1) {
           for (Index f = block * kProjectionFeatures; f < f_end; ++f)

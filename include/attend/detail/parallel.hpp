@@ -164,6 +164,13 @@ void parallel_for_with_scratch(Index count, MakeScratch&& make_scratch, Body&& b
   for (Index i = 0; i < count; ++i) body(i, scratch);
 }
 
+/// Calls body(i) for i in [0, count), as parallel_for_with_scratch without a scratch.
+template <class Body>
+void parallel_for(Index count, Body&& body) {
+  parallel_for_with_scratch(
+      count, [] { return 0; }, [&](Index i, int&) { body(i); });
+}
+
 /// Eigen never threads a product whose destination has at most this many rows at compile time
 /// (the condition of internal::parallelize_gemm, Eigen/src/Core/products/GeneralMatrixMatrix.h).
 inline constexpr int kSerialProductRows = 32;
@@ -232,11 +239,10 @@ inline constexpr Index kProductRows = 64;
 template <class Dst, class Lhs, class Rhs>
 void parallel_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs) {
   const Index rows = dst.rows();
-  parallel_for_with_scratch((rows + kProductRows - 1) / kProductRows, [] { return 0; },
-                            [&](Index block, int&) {
-                              const Index r0 = block * kProductRows, n = std::min(kProductRows, rows - r0);
-                              serial_product(dst.middleRows(r0, n), lhs.middleRows(r0, n), rhs);
-                            });
+  parallel_for((rows + kProductRows - 1) / kProductRows, [&](Index block) {
+    const Index r0 = block * kProductRows, n = std::min(kProductRows, rows - r0);
+    serial_product(dst.middleRows(r0, n), lhs.middleRows(r0, n), rhs);
+  });
 }
 
 }  // namespace attend::detail

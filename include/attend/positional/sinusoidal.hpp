@@ -60,7 +60,7 @@ void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double b
   detail::check_sinusoidal_base(base);
   const Index width = x.cols();
   const Vector<double> denominators = detail::sinusoidal_denominators(width, base);  // (ceil(d/2))
-  const auto add_row = [&](Index r, int&) {
+  const auto add_row = [&](Index r) {
     // Summed in double: position_offset + r may pass INT64_MAX (the same sum below 2^53).
     const double position = static_cast<double>(position_offset) + static_cast<double>(r);
     for (Index i = 0; i < denominators.size(); ++i) {
@@ -70,10 +70,9 @@ void add_sinusoidal_encoding(MatrixRef<T> x, Index position_offset = 0, double b
     }
   };
   if (x.size() >= 4096) {
-    detail::parallel_for_with_scratch(x.rows(), [] { return 0; }, add_row);
+    detail::parallel_for(x.rows(), add_row);
   } else {  // a few rows: a parallel region would cost more than the work
-    int no_scratch = 0;
-    for (Index r = 0; r < x.rows(); ++r) add_row(r, no_scratch);
+    for (Index r = 0; r < x.rows(); ++r) add_row(r);
   }
 }
 
