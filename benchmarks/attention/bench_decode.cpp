@@ -8,7 +8,7 @@
 // decode_step_into on a KVCache holding Lk - 1 rows (append the token, attend), then
 // truncate(Lk - 1). Each run reports the GB/s of the cache's K and V bytes (in its format),
 // pct_triad = that rate over the STREAM triad bandwidth measured in the same run (support/
-// stream.hpp), pct_read = over a plain parallel read measured in the same run, and x_fp32 = the speedup over the fp32 cache of the same Lk and threads (run
+// stream.hpp), and x_fp32 = the speedup over the fp32 cache of the same Lk and threads (run
 // first). Pick sizes or formats with a filter, e.g.
 //   attention_bench_decode --benchmark_filter='/32768/threads:2'
 //

@@ -1,9 +1,6 @@
 // SPDX-License-Identifier: MIT
 // The STREAM triad bandwidth, measured in the benchmark's own run: the ceiling the decode
-// benchmarks report their K/V read rate against (pct_triad). Beside it, the rate of a plain
-// parallel read of a buffer as large (read_GBps, pct_read): decode only reads, and a read
-// stream can run faster than the triad's two reads and a write (on the development machine
-// 1.0-1.3x the triad on 2 threads), so pct_read is the stricter of the two.
+// benchmarks report their K/V read rate against (pct_triad).
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -63,54 +60,14 @@ inline double triad_gbps(int threads) {
   return best;
 }
 
-/// The best of 5 parallel sums of a 256 MiB float buffer on `threads` threads, in GB/s: the rate
-/// at which the machine reads memory. 64 running sums per thread, so the loop vectorizes (each
-/// lane its own sum, no reassociation) and no add latency limits it.
-inline double read_gbps(int threads) {
-  constexpr std::ptrdiff_t kLanes = 64;
-  const std::ptrdiff_t n = std::ptrdiff_t(1) << 26;
-  static const std::unique_ptr<float[]> data = [&] {
-    std::unique_ptr<float[]> made(new float[std::size_t(n)]);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads)
-#endif
-    for (std::ptrdiff_t i = 0; i < n; ++i) made[std::size_t(i)] = 1.0f;
-    return made;
-  }();
-  const float* const x = data.get();
-  (void)threads;
-  double best = 0;
-  for (int run = 0; run < 5; ++run) {
-    float total = 0;
-    const auto start = std::chrono::steady_clock::now();
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
-#endif
-    for (std::ptrdiff_t block = 0; block < n / (kLanes * 64); ++block) {
-      float sums[kLanes] = {};
-      for (std::ptrdiff_t i = block * kLanes * 64; i < (block + 1) * kLanes * 64; i += kLanes)
-        for (std::ptrdiff_t lane = 0; lane < kLanes; ++lane) sums[lane] += x[i + lane];
-      for (const float sum : sums) total += sum;
-    }
-    const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
-    benchmark::DoNotOptimize(total);
-    best = std::max(best, double(sizeof(float)) * double(n) / seconds.count() * 1e-9);
-  }
-  return best;
-}
-
-/// Reports the GB/s of `bytes` read per iteration, the triad and the plain read rate measured
-/// right after the timed loop and the percentage of each (rates over the measured time;
-/// benchmarks use real time).
+/// Reports the GB/s of `bytes` read per iteration, the triad measured right after the timed
+/// loop and the percentage of it (rates over the measured time; benchmarks use real time).
 inline void report_bandwidth(benchmark::State& state, double bytes, int threads) {
-  const double triad = triad_gbps(threads), read = read_gbps(threads);
+  const double triad = triad_gbps(threads);
   state.counters["GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["triad_GBps"] = triad;
   state.counters["pct_triad"] =
       benchmark::Counter(bytes * 1e-9 / triad * 100.0, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["read_GBps"] = read;
-  state.counters["pct_read"] =
-      benchmark::Counter(bytes * 1e-9 / read * 100.0, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["KV_bytes"] = benchmark::Counter(bytes, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
 }
 
