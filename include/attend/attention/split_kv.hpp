@@ -122,12 +122,14 @@ inline constexpr Index kDecodePrefetchBytes = 32768;
 /// W at a time: after a register transpose of W accumulators, lane n of the sum of the W
 /// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
 /// costs log2 W shuffles and adds each). Otherwise lane by lane, in order. (Flattened: Eigen's
-/// transpose is inlined here, within the pragmas above, wherever it would not be otherwise.)
+/// transpose is inlined here, within the pragmas above, wherever it would not be otherwise.
+/// Inlined into its caller: called out of line it takes the accumulators' address, and GCC then
+/// keeps them in memory, storing all of them at every step of the caller's loop.)
 template <class T, int N>
 #if defined(__GNUC__)
 __attribute__((flatten))
 #endif
-void lane_sums(const Packet<T>* acc, T* sums) {
+EIGEN_ALWAYS_INLINE void lane_sums(const Packet<T>* acc, T* sums) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   constexpr int W = int(kLanes<T>);
@@ -183,8 +185,9 @@ C stored_value(const E* p, Index c) {
 /// i * key_stride (elements of a cache format, at a head's first element) of d values:
 ///   s[b * s_stride + i] = <q_b, key_i>,
 /// accumulated in C. Each packet of the keys is loaded and converted once for all B rows (bf16
-/// and half widen exactly; a q8_0 packet is s q converted and scaled in registers), and the
-/// B x J lane-wise partial sums are reduced together (lane_sums).
+/// and half widen exactly; a q8_0 packet is s q converted and scaled in registers) and kept in
+/// a register for the B rows (keep_in_register), and the B x J lane-wise partial sums are
+/// reduced together (lane_sums).
 template <int B, int J, class C, class E>
 void dot_block(const C* q, Index q_stride, const E* key, Index key_stride, Index d, C* s, Index s_stride) {
   namespace simd = Eigen::internal;
@@ -192,9 +195,11 @@ void dot_block(const C* q, Index q_stride, const E* key, Index key_stride, Index
   constexpr Index W = kLanes<C>;
   P acc[std::size_t(B * J)];  // acc[b J + i]: lane-wise partial sums of <q_b, key_i>
   for (P& a : acc) a = simd::pset1<P>(C(0));
-  const auto multiply_add = [&](const P* keys, Index c) {
+  const auto multiply_add = [&](P* keys, Index c) {
+    for (int i = 0; i < J; ++i) keep_in_register(keys[i]);
     for (int b = 0; b < B; ++b) {
-      const P query = simd::ploadu<P>(q + b * q_stride + c);
+      P query = simd::ploadu<P>(q + b * q_stride + c);
+      keep_in_register(query);
       for (int i = 0; i < J; ++i) acc[b * J + i] = simd::pmadd(query, keys[i], acc[b * J + i]);
     }
   };
@@ -219,12 +224,12 @@ void dot_block(const C* q, Index q_stride, const E* key, Index key_stride, Index
   }
   C sums[std::size_t(B * J)];
   lane_sums<C, B * J>(acc, sums);
+  if (c < d)  // the last d mod W values
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < J; ++i)
+        for (Index t = c; t < d; ++t) sums[b * J + i] += q[b * q_stride + t] * stored_value<C>(key + i * key_stride, t);
   for (int b = 0; b < B; ++b)
-    for (int i = 0; i < J; ++i) {
-      C sum = sums[b * J + i];
-      for (Index t = c; t < d; ++t) sum += q[b * q_stride + t] * stored_value<C>(key + i * key_stride, t);
-      s[b * s_stride + i] = sum;
-    }
+    for (int i = 0; i < J; ++i) s[b * s_stride + i] = sums[b * J + i];
 }
 
 /// For B output rows out_b = out + b * out_stride (C) and J stored value rows value_i = value +

@@ -101,6 +101,24 @@ Packet<T> load_as(const S* p) {
   }
 }
 
+/// Tells the compiler that x is in a register here, so that it keeps a loaded packet there
+/// instead of folding the load into each of the instructions that use it (GCC does, and a
+/// packet used by N fused multiply-adds is then loaded N times: the decode kernels become
+/// bound by loads instead of multiply-adds). Generates no instruction; a no-op where the
+/// compiler has no such constraint.
+template <class P>
+EIGEN_ALWAYS_INLINE void keep_in_register(P& x) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX512F__)
+  if constexpr (sizeof(P) >= 16) __asm__("" : "+v"(x));
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
+  if constexpr (sizeof(P) >= 16) __asm__("" : "+x"(x));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  if constexpr (sizeof(P) >= 16) __asm__("" : "+w"(x));
+#else
+  (void)x;
+#endif
+}
+
 /// Stores a packet of T as kLanes<T> values of S at p (any alignment), rounded to nearest even.
 template <class S, class P>
 void store_as(S* p, const P& x) {
