@@ -224,7 +224,7 @@ void dot_block(const C* q, Index q_stride, const E* key, Index key_stride, Index
   }
   C sums[std::size_t(B * J)];
   lane_sums<C, B * J>(acc, sums);
-  if (c < d)  // the last d mod W values
+  if (c < d)  // the values past the last whole packet (q8_0: the last whole block)
     for (int b = 0; b < B; ++b)
       for (int i = 0; i < J; ++i)
         for (Index t = c; t < d; ++t) sums[b * J + i] += q[b * q_stride + t] * stored_value<C>(key + i * key_stride, t);
