@@ -123,8 +123,8 @@ inline constexpr Index kDecodePrefetchBytes = 32768;
 /// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
 /// costs log2 W shuffles and adds each). Otherwise lane by lane, in order. (Flattened: Eigen's
 /// transpose is inlined here, within the pragmas above, wherever it would not be otherwise.
-/// Inlined into its caller: called out of line it takes the accumulators' address, and GCC then
-/// keeps them in memory, storing all of them at every step of the caller's loop.)
+/// Inlined into its caller: out of line it cost the score kernel a call and a vzeroupper per
+/// block, with the 16 accumulators stored to memory and read back.)
 template <class T, int N>
 #if defined(__GNUC__)
 __attribute__((flatten))
