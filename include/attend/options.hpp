@@ -39,6 +39,13 @@ struct AttentionOptions {
   /// caller's threads inside attend at the same moment, and 1 inside a parallel region of the
   /// caller's. Ignored without OpenMP. Results are bitwise the same for every count.
   int num_threads = 0;
+  /// Decoding over a q8_0 cache (KVCache<Q8_0>, PagedKVCache<Q8_0>): round each head's scaled
+  /// query to 8 bits, s_q round(q' / s_q) with s_q = max |q'| / 127 over the head's d values (as
+  /// llama.cpp rounds queries for its 8-bit caches), and form the scores from whole integer dot
+  /// products of blocks, with AVX512-VNNI where the target has it (detail/q8_kernels.hpp). A
+  /// score then moves by at most (s_q / 2) sum_c |k^_c| (k^ the stored key); the steps read
+  /// in 0.7-0.8x the time. Other formats and paths ignore it.
+  bool quantize_queries = false;
 };
 
 /// Output of an attention call with its statistics. With bf16 or half inputs the output is

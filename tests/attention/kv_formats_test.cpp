@@ -4,7 +4,9 @@
 // that do and do not divide the lengths) against the long-double reference on the values the
 // cache stores, with FlashAttention's rule for bf16 and half (support/decode_precision.hpp) and
 // the float rule for q8_0 on its dequantized values; the q8_0 cache against its a priori
-// bound; long rows that break 16-bit accumulators; bitwise thread invariance in every format.
+// bound; queries rounded to 8 bits for a q8_0 cache (quantize_queries) against the reference on
+// the rounded query and the a priori bound of both steps; long rows that break 16-bit
+// accumulators; bitwise thread invariance in every format.
 #include <attend/attention/kv_cache.hpp>
 #include <attend/attention/paged_kv_cache.hpp>
 
@@ -22,6 +24,7 @@
 #endif
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -284,6 +287,113 @@ TEST(KVFormatQ8, ErrorWithinTheBoundOfItsQuantizationStep) {
   }
 }
 
+// AttentionOptions::quantize_queries: each head's scaled query q' rounded to 8 bits, s_q
+// round(q' / s_q) with s_q = max |q'| / 127 (half away from zero), then scored against the q8_0
+// blocks. The query the test rounds itself, unscaled back to q^ = s_q u / scale.
+Matrix<float> rounded_queries(const Matrix<float>& q, Index heads) {
+  const Index d = q.cols() / heads;
+  const float scale = 1 / std::sqrt(float(d));
+  Matrix<float> out(q.rows(), q.cols());
+  for (Index r = 0; r < q.rows(); ++r)
+    for (Index h = 0; h < heads; ++h) {
+      float amax = 0;
+      for (Index c = 0; c < d; ++c) amax = std::max(amax, std::fabs(scale * q(r, h * d + c)));
+      const float s = amax / 127;
+      for (Index c = 0; c < d; ++c)
+        out(r, h * d + c) = s == 0 ? 0.0f : s * std::round(scale * q(r, h * d + c) / s) / scale;
+    }
+  return out;
+}
+
+// With the option, the contiguous cache (single tokens and chunks) and the paged cache (a batch)
+// over head widths of two, three (odd: the last pair of blocks is half empty) and a partial
+// block: (a) the reference on the rounded query and the stored rows, within the float rule (the
+// scores are those of q^); (b) the exact attention of the unrounded rows, within the a priori
+// bound of both steps; (c) not the bits of the call without the option.
+TEST(KVFormatQ8Queries, RoundedQueryWithinTheRuleAndTheBoundOfBothSteps) {
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 8, kv_heads = 2, len = 300;
+  AttentionOptions options;
+  options.quantize_queries = true;
+  options.block_k = 64;
+  for (const Index d : {64, 96, 40}) {
+    SCOPED_TRACE("d=" + std::to_string(d));
+    const Matrix<float> q = rng.normal<float>(len, heads * d), k = rng.normal<float>(len, kv_heads * d),
+                        v = rng.normal<float>(len, kv_heads * d);
+    KVCache<Q8_0> cache(len, kv_heads, d), plain(len, kv_heads, d);
+    Matrix<float> out(len, heads * d), plain_out(len, heads * d);
+    for (Index t = 0; t < len;) {
+      const Index n = t < 200 ? 100 : 1;  // two chunks, then single tokens
+      decode_step_into(cache, q.middleRows(t, n), k.middleRows(t, n), v.middleRows(t, n), heads, out.middleRows(t, n),
+                       NoMask{}, options);
+      decode_step_into(plain, q.middleRows(t, n), k.middleRows(t, n), v.middleRows(t, n), heads,
+                       plain_out.middleRows(t, n), NoMask{}, AttentionOptions{});
+      t += n;
+    }
+    const Matrix<float> q_hat = rounded_queries(q, heads);
+    expect_rows_match<Q8_0>(q_hat, k, v, heads, visibility(0, len, len, -1), out);
+    EXPECT_FALSE(identical(out, plain_out)) << "the option changed nothing";
+
+    PagedKVCache<Q8_0> pool(64, kv_heads, d, {16});
+    const Index a = pool.add_sequence(), b = pool.add_sequence();
+    pool.append(a, k, v);
+    pool.append(b, k.topRows(37), v.topRows(37));
+    Matrix<float> batch_out(2, heads * d), lse(2, heads);
+    const Matrix<float> batch_q = q.topRows(2);
+    paged_attention_into(pool, {a, b}, SequenceRows::uniform(2, 1), batch_q, heads, batch_out, NoMask{}, options,
+                         Vector<float>(), lse);
+    expect_rows_match<Q8_0>(q_hat.topRows(1), k, v, heads, BoolMatrix::Constant(1, len, true), batch_out.topRows(1));
+    expect_rows_match<Q8_0>(q_hat.middleRows(1, 1), k.topRows(37), v.topRows(37), heads, BoolMatrix::Constant(1, 37, true),
+                            batch_out.bottomRows(1));
+
+    const Matrix<Real> k_steps = q8_0_steps(k, kv_heads), v_steps = q8_0_steps(v, kv_heads);
+    const Real scale = 1 / std::sqrt(Real(d));
+    for (Index h = 0; h < heads; ++h) {
+      const Index g = h / (heads / kv_heads);
+      const Matrix<float> qh = q.block(0, h * d, 1, d), kh = k.middleCols(g * d, d), vh = v.middleCols(g * d, d);
+      const Reference ref = reference_attention(qh, kh, vh, scale, BoolMatrix::Constant(1, len, true));
+      // |q'_c - q^'_c| <= s_q / 2 = scale max |q| / 254, with room for the float roundings
+      const Real query_step = Real(qh.cwiseAbs().maxCoeff()) / 254 * (1 + std::ldexp(Real(1), -10));
+      const Q8Bound bound = q8_0_bound(qh, kh, vh, k_steps.middleCols(g * d, d), v_steps.middleCols(g * d, d), scale,
+                                       ref.output.row(0).transpose(), query_step);
+      for (Index c = 0; c < d; ++c)
+        EXPECT_LE(std::fabs(Real(batch_out(0, h * d + c)) - ref.output(0, c)), bound.output(c)) << "head " << h;
+      EXPECT_LE(std::fabs(Real(lse(0, h)) - ref.lse(0)), bound.lse + 1e-5 * std::fabs(ref.lse(0))) << "head " << h;
+    }
+  }
+}
+
+// With the option: a zero query row scores every key 0 (uniform weights: the mean of V), a
+// query row holding a NaN or an infinity makes its head NaN and leaves the other heads as they
+// are; a float cache ignores the option (the same bits).
+TEST(KVFormatQ8Queries, DegenerateAndNonFiniteQueries) {
+  ATTEND_SEEDED_RNG(rng);
+  const Index heads = 4, kv_heads = 2, d = 64, len = 50;
+  AttentionOptions options;
+  options.quantize_queries = true;
+  const Matrix<float> k = rng.normal<float>(len, kv_heads * d), v = rng.normal<float>(len, kv_heads * d);
+  Matrix<float> q = rng.normal<float>(1, heads * d);
+  q.block(0, 0, 1, d).setZero();
+  q(0, d + 5) = std::numeric_limits<float>::quiet_NaN();
+  q(0, 2 * d + 7) = std::numeric_limits<float>::infinity();
+  KVCache<Q8_0> cache(len, kv_heads, d);
+  cache.append(k.topRows(len - 1), v.topRows(len - 1));
+  const Matrix<float> out = decode_step(cache, q, k.bottomRows(1), v.bottomRows(1), heads, NoMask{}, options);
+  const Matrix<float> v_stored = stored<Q8_0>(v, kv_heads);
+  const RealVector mean = v_stored.leftCols(d).cast<Real>().colwise().mean().transpose();
+  for (Index c = 0; c < d; ++c) EXPECT_NEAR(Real(out(0, c)), mean(c), 1e-5) << "column " << c;
+  EXPECT_TRUE(out.block(0, d, 1, d).array().isNaN().all());
+  EXPECT_TRUE(out.block(0, 2 * d, 1, d).array().isNaN().all());
+  EXPECT_TRUE(out.block(0, 3 * d, 1, d).array().isFinite().all());
+
+  KVCache<float> with(len, kv_heads, d), without(len, kv_heads, d);
+  with.append(k.topRows(len - 1), v.topRows(len - 1));
+  without.append(k.topRows(len - 1), v.topRows(len - 1));
+  const Matrix<float> q2 = rng.normal<float>(1, heads * d);
+  EXPECT_TRUE(identical(decode_step(with, q2, k.bottomRows(1), v.bottomRows(1), heads, NoMask{}, options),
+                        decode_step(without, q2, k.bottomRows(1), v.bottomRows(1), heads)));
+}
+
 // bf16 queries with a bf16 cache, and a float layer over reduced and 8-bit caches.
 TEST(KVFormatMixed, Bf16QueriesAndFloatLayers) {
   ATTEND_SEEDED_RNG(rng);
@@ -362,7 +472,8 @@ TEST(KVFormatMixed, StreamingLLMRotaryLayerOverReducedPools) {
   EXPECT_GT(worst_q8, 0) << "the 8-bit pool rounded nothing";
 }
 
-// Bitwise the same for 1, 2 and 3 threads, a single token and a chunk, in every format.
+// Bitwise the same for 1, 2 and 3 threads, a single token and a chunk, in every format, with and
+// without quantize_queries.
 TYPED_TEST(KVFormatTest, BitwiseEqualForOneToThreeThreads) {
 #ifndef _OPENMP
   GTEST_SKIP() << "built without OpenMP";
@@ -378,14 +489,19 @@ TYPED_TEST(KVFormatTest, BitwiseEqualForOneToThreeThreads) {
   std::vector<Matrix<float>> outs;
   for (const int threads : {1, 2, 3}) {
     omp_set_num_threads(threads);
-    KVCache<S> cache = base;
-    Matrix<float> out(6, heads * d);
-    decode_step_into(cache, q.topRows(1), k.middleRows(len - 6, 1), v.middleRows(len - 6, 1), heads, out.topRows(1));
-    decode_step_into(cache, q, k.bottomRows(5), v.bottomRows(5), heads, out.bottomRows(5));
-    outs.push_back(out);
+    for (const bool quantize_queries : {false, true}) {
+      AttentionOptions options;
+      options.quantize_queries = quantize_queries;
+      KVCache<S> cache = base;
+      Matrix<float> out(6, heads * d);
+      decode_step_into(cache, q.topRows(1), k.middleRows(len - 6, 1), v.middleRows(len - 6, 1), heads, out.topRows(1),
+                       NoMask{}, options);
+      decode_step_into(cache, q, k.bottomRows(5), v.bottomRows(5), heads, out.bottomRows(5), NoMask{}, options);
+      outs.push_back(out);
+    }
   }
   omp_set_num_threads(saved);
-  for (std::size_t r = 1; r < outs.size(); ++r) EXPECT_TRUE(identical(outs[r], outs[0]));
+  for (std::size_t r = 2; r < outs.size(); ++r) EXPECT_TRUE(identical(outs[r], outs[r % 2]));  // 1 thread: outs[0], [1]
 #endif
 }
 

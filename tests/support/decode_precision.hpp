@@ -129,7 +129,9 @@ template <class A, class B>
 
 /// The a priori bound of a q8_0 cache's error for one query row of one head, against the exact
 /// attention of the unquantized rows: with score errors |s^_j - s_j| <= delta_j = scale
-/// sum_c |q_c| step(k_jc) <= delta, each weight moves by a factor within e^(+-2 delta), so
+/// sum_c (|q_c| step(k_jc) + query_step (|k_jc| + step(k_jc))) <= delta (query_step: how far
+/// the query, rounded to 8 bits, may move, in q's units; 0 for a float query), each weight
+/// moves by a factor within e^(+-2 delta), so
 ///   |o^ - o| <= max_j step(v_jc) + (e^(2 delta) - 1) max_j |v_jc|   per column c,
 ///   |lse^ - lse| <= delta,
 /// plus float rounding (8 eps max(1, |o|), and 1e-5 relative of the log-sum-exp).
@@ -138,11 +140,13 @@ struct Q8Bound {
   Real lse;
 };
 inline Q8Bound q8_0_bound(const Matrix<float>& q_row, const Matrix<float>& k, const Matrix<float>& v,
-                          const Matrix<Real>& k_steps, const Matrix<Real>& v_steps, Real scale, const RealVector& ref_out) {
+                          const Matrix<Real>& k_steps, const Matrix<Real>& v_steps, Real scale, const RealVector& ref_out,
+                          Real query_step = 0) {
   Real delta = 0;
   for (Index j = 0; j < k.rows(); ++j) {
     Real dj = 0;
-    for (Index c = 0; c < k.cols(); ++c) dj += std::fabs(Real(q_row(0, c))) * k_steps(j, c);
+    for (Index c = 0; c < k.cols(); ++c)
+      dj += std::fabs(Real(q_row(0, c))) * k_steps(j, c) + query_step * (std::fabs(Real(k(j, c))) + k_steps(j, c));
     delta = std::max(delta, scale * dj);
   }
   Q8Bound b{RealVector(v.cols()), delta};

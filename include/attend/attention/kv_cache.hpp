@@ -25,6 +25,7 @@
 #include "split_kv.hpp"
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
 namespace attend {
@@ -251,7 +252,10 @@ void cache_decode_into(const KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, 
     const KeyRange r = m.keys(0, q.rows());
     if (r.begin < r.end) seen = {std::min(seen.begin, r.begin), std::max(seen.end, r.end)};
   }
-  const Matrix<C> q_scaled = resolve_scale<C>(options, layout.key_dim) * q.template cast<C>();  // (n, H d)
+  Matrix<C> q_scaled = resolve_scale<C>(options, layout.key_dim) * q.template cast<C>();  // (n, H d)
+  std::optional<RoundedQueries> rounded;  // options.quantize_queries over a q8_0 cache
+  if constexpr (std::is_same_v<S, Q8_0>)
+    if (options.quantize_queries) rounded.emplace(q_scaled, layout.heads, layout.key_dim);
   const KVRows<S>&keys = cache.key_rows(), &values = cache.value_rows();
   const Index begin = cache.begin(), size = cache.size();
   const auto runs = [&](Index j) {
@@ -260,7 +264,8 @@ void cache_decode_into(const KVCache<S>& cache, const Eigen::MatrixBase<DQ>& q, 
   Matrix<C> rows;
   Vector<C> rows_lse;
   decode_rows<C, kv_element_t<S>>(q_scaled, keys.stride(), values.stride(), layout, masks, seen,
-                                  options.block_k > 0 ? options.block_k : kDecodeSplitKeys, runs, rows, rows_lse);
+                                  options.block_k > 0 ? options.block_k : kDecodeSplitKeys, runs, rows, rows_lse,
+                                  rounded ? rounded->kernel_view() : Q8Queries{});
   write_decode_rows<C, O, O, O>(rows, rows_lse, layout.heads, sinks, out, no_vector<O>());
 }
 

@@ -46,6 +46,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -684,6 +685,10 @@ void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>
     if (rows.length(b) > 0)
       q_scaled.middleRows(rows.begin(b), rows.length(b)) =
           scale * q.middleRows(rows.begin(b), rows.length(b)).template cast<C>();
+  std::optional<detail::RoundedQueries> rounded;  // options.quantize_queries over a q8_0 cache
+  if constexpr (std::is_same_v<S, Q8_0>)
+    if (options.quantize_queries) rounded.emplace(q_scaled, heads, d);
+  const detail::Q8Queries rounded_rows = rounded ? rounded->kernel_view() : detail::Q8Queries{};
   Matrix<C> part_out(part_rows, dv);
   Vector<C> part_lse(part_rows);
   const detail::KVRows<S>&pool_keys = cache.key_rows(), &pool_values = cache.value_rows();
@@ -714,12 +719,13 @@ void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>
                                             masks[std::size_t(item.b)], r, item.k0, item.n,
                                             runs_from(r * replaced_keys), scores,
                                             part_out.middleRows(item.part + r * heads, heads),
-                                            part_lse.segment(item.part + r * heads, heads));
+                                            part_lse.segment(item.part + r * heads, heads),
+                                            rounded_rows.from((q0 + r) * heads));
         } else {
           detail::decode_split_runs<C, E>(q_scaled.row(q0).data(), n, k_stride, v_stride, layout,
                                           masks[std::size_t(item.b)], 0, item.k0, item.n, runs_from(0), scores,
                                           part_out.middleRows(item.part, n * heads),
-                                          part_lse.segment(item.part, n * heads));
+                                          part_lse.segment(item.part, n * heads), rounded_rows.from(q0 * heads));
         }
       });
   // Per sequence: merge its splits in order, then the sinks, and write its rows.

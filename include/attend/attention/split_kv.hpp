@@ -17,6 +17,7 @@
 #include "../detail/kv_rows.hpp"
 #include "../detail/packet.hpp"
 #include "../detail/parallel.hpp"
+#include "../detail/q8_kernels.hpp"
 #include "../masks.hpp"
 #include "../options.hpp"
 #include "../scores.hpp"
@@ -109,68 +110,6 @@ inline constexpr Index kDecodeQueryRows = 8;
 /// where the hardware prefetchers stop; each kv head's segment of the later rows is prefetched
 /// next to the work on the same segment of the current rows, spread over the block's work.
 inline constexpr Index kDecodePrefetchBytes = 32768;
-
-// GCC 12 reports its own _mm512_undefined_ps() inside the AVX-512 unpack intrinsics of the
-// transpose as used uninitialized (a false positive fixed in GCC 13; the lanes it "uses" are
-// overwritten by the unpack).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-/// sums[n] = the sum of the lanes of acc[n], n < N. With N a multiple of the packet width W,
-/// W at a time: after a register transpose of W accumulators, lane n of the sum of the W
-/// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
-/// costs log2 W shuffles and adds each). Otherwise lane by lane, in order. (Flattened: Eigen's
-/// transpose is inlined here, within the pragmas above, wherever it would not be otherwise.
-/// Inlined into its caller: out of line it cost the score kernel a call and a vzeroupper per
-/// block, with the 16 accumulators stored to memory and read back.)
-template <class T, int N>
-#if defined(__GNUC__)
-__attribute__((flatten))
-#endif
-EIGEN_ALWAYS_INLINE void lane_sums(const Packet<T>* acc, T* sums) {
-  namespace simd = Eigen::internal;
-  using P = Packet<T>;
-  constexpr int W = int(kLanes<T>);
-#if defined(EIGEN_VECTORIZE_AVX512)
-  if constexpr (std::is_same_v<T, float> && N == 16 && W == 16) {
-    // A tree of pairwise sums over 16 accumulators, halving the packets at each of 4 stages
-    // (15 pairs of 2 shuffles and an add, where a transpose takes 64 shuffles and 15 adds).
-    // After it, lane 4 L + t holds the sum of acc[4 t + L]; one permutation puts acc[n] at n.
-    __m512 s8[8], s4[4], s2[2];
-    for (int k = 0; k < 8; ++k)  // 128-bit quarters: [x q0+q2, x q1+q3, y q0+q2, y q1+q3]
-      s8[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0x44),
-                            _mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0xEE));
-    for (int k = 0; k < 4; ++k)  // quarter L: the 4 partial lanes of acc[4 k + L]
-      s4[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s8[2 * k], s8[2 * k + 1], 0x88),
-                            _mm512_shuffle_f32x4(s8[2 * k], s8[2 * k + 1], 0xDD));
-    for (int k = 0; k < 2; ++k)  // quarter L: 2 partials of acc[8 k + L], then 2 of acc[8 k + 4 + L]
-      s2[k] = _mm512_add_ps(_mm512_shuffle_ps(s4[2 * k], s4[2 * k + 1], 0x44),
-                            _mm512_shuffle_ps(s4[2 * k], s4[2 * k + 1], 0xEE));
-    const __m512 total =  // quarter L: acc[L], acc[4 + L], acc[8 + L], acc[12 + L]
-        _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], 0x88), _mm512_shuffle_ps(s2[0], s2[1], 0xDD));
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    _mm512_storeu_ps(sums, _mm512_permutexvar_ps(order, total));
-    return;
-  }
-#endif
-  if constexpr (N % W == 0) {
-    for (int g = 0; g < N; g += W) {
-      simd::PacketBlock<P, W> block;
-      for (int n = 0; n < W; ++n) block.packet[n] = acc[g + n];
-      simd::ptranspose(block);
-      P total = block.packet[0];
-      for (int n = 1; n < W; ++n) total = simd::padd(total, block.packet[n]);
-      simd::pstoreu(sums + g, total);
-    }
-  } else {
-    for (int n = 0; n < N; ++n) sums[n] = sum_of_lanes(acc[n]);
-  }
-}
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 /// Value c of a stored head row (elements at p): p[c] as C, or x^_c = s q_c of its q8_0 block.
 template <class C, class E>
@@ -317,7 +256,9 @@ struct KeyRun {
 /// query row r as on a (1, n) tile of query q0 + r and keys [k0, k0 + n). Keys are taken 4 at a
 /// time within each run for the scores, so a key's score depends only on its position within
 /// its run, and 8 at a time for P V (whose result does not depend on the grouping). The rows
-/// kDecodePrefetchBytes ahead are prefetched meanwhile, a kv head's segment at a time.
+/// kDecodePrefetchBytes ahead are prefetched meanwhile, a kv head's segment at a time. With
+/// `rounded` (the queries rounded to 8 bits, a q8_0 cache and the kernel on the target), the
+/// scores are formed by dot_block_q8 from its bytes instead of from q.
 /// \param q       (Q, H d) contiguous rows of queries, pre-scaled
 /// \param scores  (Q H, >= n) scratch
 /// \param out     (Q H, d_v) normalized partial output
@@ -325,7 +266,7 @@ struct KeyRun {
 template <class C, class E, class BoundMask, class Runs>
 void decode_split_runs(const C* q, Index num_queries, Index k_stride, Index v_stride, const HeadLayout& layout,
                        const std::vector<BoundMask>& masks, Index q0, Index k0, Index n, const Runs& runs,
-                       MatrixRef<C> scores, MatrixRef<C> out, VectorRef<C> lse) {
+                       MatrixRef<C> scores, MatrixRef<C> out, VectorRef<C> lse, const Q8Queries& rounded = {}) {
   const Index heads = layout.heads, d = layout.key_dim, dv = layout.value_dim, group = heads / layout.kv_heads;
   const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
   const Index k_head = kv_head_elements<E>(d), v_head = kv_head_elements<E>(dv);
@@ -366,9 +307,16 @@ void decode_split_runs(const C* q, Index num_queries, Index k_stride, Index v_st
       for (Index g = 0; g < layout.kv_heads; ++g) {
         if (r == 0) prefetch_segments(later, decltype(keys)::value, g * k_head, k_head);
         for_blocks_of_4(group, [&](auto block, Index i) {
-          const Index h = g * group + i;
-          dot_block<decltype(block)::value, decltype(keys)::value>(q + (r * heads + h) * d, d, key + g * k_head,
-                                                                   k_stride, d, &scores(r * heads + h, j), s_stride);
+          constexpr int kRows = decltype(block)::value, kKeys = decltype(keys)::value;
+          const Index h = r * heads + g * group + i;  // the block's first head row
+#if ATTEND_HAS_Q8_DOT_KERNELS
+          if constexpr (std::is_same_v<E, BlockQ8_0> && std::is_same_v<C, float>)
+            if (rounded) {
+              dot_block_q8<kRows, kKeys>(rounded.from(h), key + g * k_head, k_stride, d, &scores(h, j), s_stride);
+              return;
+            }
+#endif
+          dot_block<kRows, kKeys>(q + h * d, d, key + g * k_head, k_stride, d, &scores(h, j), s_stride);
         });
       }
   });
@@ -402,12 +350,13 @@ void decode_split_runs(const C* q, Index num_queries, Index k_stride, Index v_st
 /// groups of kDecodeQueryRows query rows, run in parallel; each split's partials are merged
 /// into the first in split order, so the result's bits never depend on the thread count. Query
 /// rows that see no key get zeros and lse -inf.
-/// \param q   (Q, H d) pre-scaled queries
-/// \param out (Q H, d_v), lse (Q H): row r H + h is query row r, head h
+/// \param q       (Q, H d) pre-scaled queries
+/// \param out     (Q H, d_v), lse (Q H): row r H + h is query row r, head h
+/// \param rounded q's head rows rounded to 8 bits for dot_block_q8 (see decode_split_runs), or none
 template <class C, class E, class BoundMask, class Runs>
 void decode_rows(const Matrix<C>& q, Index k_stride, Index v_stride, const HeadLayout& layout,
                  const std::vector<BoundMask>& masks, KeyRange seen, Index split, const Runs& runs, Matrix<C>& out,
-                 Vector<C>& lse) {
+                 Vector<C>& lse, const Q8Queries& rounded = {}) {
   const Index heads = layout.heads, rows = q.rows() * heads, dv = layout.value_dim;
   const Index num_seen = std::max(seen.end - seen.begin, Index(0));
   split = std::min(split, std::max(num_seen, Index(1)));  // scratch within the problem's size
@@ -430,7 +379,7 @@ void decode_rows(const Matrix<C>& q, Index k_stride, Index v_stride, const HeadL
         decode_split_runs<C, E>(q.row(r0).data(), count, k_stride, v_stride, layout, masks, r0, k0,
                                 std::min(split, seen.end - k0), split_runs, scores,
                                 part_out.middleRows(c * rows + r0 * heads, count * heads),
-                                part_lse.segment(c * rows + r0 * heads, count * heads));
+                                part_lse.segment(c * rows + r0 * heads, count * heads), rounded.from(r0 * heads));
       });
   for (Index c = 1; c < splits; ++c)
     merge_partial_into<C>(part_out.topRows(rows), part_lse.head(rows), part_out.middleRows(c * rows, rows),

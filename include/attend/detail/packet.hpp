@@ -168,6 +168,68 @@ typename Eigen::internal::unpacket_traits<P>::type sum_of_lanes(const P& p) {
   return sum;
 }
 
+// GCC 12 reports its own _mm512_undefined_ps() inside the AVX-512 unpack intrinsics of the
+// transpose as used uninitialized (a false positive fixed in GCC 13; the lanes it "uses" are
+// overwritten by the unpack).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+/// sums[n] = the sum of the lanes of acc[n], n < N. With N a multiple of the packet width W,
+/// W at a time: after a register transpose of W accumulators, lane n of the sum of the W
+/// packets is the sum of acc[n] (W - 1 adds for W sums, where a halving tree per accumulator
+/// costs log2 W shuffles and adds each). Otherwise lane by lane, in order. (Flattened: Eigen's
+/// transpose is inlined here, within the pragmas above, wherever it would not be otherwise.
+/// Inlined into its caller: out of line it cost the score kernel a call and a vzeroupper per
+/// block, with the 16 accumulators stored to memory and read back.)
+template <class T, int N>
+#if defined(__GNUC__)
+__attribute__((flatten))
+#endif
+EIGEN_ALWAYS_INLINE void lane_sums(const Packet<T>* acc, T* sums) {
+  namespace simd = Eigen::internal;
+  using P = Packet<T>;
+  constexpr int W = int(kLanes<T>);
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<T, float> && N == 16 && W == 16) {
+    // A tree of pairwise sums over 16 accumulators, halving the packets at each of 4 stages
+    // (15 pairs of 2 shuffles and an add, where a transpose takes 64 shuffles and 15 adds).
+    // After it, lane 4 L + t holds the sum of acc[4 t + L]; one permutation puts acc[n] at n.
+    __m512 s8[8], s4[4], s2[2];
+    for (int k = 0; k < 8; ++k)  // 128-bit quarters: [x q0+q2, x q1+q3, y q0+q2, y q1+q3]
+      s8[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0x44),
+                            _mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; ++k)  // quarter L: the 4 partial lanes of acc[4 k + L]
+      s4[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s8[2 * k], s8[2 * k + 1], 0x88),
+                            _mm512_shuffle_f32x4(s8[2 * k], s8[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; ++k)  // quarter L: 2 partials of acc[8 k + L], then 2 of acc[8 k + 4 + L]
+      s2[k] = _mm512_add_ps(_mm512_shuffle_ps(s4[2 * k], s4[2 * k + 1], 0x44),
+                            _mm512_shuffle_ps(s4[2 * k], s4[2 * k + 1], 0xEE));
+    const __m512 total =  // quarter L: acc[L], acc[4 + L], acc[8 + L], acc[12 + L]
+        _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], 0x88), _mm512_shuffle_ps(s2[0], s2[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(sums, _mm512_permutexvar_ps(order, total));
+    return;
+  }
+#endif
+  if constexpr (N % W == 0) {
+    for (int g = 0; g < N; g += W) {
+      simd::PacketBlock<P, W> block;
+      for (int n = 0; n < W; ++n) block.packet[n] = acc[g + n];
+      simd::ptranspose(block);
+      P total = block.packet[0];
+      for (int n = 1; n < W; ++n) total = simd::padd(total, block.packet[n]);
+      simd::pstoreu(sums + g, total);
+    }
+  } else {
+    for (int n = 0; n < N; ++n) sums[n] = sum_of_lanes(acc[n]);
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 /// x_i <- exp(x_i - shift) over n contiguous values, exactly 0 where x_i = -inf; returns their
 /// sum. The sum's order depends on n alone (lane-wise over whole packets from x_0, the lanes in
 /// order, then the tail), not on the alignment of x, so a row sums to the same bits wherever
@@ -177,14 +239,14 @@ T exp_shifted_sum_inplace(T* x, Index n, T shift) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   const P shift_packet = simd::pset1<P>(shift);
-  P lane_sums = simd::pset1<P>(T(0));
+  P packet_sums = simd::pset1<P>(T(0));
   Index i = 0;
   for (; i + kLanes<T> <= n; i += kLanes<T>) {
     const P e = exp_or_zero(simd::psub(simd::ploadu<P>(x + i), shift_packet));
     simd::pstoreu(x + i, e);
-    lane_sums = simd::padd(lane_sums, e);
+    packet_sums = simd::padd(packet_sums, e);
   }
-  T sum = sum_of_lanes(lane_sums);
+  T sum = sum_of_lanes(packet_sums);
   for (; i < n; ++i) {
     x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(x[i] - shift);
     sum += x[i];
