@@ -266,7 +266,8 @@ struct KeyRun {
 template <class C, class E, class BoundMask, class Runs>
 void decode_split_runs(const C* q, Index num_queries, Index k_stride, Index v_stride, const HeadLayout& layout,
                        const std::vector<BoundMask>& masks, Index q0, Index k0, Index n, const Runs& runs,
-                       MatrixRef<C> scores, MatrixRef<C> out, VectorRef<C> lse, const Q8Queries& rounded = {}) {
+                       MatrixRef<C> scores, MatrixRef<C> out, VectorRef<C> lse,
+                       [[maybe_unused]] const Q8Queries& rounded = {}) {
   const Index heads = layout.heads, d = layout.key_dim, dv = layout.value_dim, group = heads / layout.kv_heads;
   const Index s_stride = scores.outerStride(), out_stride = out.outerStride();
   const Index k_head = kv_head_elements<E>(d), v_head = kv_head_elements<E>(dv);
