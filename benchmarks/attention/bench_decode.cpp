@@ -2,7 +2,8 @@
 // One decode step (a single query token) over a KV cache: 32 query heads sharing 8 kv heads
 // (GQA, 4 query heads per kv head), d = 128, Lk in {1024, 8192, 32768}, 1 and 2 threads, with
 // the cache stored in each format: fp32, bf16, f16 (Eigen::half) and q8_0 (queries and outputs
-// float).
+// float), and q8_0 with the queries rounded to 8 bits (AttentionOptions::quantize_queries:
+// integer dot products, AVX512-VNNI where the build targets it), named q8_0+q8.
 //
 // Decode is bound by memory bandwidth: every K and V row is read once. Each step is
 // decode_step_into on a KVCache holding Lk - 1 rows (append the token, attend), then
@@ -34,7 +35,7 @@ using attend::Index;
 
 constexpr Index kHeads = 32, kKvHeads = 8, kDim = 128;
 
-template <class S>
+template <class S, bool kQuantizeQueries = false>
 void BM_Decode(benchmark::State& state) {
   const Index keys = state.range(0);
   const int threads = int(state.range(1));
@@ -48,9 +49,11 @@ void BM_Decode(benchmark::State& state) {
   }
   const attend::Matrix<float> q = attend::Matrix<float>::Random(1, kHeads * kDim);
   attend::Matrix<float> out(1, kHeads * kDim);
+  attend::AttentionOptions options;
+  options.quantize_queries = kQuantizeQueries;
   const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
-    attend::decode_step_into(cache, q, k.topRows(1), v.topRows(1), kHeads, out);
+    attend::decode_step_into(cache, q, k.topRows(1), v.topRows(1), kHeads, out, attend::NoMask{}, options);
     cache.truncate(keys - 1);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
@@ -101,6 +104,7 @@ BENCHMARK(BM_Decode<float>)->Name("Decode/fp32/GQA32x8/d128")->Apply(shapes);
 BENCHMARK(BM_Decode<Eigen::bfloat16>)->Name("Decode/bf16/GQA32x8/d128")->Apply(shapes);
 BENCHMARK(BM_Decode<Eigen::half>)->Name("Decode/f16/GQA32x8/d128")->Apply(shapes);
 BENCHMARK(BM_Decode<attend::Q8_0>)->Name("Decode/q8_0/GQA32x8/d128")->Apply(shapes);
+BENCHMARK(BM_Decode<attend::Q8_0, true>)->Name("Decode/q8_0+q8/GQA32x8/d128")->Apply(shapes);
 BENCHMARK(BM_LayerStep<float>)->Name("LayerStep/fp32/E4096/GQA32x8/ctx1024")->ArgName("threads")->Arg(1)->Arg(2)->MinTime(0.2)->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LayerStep<Eigen::bfloat16>)->Name("LayerStep/bf16/E4096/GQA32x8/ctx1024")->ArgName("threads")->Arg(1)->Arg(2)->MinTime(0.2)->UseRealTime()->Unit(benchmark::kMicrosecond);
 
