@@ -343,8 +343,8 @@ TEST(KVFormatQ8Queries, RoundedQueryWithinTheRuleAndTheBoundOfBothSteps) {
     paged_attention_into(pool, {a, b}, SequenceRows::uniform(2, 1), batch_q, heads, batch_out, NoMask{}, options,
                          Vector<float>(), lse);
     expect_rows_match<Q8_0>(q_hat.topRows(1), k, v, heads, BoolMatrix::Constant(1, len, true), batch_out.topRows(1));
-    expect_rows_match<Q8_0>(q_hat.middleRows(1, 1), k.topRows(37), v.topRows(37), heads, BoolMatrix::Constant(1, 37, true),
-                            batch_out.bottomRows(1));
+    expect_rows_match<Q8_0>(q_hat.middleRows(1, 1), k.topRows(37), v.topRows(37), heads,
+                            BoolMatrix::Constant(1, 37, true), batch_out.bottomRows(1));
 
     const Matrix<Real> k_steps = q8_0_steps(k, kv_heads), v_steps = q8_0_steps(v, kv_heads);
     const Real scale = 1 / std::sqrt(Real(d));

@@ -140,8 +140,8 @@ struct Q8Bound {
   Real lse;
 };
 inline Q8Bound q8_0_bound(const Matrix<float>& q_row, const Matrix<float>& k, const Matrix<float>& v,
-                          const Matrix<Real>& k_steps, const Matrix<Real>& v_steps, Real scale, const RealVector& ref_out,
-                          Real query_step = 0) {
+                          const Matrix<Real>& k_steps, const Matrix<Real>& v_steps, Real scale,
+                          const RealVector& ref_out, Real query_step = 0) {
   Real delta = 0;
   for (Index j = 0; j < k.rows(); ++j) {
     Real dj = 0;

@@ -715,12 +715,10 @@ void paged_attention_into(const PagedKVCache<S>& cache, const std::vector<Index>
         const Index q0 = rows.begin(item.b);
         if (item.k0 < replaced_keys) {  // replaced sink keys: each query row reads its own
           for (Index r = 0; r < n; ++r)
-            detail::decode_split_runs<C, E>(q_scaled.row(q0 + r).data(), 1, k_stride, v_stride, layout,
-                                            masks[std::size_t(item.b)], r, item.k0, item.n,
-                                            runs_from(r * replaced_keys), scores,
-                                            part_out.middleRows(item.part + r * heads, heads),
-                                            part_lse.segment(item.part + r * heads, heads),
-                                            rounded_rows.from((q0 + r) * heads));
+            detail::decode_split_runs<C, E>(
+                q_scaled.row(q0 + r).data(), 1, k_stride, v_stride, layout, masks[std::size_t(item.b)], r, item.k0,
+                item.n, runs_from(r * replaced_keys), scores, part_out.middleRows(item.part + r * heads, heads),
+                part_lse.segment(item.part + r * heads, heads), rounded_rows.from((q0 + r) * heads));
         } else {
           detail::decode_split_runs<C, E>(q_scaled.row(q0).data(), n, k_stride, v_stride, layout,
                                           masks[std::size_t(item.b)], 0, item.k0, item.n, runs_from(0), scores,

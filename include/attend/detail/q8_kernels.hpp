@@ -108,11 +108,10 @@ class RoundedQueries {
 /// two blocks per vpdpbusd; each block's exact integer sum is converted and scaled in float
 /// lanes, and the B x J lane-wise sums reduced together (lane_sums).
 template <int B, int J>
-void dot_block_q8(const Q8Queries& queries, const BlockQ8_0* key, Index key_stride, Index d, float* s,
-                  Index s_stride) {
+void dot_block_q8(const Q8Queries& queries, const BlockQ8_0* key, Index key_stride, Index d, float* s, Index s_stride) {
   const Index blocks = q8_blocks(d);
   const __m512i offset = _mm512_set1_epi8(char(-128));  // the bytes 0x80: 128 unsigned
-  __m512 acc[std::size_t(B * J)];  // acc[b J + i]: lane-wise partial sums of <q^_b, k^_i> / s_q(b)
+  __m512 acc[std::size_t(B * J)];                       // acc[b J + i]: lane-wise partial sums of <q^_b, k^_i> / s_q(b)
   for (__m512& a : acc) a = _mm512_setzero_ps();
   for (Index c = 0; c < blocks; c += 2) {
     const bool pair = c + 1 < blocks;
@@ -121,9 +120,11 @@ void dot_block_q8(const Q8Queries& queries, const BlockQ8_0* key, Index key_stri
     for (int i = 0; i < J; ++i) {
       const BlockQ8_0* first = key + i * key_stride + c;
       const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first[0].q));
-      const __m256i high = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first[1].q)) : _mm256_setzero_si256();
+      const __m256i high =
+          pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first[1].q)) : _mm256_setzero_si256();
       keys[i] = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-      minus_offset[i] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, keys[i]));
+      minus_offset[i] =
+          _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, keys[i]));
       scales[i] = _mm512_insertf32x8(_mm512_set1_ps(first[0].scale), _mm256_set1_ps(pair ? first[1].scale : 0.0f), 1);
       keep_in_register(keys[i]);
     }
@@ -131,8 +132,8 @@ void dot_block_q8(const Q8Queries& queries, const BlockQ8_0* key, Index key_stri
       __m512i query = _mm512_loadu_si512(queries.bytes + b * queries.width + c * kQ8Block);
       keep_in_register(query);
       for (int i = 0; i < J; ++i)
-        acc[b * J + i] =
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(minus_offset[i], query, keys[i])), scales[i], acc[b * J + i]);
+        acc[b * J + i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(minus_offset[i], query, keys[i])),
+                                         scales[i], acc[b * J + i]);
     }
   }
   float sums[std::size_t(B * J)];
