@@ -14,9 +14,9 @@
 /// the score moves by at most (s_q / 2) sum_c |k^_jc|.
 ///
 /// Where the target has AVX512-VNNI (and AVX512BW), ATTEND_HAS_Q8_DOT_KERNELS is 1 and
-/// dot_block_q8 forms the inner sums with vpdpbusd, 64 byte products of a head row pair at a
-/// time (two blocks); the bytes are stored offset to unsigned (u_c + 128), and 128 sum_c k_bc,
-/// formed once per key, is subtracted. Elsewhere the rounded query q^ runs through the float
+/// dot_block_q8 forms the inner sums with vpdpbusd, 64 byte products (a pair of blocks) at a
+/// time; the query's bytes are stored offset to unsigned (u_c + 128), and 128 sum_c k_bc,
+/// formed once per key and pair of blocks, is subtracted. Elsewhere the rounded query q^ runs through the float
 /// kernels: the same scores up to float rounding.
 #pragma once
 
@@ -24,8 +24,6 @@
 #include "../types.hpp"
 #include "packet.hpp"
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
