@@ -72,9 +72,8 @@ class RoundedQueries {
         const Index i = r * heads + h;
         const bool finite = q.isFinite().all();
         const float scale = finite ? q.abs().maxCoeff() / 127 : std::numeric_limits<float>::quiet_NaN();
-        const float inverse = finite && scale != 0 ? 1 / scale : 0.0f;
-        if (finite)
-          u = (q * inverse).round().max(-127.0f).min(127.0f);
+        if (finite && scale != 0)  // q' / s_q, divided as the formula says (not times 1 / s_q: ties)
+          u = (q / scale).round().max(-127.0f).min(127.0f);
         else
           u.setZero();
         q = scale * u;
