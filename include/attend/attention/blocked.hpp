@@ -93,7 +93,7 @@ bool runs_bf16_dot_kernels(TileShape tiles) {
 ///   qt     (Dk, lanes)         scaled queries of the tile, transposed (portable fast path only)
 ///   scores (Bk, lanes)         S^T of one tile, then P^T
 ///   acc    (Bq, Dv)            unnormalized output
-///   state  (3, lanes)          running max m, running sum l, rescale factor alpha
+///   state  (4, lanes)          running max m, running sum l, rescale factor alpha, the tile's max
 /// and, with `pairs` (the bf16 dot-product kernels), in words of two bf16:
 ///   qt2    (ceil(Dk/2), lanes) the tile's queries in feature pairs
 ///   pt2    (ceil(Bk/2), lanes) P^T rounded to bf16, in key pairs
@@ -104,7 +104,7 @@ struct BlockedScratch {
         // Zero, so that padding lanes stay finite under policies that write only valid lanes.
         scores(Matrix<T>::Zero(tiles.keys, round_up_to_lanes<T>(tiles.queries))),
         acc(tiles.queries, value_dim),
-        state(3, round_up_to_lanes<T>(tiles.queries)),
+        state(4, round_up_to_lanes<T>(tiles.queries)),
         qt2(pairs ? (key_dim + 1) / 2 : 0, round_up_to_lanes<T>(tiles.queries)),
         pt2(pairs ? (tiles.keys + 1) / 2 : 0, round_up_to_lanes<T>(tiles.queries)) {}
 
@@ -113,12 +113,13 @@ struct BlockedScratch {
     const Index lanes = round_up_to_lanes<T>(tiles.queries);
     const Index packed = pairs ? Index(sizeof(std::uint32_t)) * ((key_dim + 1) / 2 + (tiles.keys + 1) / 2) * lanes
                                : Index(sizeof(T)) * key_dim * lanes;
-    return packed + Index(sizeof(T)) * ((tiles.keys + 3) * lanes + tiles.queries * value_dim);
+    return packed + Index(sizeof(T)) * ((tiles.keys + 4) * lanes + tiles.queries * value_dim);
   }
 
   T* max() { return state.row(0).data(); }
   T* sum() { return state.row(1).data(); }
   T* alpha() { return state.row(2).data(); }
+  T* tile_max() { return state.row(3).data(); }
 
   Matrix<T> qt;
   Matrix<T> scores;
@@ -173,13 +174,16 @@ void blocked_query_tile(const ConstMatrixRef<identity_t<S>>& q, const ConstMatri
       return KeyRange{std::clamp(seen.begin - k0, Index(0), cols), std::clamp(seen.end - k0, Index(0), cols)};
     };
     auto st = scratch.scores.topLeftCorner(cols, rows);  // (cols, rows) = S^T
+    // A full tile's max per lane comes from the score kernels' registers (no mask follows).
+    T* tile_max = kind == TileKind::Full && is_dot_product_score<Score>::value ? scratch.tile_max() : nullptr;
+    if (tile_max != nullptr) std::fill_n(tile_max, lanes, -std::numeric_limits<T>::infinity());
 #if ATTEND_HAS_BF16_DOT_KERNELS
     if constexpr (uses_bf16_dot_kernels<S, Score>) {
       if (pairs) {
         score_tile_bf16(k.middleRows(k0, cols), scratch.qt2.data(), scratch.qt2.outerStride(), lanes, score.scale,
-                        st.data(), stride, seen_by);
+                        st.data(), stride, seen_by, tile_max);
         if (kind == TileKind::Partial) apply_mask(mask, st.transpose(), q0, k0);
-        online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha());
+        online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha(), tile_max);
         pack_weight_pairs(st.data(), stride, cols, lanes, scratch.pt2.data(), scratch.pt2.outerStride());
         value_tile_bf16(scratch.pt2.data(), scratch.pt2.outerStride(), value_pairs->middleRows(k0 / 2, (cols + 1) / 2),
                         scratch.alpha(), acc, seen_by);
@@ -189,11 +193,11 @@ void blocked_query_tile(const ConstMatrixRef<identity_t<S>>& q, const ConstMatri
 #endif
     if constexpr (is_dot_product_score<Score>::value)
       score_tile<T, S>(k.middleRows(k0, cols), scratch.qt.data(), scratch.qt.outerStride(), lanes, st.data(), stride,
-                    seen_by);
+                    seen_by, tile_max);
     else if constexpr (std::is_same_v<S, T>)
       score(q.middleRows(q0, rows), k.middleRows(k0, cols), st.transpose());
     if (kind == TileKind::Partial) apply_mask(mask, st.transpose(), q0, k0);
-    online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha());
+    online_softmax_step<T>(st.data(), stride, cols, lanes, scratch.max(), scratch.sum(), scratch.alpha(), tile_max);
     value_tile<T, S>(st.data(), stride, v.middleRows(k0, cols), scratch.alpha(), acc, seen_by);
   }
   VectorRef<T> tile_lse = lse.size() != 0 ? VectorRef<T>(lse.segment(q0, rows)) : lse;

@@ -34,6 +34,7 @@
 
 #include "../types.hpp"
 #include "packet.hpp"
+#include "tile_kernels.hpp"  // fold_tile_max
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define ATTEND_HAS_BF16_DOT_KERNELS 1
@@ -167,10 +168,10 @@ inline void pack_weight_pairs(const float* pt, Index pt_stride, Index keys, Inde
 
 /// st(j, i) = scale <k_j, q_i> for MR keys j and NV packets of query lanes i: MR x NV float
 /// accumulators; per pair of features, NV loads of qt2 and one broadcast word of each key row.
-/// The MR rows of K two blocks ahead are prefetched, as in score_block.
+/// The MR rows of K two blocks ahead are prefetched, and tile_max folded, as in score_block.
 template <int MR, int NV>
 void score_block_bf16(const Eigen::bfloat16* k, Index k_stride, const std::uint32_t* qt2, Index qt2_stride, Index depth,
-                      float scale, float* st, Index st_stride) {
+                      float scale, float* st, Index st_stride, float* tile_max) {
   constexpr Index kLine = 32;  // bf16 per cache line
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r)
@@ -204,17 +205,20 @@ void score_block_bf16(const Eigen::bfloat16* k, Index k_stride, const std::uint3
   const __m512 scale_packet = _mm512_set1_ps(scale);
   ATTEND_UNROLL
   for (int r = 0; r < MR; ++r) ATTEND_UNROLL
-  for (int v = 0; v < NV; ++v)
-    _mm512_storeu_ps(st + r * st_stride + v * kBf16Lanes, _mm512_mul_ps(scale_packet, acc[r][v]));
+  for (int v = 0; v < NV; ++v) {
+    acc[r][v] = _mm512_mul_ps(scale_packet, acc[r][v]);
+    _mm512_storeu_ps(st + r * st_stride + v * kBf16Lanes, acc[r][v]);
+  }
+  if (tile_max != nullptr) fold_tile_max(acc, tile_max);
 }
 
 /// Score tile st (keys, lanes) = scale K_tile (keys, Dk) Q_tile^T from bf16 K read in place and
-/// qt2 (pack_query_pairs), lanes a multiple of kBf16Lanes. `visible(i0, i1)` is as in
-/// score_tile: a block of keys is scored only for the packets of lanes whose range meets it;
-/// entries left unscored are invisible, and the mask sets them to -inf.
+/// qt2 (pack_query_pairs), lanes a multiple of kBf16Lanes. `visible(i0, i1)` and tile_max are
+/// as in score_tile: a block of keys is scored only for the packets of lanes whose range meets
+/// it; entries left unscored are invisible, and the mask sets them to -inf.
 template <class Visible>
 void score_tile_bf16(const ConstMatrixRef<Eigen::bfloat16>& k, const std::uint32_t* qt2, Index qt2_stride, Index lanes,
-                     float scale, float* st, Index st_stride, const Visible& visible) {
+                     float scale, float* st, Index st_stride, const Visible& visible, float* tile_max = nullptr) {
   constexpr Index W = kBf16Lanes;
   const Index keys = k.rows(), depth = k.cols(), packets = lanes / W;
   for (Index p0 = 0; p0 < packets; p0 += kBf16ScorePackets) {
@@ -236,7 +240,8 @@ void score_tile_bf16(const ConstMatrixRef<Eigen::bfloat16>& k, const std::uint32
         with_static_size<kBf16ScoreRows>(mr, [&](auto rows) {
           score_block_bf16<decltype(rows)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(),
                                                                        qt2 + lane0, qt2_stride, depth, scale,
-                                                                       st + j0 * st_stride + lane0, st_stride);
+                                                                       st + j0 * st_stride + lane0, st_stride,
+                                                                       tile_max == nullptr ? nullptr : tile_max + lane0);
         });
       });
     }

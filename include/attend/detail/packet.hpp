@@ -12,8 +12,8 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(__F16C__)
-#include <immintrin.h>  // _cvtsh_ss and the packet conversions, also where Eigen does not vectorize
+#if defined(__F16C__) || defined(EIGEN_VECTORIZE_AVX512)
+#include <immintrin.h>  // _cvtsh_ss and the packet conversions, also where Eigen does not vectorize; vscalefps
 #endif
 
 // A packet type (__m512, ...) as a template argument makes GCC warn that its alignment
@@ -155,6 +155,32 @@ P exp_or_zero(const P& x) {
   const P masked = simd::pcmp_eq(x, simd::pset1<P>(-std::numeric_limits<T>::infinity()));
   return simd::pandnot(simd::pexp(x), masked);
 }
+
+#if defined(EIGEN_VECTORIZE_AVX512)
+/// exp(x) of 16 floats with AVX-512's vscalefps (the overload the softmax kernels take there):
+///   n = round(x log2 e),  r = x - n ln 2  (ln 2 in two parts, |r| <= ln 2 / 2),
+///   exp(x) = 2^n (1 + r + r^2 P(r))  with Cephes' degree-5 P (expf),
+/// and 2^n applied by vscalefps, which rounds once into the subnormals, to 0 below them and to
+/// inf above FLT_MAX; x is first clamped to [-120, 128], past both ends. Measured over
+/// [-103, 88]: at most 1.24 ulp, 0.35 on average (Eigen's pexp: 4.5 and 1.47, flushing results
+/// below FLT_MIN to 0), and 1.3x faster. exp(-inf) = +0, exp(inf) = inf, NaN stays NaN (the
+/// clamps return their second operand, x, for NaN).
+inline Eigen::internal::Packet16f exp_or_zero(const Eigen::internal::Packet16f& x) {
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-120.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);  // n (355 / 512) is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 exp_r = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(exp_r, n);
+}
+#endif
 
 /// The lanes of p summed in order, lane 0 first (no horizontal-reduction intrinsic, whose order
 /// differs between instruction sets).

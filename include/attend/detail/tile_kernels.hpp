@@ -8,6 +8,7 @@
 /// One step of the blocked path for a query tile (rows i, padded to `lanes`) and a key tile
 /// (rows j) holds the scores *transposed*, st(j, i), one query per SIMD lane:
 ///  1. score_tile:          st = K_tile Qt          (Qt: scaled, packed queries; see packing.hpp)
+///     and, for a full tile, each lane's max over the tile's keys, from the registers;
 ///  2. the mask policy sets invisible entries of st to -inf (partial tiles only);
 ///  3. online_softmax_step: per query, running max m and sum l; st becomes P^T; alpha rescales;
 ///  4. value_tile:          acc = diag(alpha) acc + P V_tile;
@@ -37,12 +38,30 @@ inline constexpr int kValuePackets = 4;
 /// Rows of V the value kernel prefetches ahead.
 inline constexpr Index kValuePrefetch = 32;
 
+/// tile_max(v W + lane) = max(tile_max(v W + lane), max_r scores[r][v] lane) for NV packets of
+/// W lanes: a register block of scores folded into its lanes' running maxima (pmax with the
+/// maximum first, as online_softmax_step's own pass, so that NaN scores are skipped alike).
+template <int MR, int NV, class P, class T>
+EIGEN_ALWAYS_INLINE void fold_tile_max(const P (&scores)[MR][NV], T* tile_max) {
+  namespace simd = Eigen::internal;
+  constexpr Index W = simd::unpacket_traits<P>::size;
+  ATTEND_UNROLL
+  for (int v = 0; v < NV; ++v) {
+    P m = simd::ploadu<P>(tile_max + v * W);
+    ATTEND_UNROLL
+    for (int r = 0; r < MR; ++r) m = simd::pmax(m, scores[r][v]);
+    simd::pstoreu(tile_max + v * W, m);
+  }
+}
+
 /// st(j, i) = <k_j, qt(:, i)> for MR keys j and NV packets of query lanes i:
-/// MR x NV accumulators, one broadcast of k(j, c) and NV loads of qt(c, :) per feature c.
+/// MR x NV accumulators, one broadcast of k(j, c) and NV loads of qt(c, :) per feature c; with
+/// tile_max (the block's lanes), the block is also folded into it (fold_tile_max).
 /// The MR rows of K two blocks ahead are prefetched, a cache line at a time: the rows of a head
 /// of an (L, H d) matrix lie a page apart, and the hardware prefetchers stop at pages.
 template <class T, class S, int MR, int NV>
-void score_block(const S* k, Index k_stride, const T* qt, Index qt_stride, Index depth, T* st, Index st_stride) {
+void score_block(const S* k, Index k_stride, const T* qt, Index qt_stride, Index depth, T* st, Index st_stride,
+                 T* tile_max) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   constexpr Index W = kLanes<T>, kLine = 64 / Index(sizeof(S));
@@ -69,6 +88,7 @@ void score_block(const S* k, Index k_stride, const T* qt, Index qt_stride, Index
   for (int r = 0; r < MR; ++r)
     ATTEND_UNROLL
     for (int v = 0; v < NV; ++v) simd::pstore(st + r * st_stride + v * W, acc[r][v]);
+  if (tile_max != nullptr) fold_tile_max(acc, tile_max);
 }
 
 /// Score tile st (keys, lanes) = K_tile (keys, Dk) Qt (Dk, lanes); lanes a multiple of kLanes.
@@ -76,9 +96,12 @@ void score_block(const S* k, Index k_stride, const T* qt, Index qt_stride, Index
 /// of tile keys that holds every key query lanes [i0, i1) may see: a block of keys is scored
 /// only for the packets of lanes whose range meets it (on a causal diagonal, about 3/8 of the
 /// block is skipped). Entries left unscored are invisible, and the mask sets them to -inf.
+/// With tile_max (lanes entries, aligned; for a full tile, where every entry is scored), each
+/// lane's maximum over the keys is folded into it as the blocks are formed, which saves
+/// online_softmax_step a pass over st.
 template <class T, class S = T, class Visible>
 void score_tile(const ConstMatrixRef<identity_t<S>>& k, const T* qt, Index qt_stride, Index lanes, T* st, Index st_stride,
-                const Visible& visible) {
+                const Visible& visible, T* tile_max = nullptr) {
   constexpr Index W = kLanes<T>;
   const Index keys = k.rows(), depth = k.cols(), packets = lanes / W;
   for (Index p0 = 0; p0 < packets; p0 += kScorePackets) {
@@ -101,7 +124,8 @@ void score_tile(const ConstMatrixRef<identity_t<S>>& k, const T* qt, Index qt_st
         with_static_size<kScoreRows>(mr, [&](auto rows) {
           score_block<T, S, decltype(rows)::value, decltype(nv)::value>(k.data() + j0 * k.outerStride(), k.outerStride(),
                                                                      qt + lane0, qt_stride, depth,
-                                                                     st + j0 * st_stride + lane0, st_stride);
+                                                                     st + j0 * st_stride + lane0, st_stride,
+                                                                     tile_max == nullptr ? nullptr : tile_max + lane0);
         });
       });
     }
@@ -109,21 +133,25 @@ void score_tile(const ConstMatrixRef<identity_t<S>>& k, const T* qt, Index qt_st
 }
 
 /// One online-softmax step over a score tile held as st (keys, lanes), for every lane i:
-///   m'_i = max(m_i, max_j st_ji)            (running max)
+///   m'_i = max(m_i, max_j st_ji)            (running max; max_j st_ji from tile_max if given)
 ///   u_i  = m'_i, or 0 while m'_i = -inf     (so that -inf - -inf is never formed)
 ///   alpha_i = exp(m_i - u_i)                (rescales what was accumulated so far)
 ///   st_ji  <- p_ji = exp(st_ji - u_i)
 ///   l'_i = alpha_i l_i + sum_j p_ji          (running sum)
-/// max, sum and alpha hold `lanes` entries, aligned to the packet size.
+/// max, sum, alpha and tile_max hold `lanes` entries, aligned to the packet size.
 template <class T>
-void online_softmax_step(T* st, Index st_stride, Index keys, Index lanes, T* max, T* sum, T* alpha) {
+void online_softmax_step(T* st, Index st_stride, Index keys, Index lanes, T* max, T* sum, T* alpha,
+                         const T* tile_max = nullptr) {
   namespace simd = Eigen::internal;
   using P = Packet<T>;
   const P neg_inf = simd::pset1<P>(-std::numeric_limits<T>::infinity());
   for (Index i = 0; i < lanes; i += kLanes<T>) {
     const P m_old = simd::pload<P>(max + i);
     P m = m_old;
-    for (Index j = 0; j < keys; ++j) m = simd::pmax(m, simd::pload<P>(st + j * st_stride + i));
+    if (tile_max != nullptr)
+      m = simd::pmax(m, simd::pload<P>(tile_max + i));
+    else
+      for (Index j = 0; j < keys; ++j) m = simd::pmax(m, simd::pload<P>(st + j * st_stride + i));
     const P u = simd::pandnot(m, simd::pcmp_eq(m, neg_inf));
     const P a = exp_or_zero(simd::psub(m_old, u));
     P l = simd::pset1<P>(T(0));
