@@ -158,7 +158,7 @@ P exp_or_zero(const P& x) {
 
 #if defined(EIGEN_VECTORIZE_AVX512)
 /// exp(x) of 16 floats with AVX-512's vscalefps (the overload the softmax kernels take there):
-///   n = round(x log2 e),  r = x - n ln 2  (ln 2 in two parts, |r| <= ln 2 / 2),
+///   n = round(x log2 e),  r = x - n ln 2  (ln 2 in two parts, |r| <= ln 2 / 2 + eps),
 ///   exp(x) = 2^n (1 + r + r^2 P(r))  with Cephes' degree-5 P (expf),
 /// and 2^n applied by vscalefps, which rounds once into the subnormals, to 0 below them and to
 /// inf above FLT_MAX; x is first clamped to [-120, 128], past both ends. Measured over
@@ -167,8 +167,9 @@ P exp_or_zero(const P& x) {
 /// clamps return their second operand, x, for NaN).
 inline Eigen::internal::Packet16f exp_or_zero(const Eigen::internal::Packet16f& x) {
   const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-120.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);  // 1.5 2^23: adding it rounds to an integer
+  const __m512 n =
+      _mm512_sub_ps(_mm512_fmadd_ps(clamped, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);  // n (355 / 512) is exact
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);

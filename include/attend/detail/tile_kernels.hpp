@@ -41,16 +41,16 @@ inline constexpr Index kValuePrefetch = 32;
 /// tile_max(v W + lane) = max(tile_max(v W + lane), max_r scores[r][v] lane) for NV packets of
 /// W lanes: a register block of scores folded into its lanes' running maxima (pmax with the
 /// maximum first, as online_softmax_step's own pass, so that NaN scores are skipped alike).
-template <int MR, int NV, class P, class T>
+template <std::size_t MR, std::size_t NV, class P, class T>
 EIGEN_ALWAYS_INLINE void fold_tile_max(const P (&scores)[MR][NV], T* tile_max) {
   namespace simd = Eigen::internal;
   constexpr Index W = simd::unpacket_traits<P>::size;
   ATTEND_UNROLL
-  for (int v = 0; v < NV; ++v) {
-    P m = simd::ploadu<P>(tile_max + v * W);
+  for (std::size_t v = 0; v < NV; ++v) {
+    P m = simd::ploadu<P>(tile_max + Index(v) * W);
     ATTEND_UNROLL
-    for (int r = 0; r < MR; ++r) m = simd::pmax(m, scores[r][v]);
-    simd::pstoreu(tile_max + v * W, m);
+    for (std::size_t r = 0; r < MR; ++r) m = simd::pmax(m, scores[r][v]);
+    simd::pstoreu(tile_max + Index(v) * W, m);
   }
 }
 
