@@ -2,7 +2,7 @@
 // A user's translation unit built with the strictest common warning set, -Werror, and attend as
 // an ordinary (non-system) include path, so every warning inside attend's headers counts: it
 // calls each public entry point family once, for float and for double (the build check
-// build_strict_warnings{,_native}; compiling is the test, the program only runs a smoke check).
+// build_strict_warnings; compiling is the test: built as a program, it only runs a smoke check).
 #include <attend/attend.hpp>
 
 #include <cstdio>
