@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // ALiBi and T5 relative position biases: slopes and buckets against values derived by hand and
 // by integer arithmetic, and attention with each bias against the long-double reference.
+#include "support/scalars.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/scaled_dot_product.hpp>
@@ -23,7 +24,7 @@ using namespace attend::test;
 
 template <class T>
 class BiasTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(BiasTest, Scalars);
 
 void expect_throw(const std::function<void()>& f, const std::string& fragment) {

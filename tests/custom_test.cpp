@@ -12,6 +12,7 @@
 #include "support/head_policy_reference.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 
 #include <gtest/gtest.h>
 
@@ -25,7 +26,7 @@ namespace {
 
 template <class T>
 class CustomTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(CustomTest, Scalars);
 
 /// Both paths, the blocked one with tiles that do not divide the lengths.

@@ -7,6 +7,7 @@
 // adds there.
 #include "support/masks.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/masks.hpp>
 
@@ -24,7 +25,7 @@ using namespace attend::test;
 
 template <class T>
 class MaskPolicyTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(MaskPolicyTest, Scalars);
 
 /// Checks the bound policy on the tile [q0, q1) x [k0, k1) against the reference. The scores of

@@ -8,6 +8,7 @@
 #include "support/gradient_reference.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/attention/additive_backward.hpp>
 
@@ -30,7 +31,7 @@ using namespace attend::test;
 
 template <class T>
 class AdditiveBackwardTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(AdditiveBackwardTest, Scalars);
 
 /// A layer with tanh arguments of order 1 (W entries N(0, 1/d), b and v N(0, 1)) and its inputs.

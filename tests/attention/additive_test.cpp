@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Additive (Bahdanau) attention against a long-double reference of its scores, through both
 // paths and every mask, plus its shape checks.
+#include "support/scalars.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/additive.hpp>
@@ -19,7 +20,7 @@ using namespace attend::test;
 
 template <class T>
 class AdditiveAttentionTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(AdditiveAttentionTest, Scalars);
 
 /// Random parameters with tanh arguments of order 1: W entries N(0, 1/d), b and v N(0, 1).

@@ -8,6 +8,7 @@
 // thread-invariance tests (tests/invariance/backward_test.cpp), whose thread counts switch it.
 #include "support/attention_case.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <attend/attention/backward.hpp>
@@ -91,7 +92,7 @@ struct Wobble {
 
 template <class T>
 class BackwardOnePassTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(BackwardOnePassTest, Scalars);
 
 TYPED_TEST(BackwardOnePassTest, SingleHeadMatchesTheTwoPassesBitwise) {

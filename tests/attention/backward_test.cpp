@@ -7,6 +7,7 @@
 #include "support/gradient_reference.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/attention/backward.hpp>
 
@@ -24,7 +25,7 @@ using namespace attend::test;
 
 template <class T>
 class BackwardTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(BackwardTest, Scalars);
 
 /// Rows of the reference that see no key must have exactly zero dq; the rest within tolerance.

@@ -10,6 +10,7 @@
 #include "support/gradient_reference.hpp"
 #include "support/masks.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <attend/attention/backward.hpp>
@@ -28,7 +29,7 @@ using namespace attend::test;
 
 template <class T>
 class BackwardVarlenTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(BackwardVarlenTest, Scalars);
 
 /// Query and key lengths of a batch: sequence 1 has no queries, sequence 2 no keys, sequence 0

@@ -6,6 +6,7 @@
 #include "support/masks.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <attend/attention/batched.hpp>
@@ -33,7 +34,7 @@ using namespace attend::test;
 
 template <class T>
 class BatchedTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(BatchedTest, Scalars);
 
 AttentionOptions path(Algorithm algorithm, Index block_q = 0, Index block_k = 0) {

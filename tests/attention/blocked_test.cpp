@@ -3,6 +3,7 @@
 // (pytorch#127055), NaN-padded strided inputs and guarded outputs (no out-of-bounds reads or
 // writes), and results independent of the thread count.
 #include "support/attention_case.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/attention/scaled_dot_product.hpp>
 
@@ -24,7 +25,7 @@ using namespace attend::test;
 
 template <class T>
 class BlockedTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(BlockedTest, Scalars);
 
 constexpr Index kDefaultBlockQ = 64, kDefaultBlockK = 256;  // documented defaults (block size 0)

@@ -2,6 +2,7 @@
 // The dot family (plain dot, bilinear, cosine) and soft-capped attention against long-double
 // references of their scores, through both paths and every mask, plus their argument checks.
 #include "support/overflow_case.hpp"
+#include "support/scalars.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/dot_family.hpp>
@@ -21,7 +22,7 @@ using namespace attend::test;
 
 template <class T>
 class DotFamilyTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(DotFamilyTest, Scalars);
 
 template <class T>

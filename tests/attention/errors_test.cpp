@@ -4,6 +4,7 @@
 // propagates to the rows it touches; huge finite logits stay finite.
 #include "support/expect.hpp"
 #include "support/attention_case.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/attend.hpp>
 
@@ -25,7 +26,7 @@ using ::testing::HasSubstr;
 
 template <class T>
 class AttentionErrorsTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(AttentionErrorsTest, Scalars);
 
 /// Materialized, blocked with default tiles, and blocked with tiles smaller than the inputs.

@@ -13,6 +13,7 @@
 #include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 #include "support/sinks_reference.hpp"
 #include "support/tolerance.hpp"
 
@@ -118,7 +119,7 @@ void expect_matches_full_attention(const DecodeCase& c, const Matrix<T>& q, cons
 
 template <class T>
 class DecodeTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(DecodeTest, Scalars);
 
 /// Decodes the sequence in steps of the given sizes (cycled) and returns the stacked outputs.

@@ -2,6 +2,7 @@
 // Local-window attention against the long-double reference with window visibility, combined with
 // every mask, through both paths; sliding windows; and linear cost shown structurally (the
 // blocked path never reads a key outside the window).
+#include "support/scalars.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/local_window.hpp>
@@ -21,7 +22,7 @@ using namespace attend::test;
 
 template <class T>
 class LocalWindowTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(LocalWindowTest, Scalars);
 
 TYPED_TEST(LocalWindowTest, EveryWindowAndMaskMatchesReference) {

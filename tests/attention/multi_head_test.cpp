@@ -14,6 +14,7 @@
 #include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 #include "support/sinks_reference.hpp"
 #include "support/tolerance.hpp"
 
@@ -44,7 +45,7 @@ MultiHeadOptions path(Algorithm algorithm, Index block_q = 0, Index block_k = 0)
 
 template <class T>
 class MultiHeadTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(MultiHeadTest, Scalars);
 
 TYPED_TEST(MultiHeadTest, SelfAttentionMatchesReference) {

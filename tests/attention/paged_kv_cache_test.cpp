@@ -16,6 +16,7 @@
 #include "support/multi_head_reference.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 #include "support/sinks_reference.hpp"
 #include "support/tolerance.hpp"
 
@@ -216,7 +217,7 @@ void expect_stream_matches_reference(const Stream<T>& s, Index heads, Index wind
 
 template <class T>
 class PagedDecodeTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(PagedDecodeTest, Scalars);
 
 // Sequences of different lengths decoded together, one token or a few (speculative

@@ -4,6 +4,7 @@
 // with exact or eps-bounded answers.
 #include "support/attention_case.hpp"
 #include "support/overflow_case.hpp"
+#include "support/scalars.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/scaled_dot_product.hpp>
@@ -25,7 +26,7 @@ const std::vector<Index> kTileSizes{1, 7, 16, 64};
 
 template <class T>
 class ScaledDotProductTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(ScaledDotProductTest, Scalars);
 
 /// Materialized, blocked with default tiles, and blocked with tiles drawn from kTileSizes.

@@ -12,6 +12,7 @@
 #include "support/masks.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 #include "support/sinks_reference.hpp"
 #include "support/tolerance.hpp"
 
@@ -74,7 +75,7 @@ void expect_sinks_formula(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T
 
 template <class T>
 class SinksTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(SinksTest, Scalars);
 
 // Both paths, grouped-query heads, a causal mask with a row that sees no key (it keeps a zero

@@ -8,6 +8,7 @@
 #include "support/masks.hpp"
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -29,7 +30,7 @@ using attend::test::expect_invalid;
 
 template <class T>
 class SplitKvTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(SplitKvTest, Scalars);
 
 /// Key boundaries of the chunks used below: uneven sizes, one of a single key.

@@ -4,6 +4,7 @@
 // computed independently here; the softmax over the selected keys is checked against the
 // long-double reference through both paths, every mask and tiles that split ties.
 #include "support/overflow_case.hpp"
+#include "support/scalars.hpp"
 #include "support/score_reference.hpp"
 
 #include <attend/attention/top_k.hpp>
@@ -25,7 +26,7 @@ using namespace attend::test;
 
 template <class T>
 class TopKTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(TopKTest, Scalars);
 
 /// (rows, cols) integers uniform in [-2, 2]: dot products of a few columns are exact and tie often.

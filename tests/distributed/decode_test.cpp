@@ -6,6 +6,7 @@
 #include <attend/distributed.hpp>
 
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -53,7 +54,7 @@ void expect_step_matches(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>
 
 template <class T>
 class DecodeTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(DecodeTest, Scalars);
 
 // Uneven contiguous shards (rank 0 holds no key when there are several ranks), GQA 8 on 2,

@@ -8,6 +8,7 @@
 
 #include "support/masks.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -121,7 +122,7 @@ void for_each_mask(Index lq, Index lk, F&& f) {
 
 template <class T>
 class RingTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(RingTest, Scalars);
 
 // Self attention (Lq = Lk, uneven shards), GQA (4 query heads on 2 kv heads), every band mask,

@@ -6,6 +6,7 @@
 #include "support/attention_case.hpp"
 #include "support/entry_points.hpp"
 #include "support/expect.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -19,7 +20,7 @@ using namespace attend::test;
 
 template <class T>
 class AliasingTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(AliasingTest, Scalars);
 
 EntrySizes alias_sizes() {

@@ -7,6 +7,7 @@
 // per head, several heads; the varlen multi-head entries over packed sequences.
 #include "support/attention_case.hpp"
 #include "support/random.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <attend/attention/backward.hpp>
@@ -29,7 +30,7 @@ using namespace attend::test;
 
 template <class T>
 class BackwardInvarianceTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(BackwardInvarianceTest, Scalars);
 
 /// Every gradient a call returns, side by side.

@@ -5,6 +5,7 @@
 // around i * L = 2^31 and 2^32) are checked against the long-double reference over the keys
 // each row sees, and every row's log-sum-exp must be finite.
 #include "support/attention_case.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/attention/kv_cache.hpp>
 #include <attend/attention/local_window.hpp>
@@ -22,7 +23,7 @@ using namespace attend::test;
 
 template <class T>
 class LongSequenceTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(LongSequenceTest, Scalars);
 
 constexpr Index kLength = 100003;  // prime, so no tile size divides it

@@ -10,6 +10,7 @@
 // the repeated-run identity and Eigen's setting are checked.
 #include "support/attention_case.hpp"
 #include "support/entry_points.hpp"
+#include "support/scalars.hpp"
 
 #include <gtest/gtest.h>
 
@@ -29,7 +30,7 @@ using namespace attend::test;
 
 template <class T>
 class ThreadsTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(ThreadsTest, Scalars);
 
 /// 160 queries: 5 query tiles of 32 per head (a tail-free count, so tiles are equal work);

@@ -5,6 +5,7 @@
 // untouched (reliability.md §3 row 20, §4.4a/b; pytorch#112577, #191937).
 #include "support/attention_case.hpp"
 #include "support/entry_points.hpp"
+#include "support/scalars.hpp"
 #include "support/tolerance.hpp"
 
 #include <gtest/gtest.h>
@@ -20,7 +21,7 @@ using namespace attend::test;
 
 template <class T>
 class ViewsTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(ViewsTest, Scalars);
 
 /// Lengths that leave partial query and key tiles of the (16, 32) blocked tiles.

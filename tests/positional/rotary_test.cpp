@@ -3,6 +3,7 @@
 // properties, the scalings against their published formulas, and the layout permutation.
 #include "support/expect.hpp"
 #include "support/rope_reference.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/positional/rotary.hpp>
 
@@ -36,7 +37,7 @@ using Positions = attend::Vector<Index>;
 
 template <class T>
 class RotaryTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(RotaryTest, Scalars);
 
 constexpr Real kPi = 3.141592653589793238462643383279502884L;

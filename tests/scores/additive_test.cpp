@@ -3,6 +3,7 @@
 // a transposed view (as the blocked path passes it).
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/scores/additive.hpp>
 
@@ -18,7 +19,7 @@ using namespace attend::test;
 
 template <class T>
 class AdditiveScoreTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(AdditiveScoreTest, Scalars);
 
 TYPED_TEST(AdditiveScoreTest, TileMatchesLongDouble) {

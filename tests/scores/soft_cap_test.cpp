@@ -3,6 +3,7 @@
 // and its argument check.
 #include "support/random.hpp"
 #include "support/reference.hpp"
+#include "support/scalars.hpp"
 
 #include <attend/scores.hpp>
 #include <attend/scores/soft_cap.hpp>
@@ -19,7 +20,7 @@ using namespace attend::test;
 
 template <class T>
 class SoftCapTest : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
+using Scalars = attend::test::TypedScalars;
 TYPED_TEST_SUITE(SoftCapTest, Scalars);
 
 TYPED_TEST(SoftCapTest, CapsTheWrappedScore) {
