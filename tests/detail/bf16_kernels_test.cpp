@@ -257,9 +257,18 @@ void check_value_tile(attend::test::Rng& rng, Index dim, Index keys, LaneShape s
   acc_all.leftCols(dim) = acc0;
   detail::value_tile_bf16(pt2.data(), pt2.outerStride(), v2, alpha.data(), acc_all.leftCols(dim), band);
 
+  // The reference's terms as long doubles, formed once (the loop below runs at -O0 under the
+  // sanitizers too): x(j, c) = v(j, c), and each weight rounded to bf16 and exact.
   const Index pairs = (keys + 1) / 2;
+  const Eigen::Matrix<Real, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> x = v.cast<float>().cast<Real>();
+  const Eigen::Matrix<Real, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> p_exact =
+      pt.topLeftCorner(keys, rows).cast<Real>();
+  const Eigen::Matrix<Real, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> p_rounded =
+      pt.topLeftCorner(keys, rows).cast<bf16>().cast<float>().cast<Real>();
   for (Index i = 0; i < rows; ++i) {
     const Real a = alpha[std::size_t(i)];
+    const Real* exact_weights = p_exact.col(i).data();
+    const Real* rounded_weights = p_rounded.col(i).data();
     for (Index c = 0; c < dim + 2; ++c) {
       const float got = acc_all(i, c);
       const auto where = [&] {
@@ -272,12 +281,12 @@ void check_value_tile(attend::test::Rng& rng, Index dim, Index keys, LaneShape s
         continue;
       }
       Real rounded = a * Real(acc0(i, c)), exact = rounded, magnitude = std::fabs(rounded), weighted = 0;
+      const Real* values = x.col(c).data();
       for (Index j = 0; j < keys; ++j) {
-        const Real x = Real(float(v(j, c)));
-        rounded += Real(float(bf16(pt(j, i)))) * x;
-        exact += Real(pt(j, i)) * x;
-        magnitude += std::fabs(Real(float(bf16(pt(j, i)))) * x);
-        weighted += std::fabs(Real(pt(j, i)) * x);
+        rounded += rounded_weights[j] * values[j];
+        exact += exact_weights[j] * values[j];
+        magnitude += std::fabs(rounded_weights[j] * values[j]);
+        weighted += std::fabs(exact_weights[j] * values[j]);
       }
       const Real bound = Real(2 * pairs + 1) * kFloatUnit * 1.01L * magnitude + Real(keys) * 0x1p-126L;
       ASSERT_LE(std::fabs(Real(got) - rounded), bound)
