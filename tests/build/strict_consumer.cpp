@@ -2,7 +2,8 @@
 // A user's translation unit built with the strictest common warning set, -Werror, and attend as
 // an ordinary (non-system) include path, so every warning inside attend's headers counts: it
 // calls each public entry point family once, for float and for double (the build check
-// build_strict_warnings; compiling is the test: built as a program, it only runs a smoke check).
+// build_strict_warnings; compiling is the test, which compiles it as object files and links
+// nothing: main is a smoke check for anyone who builds it as a program).
 #include <attend/attend.hpp>
 
 #include <cstdio>
